@@ -1,0 +1,279 @@
+"""The engine: run a timm VisionTransformer block by block while a policy decides which tokens go on.
+
+The engine owns the per-image bookkeeping (which original patch each surviving token is, keep masks,
+how many tokens each block ran on) and the tensor work (gather, mask). A policy only scores tokens
+and decides. The user's model stays the user's model: `sparsify` swaps its class for a subclass that
+overrides `forward_features` (and `pool`, for masked average pooling), so every backbone state-dict
+key, `forward_head`, distillation heads and `timm.create_model(..., checkpoint_path=...)` keep working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from .attention import masked_block
+
+Regime = Literal["mask", "gather"]
+SUPPORTED_POOLS = ("token", "avg")
+_POLICY_ATTR = "_tokensparse_policy_name"
+_INFO_ATTR = "_tokensparse_info"
+
+
+@dataclass
+class TokenState:
+    """Per-forward bookkeeping shared by the engine and a policy.
+
+    x:               (B, P + M, C) tokens: P prefix tokens (never pruned) then M patch tokens.
+    patch_index:     (B, M) index in 0..N-1 (row-major) of the original patch each patch token is.
+    keep:            mask regime only: (B, N) keep mask of the patch tokens (1 = kept); None = all.
+    keep_decisions:  per pruning stage, (B, N) keep mask over the original patches (training: the
+                     hard Gumbel decisions, with gradient; eval: 0/1 from the kept indices).
+    kept_index:      gather regime: per stage, (B, k) original patch indices kept, ascending.
+    tokens_per_block: per block, (B,) number of tokens the block actually computed on, per image.
+    """
+
+    x: torch.Tensor
+    num_prefix: int
+    num_patches: int
+    regime: Regime
+    patch_index: torch.Tensor
+    keep: torch.Tensor | None = None
+    keep_decisions: list[torch.Tensor] = field(default_factory=list)
+    kept_index: list[torch.Tensor] = field(default_factory=list)
+    tokens_per_block: list[torch.Tensor] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def patch_tokens(self) -> torch.Tensor:
+        return self.x[:, self.num_prefix :]
+
+    def gather_patches(self, index: torch.Tensor) -> None:
+        """Keep, per image, the patch tokens at positions `index` (B, k) of the current sequence."""
+        channels = self.x.shape[-1]
+        kept = self.patch_tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, channels))
+        self.x = torch.cat([self.x[:, : self.num_prefix], kept], dim=1)
+        self.patch_index = self.patch_index.gather(1, index)
+
+
+@dataclass
+class SparseInfo:
+    """What the last forward of a sparsified model decided; read it with `tokensparse.sparsity_info`.
+
+    keep_decisions: per stage, (B, N) keep masks over the original patches (with gradient in training).
+    keep_mask:      (B, N) final keep mask (detached), 1 for patches that reached the last block.
+    kept_index:     eval only: per stage, (B, k_s) kept original patch indices, ascending.
+    patch_tokens:   (B, M, C) final patch tokens after the last norm (M = N in training, where every
+                    token stays in the tensor; the kept tokens in eval).
+    patch_index:    (B, M) original patch index of each row of `patch_tokens`.
+    tokens_per_block: (B, depth) tokens each block computed on, per image.
+    extra:          policy-specific values (e.g. A-ViT halting depths).
+    """
+
+    keep_decisions: list[torch.Tensor]
+    keep_mask: torch.Tensor
+    kept_index: list[torch.Tensor]
+    patch_tokens: torch.Tensor
+    patch_index: torch.Tensor
+    tokens_per_block: torch.Tensor
+    num_prefix: int
+    extra: dict[str, Any]
+
+
+class TokenPolicy:
+    """Hooks the engine calls at block boundaries; mixed into a policy's nn.Module class."""
+
+    method: str = "dense"
+
+    def begin(self, model: VisionTransformer, state: TokenState) -> None:
+        """Called once per forward, after the embeddings and before block 0."""
+
+    def before_block(self, index: int, state: TokenState) -> None:
+        """Called before block `index`; may prune (gather) or mask tokens."""
+
+    def run_block(self, index: int, block: nn.Module, state: TokenState) -> None:
+        """Run one block on the state; the default is timm's block, masked when a keep mask is set."""
+        if state.keep is None:
+            state.x = block(state.x)
+        else:
+            prefix = state.keep.new_ones(state.batch_size, state.num_prefix)
+            state.x = masked_block(block, state.x, torch.cat([prefix, state.keep], dim=1))
+
+    def after_block(self, index: int, state: TokenState) -> None:
+        """Called after block `index`."""
+
+    def end(self, state: TokenState) -> None:
+        """Called after the last block, before the final norm."""
+
+
+def check_vit(model: nn.Module) -> VisionTransformer:
+    """Raise ValueError naming what is unsupported unless `model` is a timm ViT the engine can run."""
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(
+            f"tokensparse needs a timm VisionTransformer (e.g. timm.create_model('deit_small_patch16_224')); "
+            f"got {type(model).__name__}"
+        )
+    if get_policy(model) is not None:
+        raise ValueError(
+            f"this model is already sparsified with {get_policy(model).method}; apply tokensparse to the dense model"
+        )
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block:
+            raise ValueError(
+                f"block {i} is a {type(block).__name__}; tokensparse supports timm's pre-norm Block only"
+            )
+        if type(block.attn) is not Attention:
+            raise ValueError(
+                f"block {i} uses attention class {type(block.attn).__name__}; tokensparse can mask only "
+                "timm's Attention"
+            )
+    if model.global_pool not in SUPPORTED_POOLS:
+        raise ValueError(
+            f"global_pool={model.global_pool!r} is not supported; use one of {SUPPORTED_POOLS}"
+        )
+    if getattr(model, "attn_pool", None) is not None:
+        raise ValueError("attention pooling heads (global_pool='map') are not supported")
+    return model
+
+
+def num_patches(model: VisionTransformer) -> int:
+    """Patch tokens of the model at its configured image size (196 for 224/16)."""
+    grid = model.patch_embed.grid_size
+    return int(grid[0] * grid[1])
+
+
+def check_images(model: VisionTransformer, images: torch.Tensor) -> None:
+    """Raise ValueError on an input the model cannot take, before torch fails deep inside."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected images as a (B, C, H, W) tensor, got {shape}")
+    channels = model.patch_embed.proj.in_channels
+    if images.shape[1] != channels:
+        raise ValueError(f"expected {channels} image channels, got {images.shape[1]} (shape {tuple(images.shape)})")
+    height, width = images.shape[-2:]
+    if getattr(model, "dynamic_img_size", False):
+        patch = model.patch_embed.patch_size
+        if height % patch[0] or width % patch[1]:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch[0]}x{patch[1]}")
+    elif (height, width) != tuple(model.patch_embed.img_size):
+        expected = model.patch_embed.img_size
+        raise ValueError(
+            f"image size {height}x{width} does not match the model's {expected[0]}x{expected[1]}; "
+            "resize the input or create the model with img_size=..."
+        )
+
+
+def get_policy(model: nn.Module) -> TokenPolicy | None:
+    name = getattr(model, _POLICY_ATTR, None)
+    return None if name is None else getattr(model, name)
+
+
+class _SparseViT:
+    """Mixin placed in front of the model's own class by `sparsify`."""
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        if attn_mask is not None or is_causal:
+            raise ValueError("attn_mask / is_causal are not supported by a tokensparse model")
+        return run(self, x)
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        info: SparseInfo | None = self.__dict__.get(_INFO_ATTR)
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type == "avg" and info is not None and info.patch_tokens.shape[1] == info.keep_mask.shape[1]:
+            # Mask regime: dropped tokens are still in the tensor; average only the kept ones.
+            prefix = self.num_prefix_tokens
+            weight = info.keep_mask.to(x.dtype).unsqueeze(-1)
+            total = (x[:, prefix:] * weight).sum(1)
+            count = weight.sum(1)
+            if getattr(self, "pool_include_prefix", False):
+                total, count = total + x[:, :prefix].sum(1), count + prefix
+            return total / count.clamp_min(1.0)
+        return super().pool(x, pool_type)
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop(_INFO_ATTR, None)
+        return state
+
+
+def sparsify(model: VisionTransformer, policy: TokenPolicy, attr: str) -> VisionTransformer:
+    """Attach `policy` to `model` under `attr` and route the forward through the engine (in place)."""
+    check_vit(model)
+    base = type(model)
+    model.__class__ = type(f"Sparse{base.__name__}", (_SparseViT, base), {})
+    model.add_module(attr, policy)
+    setattr(model, _POLICY_ATTR, attr)
+    return model
+
+
+def sparsity_info(model: nn.Module) -> SparseInfo:
+    """What the last forward of a sparsified model decided (keep masks, kept indices, final tokens)."""
+    model = getattr(model, "module", model)  # DDP / DataParallel
+    info = model.__dict__.get(_INFO_ATTR)
+    if info is None:
+        raise RuntimeError("no forward has run on this tokensparse model yet")
+    return info
+
+
+def run(model: VisionTransformer, images: torch.Tensor, regime: Regime | None = None) -> torch.Tensor:
+    """Forward features through the engine: embeddings, policy-driven blocks, final norm.
+
+    regime: 'mask' keeps every token and masks attention (the training form), 'gather' removes
+    tokens and runs timm's ordinary blocks on the shorter sequences (the inference form). By default
+    'mask' in train mode and 'gather' in eval mode.
+    """
+    policy = get_policy(model)
+    if policy is None:
+        raise ValueError("model is not sparsified; call tokensparse.dynamicvit(model, ...) first")
+    check_images(model, images)
+    regime = regime or ("mask" if model.training else "gather")
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    batch = x.shape[0]
+    prefix = model.num_prefix_tokens
+    patches = x.shape[1] - prefix
+    state = TokenState(
+        x=x,
+        num_prefix=prefix,
+        num_patches=patches,
+        regime=regime,
+        patch_index=torch.arange(patches, device=x.device).expand(batch, patches),
+    )
+    policy.begin(model, state)
+    for index, block in enumerate(model.blocks):
+        policy.before_block(index, state)
+        active = state.extra.get("active_tokens")
+        state.tokens_per_block.append(
+            active if active is not None else torch.full((batch,), state.x.shape[1], device=x.device)
+        )
+        policy.run_block(index, block, state)
+        policy.after_block(index, state)
+    policy.end(state)
+    x = model.norm(state.x)
+    if state.keep is not None:
+        keep_mask = state.keep.detach()
+    else:
+        keep_mask = torch.zeros(batch, patches, device=x.device).scatter_(1, state.patch_index, 1.0)
+    model.__dict__[_INFO_ATTR] = SparseInfo(
+        keep_decisions=state.keep_decisions,
+        keep_mask=keep_mask,
+        kept_index=state.kept_index,
+        patch_tokens=x[:, prefix:],
+        patch_index=state.patch_index,
+        tokens_per_block=torch.stack(state.tokens_per_block, dim=1),
+        num_prefix=prefix,
+        extra=state.extra,
+    )
+    return x

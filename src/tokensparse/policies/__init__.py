@@ -1,0 +1,1 @@
+"""Token policies: each decides, at block boundaries, which tokens go on."""

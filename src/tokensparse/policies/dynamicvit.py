@@ -1,0 +1,137 @@
+"""DynamicViT (Rao et al., NeurIPS 2021): a learned predictor prunes patch tokens in stages.
+
+Before each pruning location a small MLP scores the surviving patch tokens from their own features
+(the first half of the channels) and a keep-weighted mean of the image (the second half); index 0 of
+its log-probabilities means "keep". Stage s keeps int(N * keep_ratio ** (s + 1)) of the N patches.
+
+- Training (mask regime): hard Gumbel-softmax decisions, multiplied by the previous stage's so a
+  token once dropped stays dropped; every token stays in the tensor and later blocks mask attention
+  multiplicatively, so the gradient reaches the predictors.
+- Inference (gather regime): per image, the top-k tokens by keep log-probability are gathered and
+  timm's ordinary blocks run on the shorter sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from ..engine import TokenPolicy, TokenState, check_vit, num_patches, sparsify
+
+DEFAULT_LOCATIONS = (3, 6, 9)
+
+
+class ScorePredictor(nn.Module):
+    """One stage's keep/drop predictor, laid out as the authors' `PredictorLG` (checkpoint-compatible)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(dim, dim // 2),
+            nn.GELU(),
+            nn.Linear(dim // 2, dim // 4),
+            nn.GELU(),
+            nn.Linear(dim // 4, 2),
+            nn.LogSoftmax(dim=-1),
+        )
+
+    def forward(self, patch_tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, M, C) patch tokens and optional (B, M, 1) keep mask -> (B, M, 2) log-probs, 0 = keep."""
+        x = self.in_conv(patch_tokens)
+        half = x.shape[-1] // 2
+        local, image = x[..., :half], x[..., half:]
+        if keep is None:
+            image = image.mean(dim=1, keepdim=True)
+        else:
+            image = (image * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True)
+        return self.out_conv(torch.cat([local, image.expand_as(local)], dim=-1))
+
+
+def stage_keep_counts(patches: int, keep_ratio: float, stages: int) -> list[int]:
+    """Patch tokens kept after each stage: int(N * rho^(s+1)), as the authors compute them."""
+    return [int(patches * keep_ratio ** (s + 1)) for s in range(stages)]
+
+
+class DynamicViTPolicy(TokenPolicy, nn.ModuleList):
+    """The predictors of every stage (registered as `score_predictor.{i}`) and the pruning rule."""
+
+    method = "dynamicvit"
+
+    def __init__(self, dim: int, keep_ratio: float, locations: Sequence[int]):
+        super().__init__(ScorePredictor(dim) for _ in locations)
+        self.keep_ratio = float(keep_ratio)
+        self.locations = tuple(int(i) for i in locations)
+
+    def keep_counts(self, patches: int) -> list[int]:
+        counts = stage_keep_counts(patches, self.keep_ratio, len(self.locations))
+        if counts and counts[-1] < 1:
+            raise ValueError(
+                f"keep_ratio={self.keep_ratio} keeps no patch token of {patches} after stage "
+                f"{counts.index(0)}; raise keep_ratio or use fewer locations"
+            )
+        return counts
+
+    def before_block(self, index: int, state: TokenState) -> None:
+        if index not in self.locations:
+            return
+        stage = self.locations.index(index)
+        count = self.keep_counts(state.num_patches)[stage]
+        predictor = self[stage]
+        if state.regime == "gather":
+            if count >= state.patch_tokens.shape[1]:
+                kept = torch.arange(state.patch_tokens.shape[1], device=state.x.device).expand(state.batch_size, -1)
+            else:
+                score = predictor(state.patch_tokens)[..., 0]
+                kept = score.topk(count, dim=1).indices.sort(dim=1).values
+            state.gather_patches(kept)
+            state.kept_index.append(state.patch_index)
+            decision = torch.zeros(state.batch_size, state.num_patches, device=state.x.device)
+            state.keep_decisions.append(decision.scatter_(1, state.patch_index, 1.0))
+            return
+        previous = state.keep if state.keep is not None else state.x.new_ones(state.batch_size, state.num_patches)
+        log_probs = predictor(state.patch_tokens, previous.unsqueeze(-1))
+        if self.training:
+            keep = F.gumbel_softmax(log_probs, hard=True)[..., 0] * previous
+        else:
+            # Deterministic mask regime: the same top-k as inference, among tokens still kept.
+            score = log_probs[..., 0].masked_fill(previous == 0, float("-inf"))
+            kept = score.topk(count, dim=1).indices
+            keep = torch.zeros_like(previous).scatter_(1, kept, 1.0)
+        state.keep = keep
+        state.keep_decisions.append(keep)
+
+
+def dynamicvit(
+    model: VisionTransformer,
+    keep_ratio: float = 0.7,
+    locations: Sequence[int] = DEFAULT_LOCATIONS,
+) -> VisionTransformer:
+    """Make `model` a DynamicViT in place (and return it): predictors before blocks `locations`.
+
+    Stage s keeps int(N * keep_ratio ** (s + 1)) patch tokens (N = patches of the model); prefix tokens
+    (class, distillation, registers) are never pruned. The predictors start from random weights; load
+    trained ones with `tokensparse.load_checkpoint` or train them with the DynamicViT loss.
+    """
+    check_vit(model)
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    locations = tuple(locations)
+    depth = len(model.blocks)
+    if not locations:
+        raise ValueError("locations must name at least one block")
+    if any(not isinstance(i, int) or isinstance(i, bool) for i in locations):
+        raise ValueError(f"locations must be block indices (ints), got {locations!r}")
+    if any(b <= a for a, b in zip(locations, locations[1:])):
+        raise ValueError(f"locations must be strictly increasing, got {locations!r}")
+    if locations[0] < 0 or locations[-1] >= depth:
+        raise ValueError(
+            f"locations {locations!r} must lie inside the model's depth: 0..{depth - 1} for {depth} blocks"
+        )
+    policy = DynamicViTPolicy(model.embed_dim, keep_ratio, locations)
+    policy.keep_counts(num_patches(model))
+    return sparsify(model, policy, "score_predictor")
