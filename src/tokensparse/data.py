@@ -1,0 +1,426 @@
+"""Data: timm's dataset and transform factories, plus the built-in cluttered Fashion-MNIST.
+
+`fashion-mnist-clutter` is the default data set: each Fashion-MNIST item sits at a random position on
+a larger canvas strewn with fragments of other items (as Cluttered MNIST, Mnih et al. 2014), so most
+patches are background or distractors and the object's box says which tokens a good policy keeps.
+Every other name goes to `timm.data.create_dataset` with `timm.data.create_transform`.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset, create_transform
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+CLUTTER_NAME = "fashion-mnist-clutter"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts it
+FASHION_MNIST_ENV = "TOKENSPARSE_FASHION_MNIST_DIR"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+_FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_TRAIN_SPLITS = ("train", "training")
+_EVAL_SPLITS = ("val", "valid", "validation", "eval", "evaluation", "test")
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+Box = tuple[int, int, int, int]  # (top, left, bottom, right) in canvas pixels, bottom/right exclusive
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fashion-MNIST from Debian's idx files
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An array from an idx file (the MNIST format), gzipped or not."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an idx file (bad magic number {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    offset = 4 + 4 * ndim
+    if len(data) - offset != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"{path}: header says shape {shape} but the file holds {len(data) - offset} bytes")
+    return np.frombuffer(data, dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def fashion_mnist_dir(root: str | os.PathLike | None = None) -> Path:
+    """The folder with the idx files: `root`, else $TOKENSPARSE_FASHION_MNIST_DIR, else Debian's path."""
+    return Path(root or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"Fashion-MNIST file not found: {folder / (stem + '.gz')} (nor {folder / stem}). "
+        f"Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; files go to "
+        f"{FASHION_MNIST_DIR}), or point root= or ${FASHION_MNIST_ENV} at a folder holding the idx files."
+    )
+
+
+def load_fashion_mnist(
+    split: str = "train", root: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST images (N, 28, 28) uint8 and labels (N,) int64, read once per process."""
+    if split not in _FASHION_MNIST_FILES:
+        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+    return _load_fashion_mnist(split, fashion_mnist_dir(root).resolve())
+
+
+@functools.lru_cache(maxsize=4)
+def _load_fashion_mnist(split: str, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    image_stem, label_stem = _FASHION_MNIST_FILES[split]
+    images = read_idx(_find_idx(folder, image_stem))
+    labels = read_idx(_find_idx(folder, label_stem)).astype(np.int64)
+    if images.ndim != 3 or images.dtype != np.uint8 or len(images) != len(labels):
+        raise ValueError(
+            f"{folder}: unexpected Fashion-MNIST arrays {images.shape} {images.dtype}, {labels.shape}"
+        )
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cluttered data set
+
+
+class _Layout(NamedTuple):
+    top: int
+    left: int
+    sources: np.ndarray  # (k,) indices of the items the fragments are cut from
+    crops: np.ndarray  # (k, 2) top-left of each fragment inside its source item
+    places: np.ndarray  # (k, 2) top-left of each fragment on the canvas
+
+
+class FashionMNISTClutter(Dataset):
+    """Fashion-MNIST items at random positions on a canvas strewn with fragments of other items.
+
+    Item `i` is a function of (seed, split, i) alone, whatever the worker, epoch or `limit`: the canvas
+    gets `num_fragments` crops (`fragment_size` square) of other items of the split at random places,
+    then the 28x28 item at a random place, combined by pixel-wise max so the object is never hidden.
+    Returns (image, label), or (image, label, box) with `return_box`; the image is a (3, H, W) float
+    tensor normalised with `mean`/`std`. The default is timm's ImageNet statistics, what pretrained timm
+    ViTs (DeiT, the backbone of DynamicViT and A-ViT) expect; pass the model's own data config for
+    others, or `mean=None, std=None` for pixels in [0, 1]. `transform`, when given, is applied last.
+    There is no random augmentation: the data set's randomness is the per-index layout.
+    """
+
+    object_size = 28
+    classes = FASHION_MNIST_CLASSES
+    num_classes = len(FASHION_MNIST_CLASSES)
+
+    def __init__(
+        self,
+        split: str = "train",
+        img_size: int = 64,
+        num_fragments: int = 8,
+        fragment_size: int = 8,
+        seed: int = 0,
+        limit: int | None = None,
+        mean: tuple[float, ...] | None = IMAGENET_DEFAULT_MEAN,
+        std: tuple[float, ...] | None = IMAGENET_DEFAULT_STD,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        return_box: bool = False,
+        root: str | os.PathLike | None = None,
+    ) -> None:
+        if split not in _FASHION_MNIST_FILES:
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if img_size < self.object_size:
+            raise ValueError(f"img_size must be at least {self.object_size}, got {img_size}")
+        if not 1 <= fragment_size <= self.object_size or num_fragments < 0:
+            raise ValueError(
+                f"need 1 <= fragment_size <= 28 and num_fragments >= 0, got {fragment_size}, {num_fragments}"
+            )
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std, or neither")
+        self.images, self.labels = load_fashion_mnist(split, root)
+        self.split, self.img_size, self.seed = split, img_size, seed
+        self.num_fragments, self.fragment_size = num_fragments, fragment_size
+        self.length = len(self.labels) if limit is None else min(limit, len(self.labels))
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.transform = transform
+        self.return_box = return_box
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _check(self, index: int) -> int:
+        if not -self.length <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} items")
+        return index % self.length
+
+    def _layout(self, index: int) -> _Layout:
+        rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, index])
+        k, f, n = self.num_fragments, self.fragment_size, len(self.labels)
+        top, left = rng.integers(0, self.img_size - self.object_size + 1, size=2)
+        sources = rng.integers(0, n - 1, size=k)
+        sources += sources >= index  # never a fragment of the item itself
+        crops = rng.integers(0, self.object_size - f + 1, size=(k, 2))
+        places = rng.integers(0, self.img_size - f + 1, size=(k, 2))
+        return _Layout(int(top), int(left), sources, crops, places)
+
+    def canvas(self, index: int) -> np.ndarray:
+        """The (img_size, img_size) uint8 canvas of item `index`, before normalisation."""
+        index = self._check(index)
+        lay, f, s = self._layout(index), self.fragment_size, self.object_size
+        canvas = np.zeros((self.img_size, self.img_size), np.uint8)
+        for src, (cy, cx), (py, px) in zip(lay.sources, lay.crops, lay.places, strict=True):
+            region = canvas[py : py + f, px : px + f]
+            np.maximum(region, self.images[src, cy : cy + f, cx : cx + f], out=region)
+        region = canvas[lay.top : lay.top + s, lay.left : lay.left + s]
+        np.maximum(region, self.images[index], out=region)
+        return canvas
+
+    def box(self, index: int) -> Box:
+        """(top, left, bottom, right) of the object's non-zero pixels on the canvas; exclusive ends."""
+        index = self._check(index)
+        lay = self._layout(index)
+        rows, cols = np.nonzero(self.images[index])
+        if len(rows) == 0:  # a blank item: its whole 28x28 place
+            return lay.top, lay.left, lay.top + self.object_size, lay.left + self.object_size
+        return (
+            lay.top + int(rows.min()),
+            lay.left + int(cols.min()),
+            lay.top + int(rows.max()) + 1,
+            lay.left + int(cols.max()) + 1,
+        )
+
+    def object_patch_mask(self, index: int, patch_size: int) -> torch.Tensor:
+        """(grid_h, grid_w) bool mask of the patches that overlap the object's box."""
+        return box_patch_mask(self.box(index), self.img_size, patch_size)
+
+    def __getitem__(self, index: int):
+        canvas = torch.from_numpy(self.canvas(index)).to(torch.float32).div_(255.0)
+        image = canvas.expand(3, -1, -1)
+        image = image.clone() if self.mean is None else (image - self.mean) / self.std
+        if self.transform is not None:
+            image = self.transform(image)
+        label = int(self.labels[self._check(index)])
+        if self.return_box:
+            return image, label, torch.tensor(self.box(index))
+        return image, label
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(split={self.split!r}, n={self.length}, img_size={self.img_size}, "
+            f"num_fragments={self.num_fragments}, fragment_size={self.fragment_size}, seed={self.seed})"
+        )
+
+
+def box_patch_mask(box: Box | torch.Tensor, img_size: int | tuple[int, int], patch_size: int) -> torch.Tensor:
+    """(grid_h, grid_w) bool mask of the patches overlapping `box` (top, left, bottom, right; exclusive end).
+
+    With a (B, 4) tensor of boxes, a (B, grid_h, grid_w) mask; flattened row-major it lines up with
+    the patch tokens of a timm ViT, for measuring the share of object patches a policy keeps.
+    """
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {(h, w)} is not a multiple of the patch size {patch_size}")
+    boxes = torch.as_tensor(box, dtype=torch.long)
+    b = boxes.view(-1, 4, 1)
+    ys = torch.arange(0, h, patch_size).view(1, -1)  # patch row r spans [ys, ys + patch_size)
+    xs = torch.arange(0, w, patch_size).view(1, -1)
+    rows = (ys < b[:, 2]) & (ys + patch_size > b[:, 0])
+    cols = (xs < b[:, 3]) & (xs + patch_size > b[:, 1])
+    mask = rows[:, :, None] & cols[:, None, :]
+    return mask[0] if boxes.dim() == 1 else mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# Factories
+
+
+class _ToRGB:
+    """Grayscale or palette PIL images (torchvision's MNIST family) to RGB, for 3-channel transforms."""
+
+    def __call__(self, img):
+        return img.convert("RGB") if hasattr(img, "convert") and img.mode != "RGB" else img
+
+
+class _Compose:
+    def __init__(self, *steps: Callable) -> None:
+        self.steps = steps
+
+    def __call__(self, x):
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+def _is_training_split(split: str) -> bool:
+    if split in _TRAIN_SPLITS:
+        return True
+    if split in _EVAL_SPLITS:
+        return False
+    raise ValueError(f"split must be one of {_TRAIN_SPLITS + _EVAL_SPLITS}, got {split!r}")
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    names = (split,) + (_TRAIN_SPLITS if _is_training_split(split) else _EVAL_SPLITS)
+    tried = [root / n for n in dict.fromkeys(names)]
+    for folder in tried:
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(
+        f"ImageFolder split {split!r} not found: expected {tried[0]} (also tried "
+        f"{', '.join(str(t) for t in tried[1:])}); the layout is {root}/train/<class>/<image> and "
+        f"{root}/val/<class>/<image>"
+    )
+
+
+def build_dataset(
+    name: str = CLUTTER_NAME,
+    root: str | os.PathLike | None = None,
+    split: str = "train",
+    img_size: int | None = None,
+    is_training: bool | None = None,
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+    limit: int | None = None,
+    download: bool = False,
+    **kw,
+) -> Dataset:
+    """A data set by name: `fashion-mnist-clutter`, `torch/<name>` (torchvision) or an ImageFolder root.
+
+    `img_size` defaults to 64 for the clutter set and 224 otherwise. `is_training` (default: whether
+    `split` is a training split) picks timm's train augmentation or its eval transform; the clutter set
+    has no augmentation. `**kw` go to FashionMNISTClutter (num_fragments, seed, return_box, ...) or to
+    `timm.data.create_transform` (auto_augment, re_prob, hflip, interpolation, crop_pct, ...). `limit`
+    keeps the first n items, for quick runs. Find the class count with `num_classes(dataset)`.
+    """
+    if name == CLUTTER_NAME:
+        split = "train" if _is_training_split(split) else "test"
+        return FashionMNISTClutter(split, img_size or 64, limit=limit, mean=mean, std=std, root=root, **kw)
+    training_split = _is_training_split(split)
+    is_training = training_split if is_training is None else is_training
+    transform = create_transform(img_size or 224, is_training=is_training, mean=mean, std=std, **kw)
+    if name.startswith("torch/"):
+        root = Path(root) if root is not None else None
+        if root is None:
+            raise ValueError(f"{name} needs root=, the folder torchvision keeps it in")
+        try:
+            dataset = create_dataset(
+                name, root=str(root), split=split, is_training=is_training, download=download
+            )
+        except RuntimeError as err:
+            raise FileNotFoundError(
+                f"{name} not found under {root} ({err}); download it there with torchvision (download=True)"
+            ) from err
+        dataset.transform = _Compose(_ToRGB(), transform)
+    else:
+        if name not in ("", "folder", "image_folder", "imagefolder"):
+            raise ValueError(
+                f"unknown data set {name!r}: use {CLUTTER_NAME!r}, 'torch/<torchvision name>' or "
+                f"'folder' with root= an ImageFolder"
+            )
+        if root is None:
+            raise ValueError("an ImageFolder data set needs root= (a folder with train/ and val/ inside)")
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"ImageFolder root not found: {root}")
+        folder = _split_folder(root, split)
+        dataset = create_dataset(
+            "", root=str(folder), split=split, search_split=False, is_training=is_training
+        )
+        dataset.transform = transform
+    return dataset if limit is None else Subset(dataset, range(min(limit, len(dataset))))
+
+
+def num_classes(dataset: Dataset) -> int:
+    """The number of classes, read from the data set (not from a model head)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if isinstance(getattr(dataset, "num_classes", None), int):
+        return dataset.num_classes
+    for holder in (dataset, getattr(dataset, "reader", None)):
+        for attr in ("class_to_idx", "classes"):
+            found = getattr(holder, attr, None)
+            if found:
+                return len(found)
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets):
+        return int(max(int(t) for t in targets)) + 1
+    raise ValueError(f"cannot tell the class count of {type(dataset).__name__}: it has no classes or targets")
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _ShardSampler(Sampler[int]):
+    """Every `world`-th index from `rank`, in order and without padding: evaluation sees each item once."""
+
+    def __init__(self, length: int, rank: int, world: int) -> None:
+        self.indices = range(rank, length, world)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+def _seed_worker(worker_id: int) -> None:
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    is_training: bool = True,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+    pin_memory: bool | None = None,
+) -> DataLoader:
+    """A DataLoader over this rank's shard of `dataset`.
+
+    Training shuffles with a DistributedSampler seeded by `seed`; a single process is rank 0 of 1, so
+    one code path serves both and `loader.sampler.set_epoch(epoch)` gives each epoch its own,
+    reproducible order (resume-safe). Evaluation reads in order; under torch.distributed each rank takes
+    every world-th item, without the padding DistributedSampler adds, so summed metrics count each item
+    once (its set_epoch is a no-op, so a loop may call it on any loader).
+    """
+    rank, world = _rank_and_world()
+    if is_training:
+        sampler: Sampler[int] = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=drop_last
+        )
+    else:
+        sampler = _ShardSampler(len(dataset), rank, world)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+    )
