@@ -22,7 +22,11 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..engine import TokenPolicy, TokenState, check_vit, num_patches, sparsify
 
-DEFAULT_LOCATIONS = (3, 6, 9)
+
+
+def default_locations(depth: int) -> tuple[int, ...]:
+    """The paper's placement, a quarter of the depth apart: (3, 6, 9) for 12 blocks, (6, 12, 18) for 24."""
+    return tuple(sorted({max(1, depth * s // 4) for s in (1, 2, 3)}))
 
 
 class ScorePredictor(nn.Module):
@@ -109,10 +113,11 @@ class DynamicViTPolicy(TokenPolicy, nn.ModuleList):
 def dynamicvit(
     model: VisionTransformer,
     keep_ratio: float = 0.7,
-    locations: Sequence[int] = DEFAULT_LOCATIONS,
+    locations: Sequence[int] | None = None,
 ) -> VisionTransformer:
     """Make `model` a DynamicViT in place (and return it): predictors before blocks `locations`.
 
+    locations defaults to a quarter of the depth apart: (3, 6, 9) for a 12-block ViT, as the paper.
     Stage s keeps int(N * keep_ratio ** (s + 1)) patch tokens (N = patches of the model); prefix tokens
     (class, distillation, registers) are never pruned. The predictors start from random weights; load
     trained ones with `tokensparse.load_checkpoint` or train them with the DynamicViT loss.
@@ -120,8 +125,8 @@ def dynamicvit(
     check_vit(model)
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
-    locations = tuple(locations)
     depth = len(model.blocks)
+    locations = default_locations(depth) if locations is None else tuple(locations)
     if not locations:
         raise ValueError("locations must name at least one block")
     if any(not isinstance(i, int) or isinstance(i, bool) for i in locations):

@@ -1,0 +1,189 @@
+"""Command line: parses arguments and calls the library; every command is a function too."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"keep ratio must be a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"keep ratio must be in (0, 1], got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="executed GFLOPs, images/s and speedup vs dense for a timm ViT (random weights, no download)",
+        description="Time the dense model and its sparsified versions in one interleaved run; report medians, "
+        "speedups vs dense and vs the truncation bound (the same blocks fed pre-sliced token counts).",
+    )
+    p.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: %(default)s)")
+    p.add_argument("--method", default="dynamicvit", choices=["dynamicvit"], help="token policy")
+    p.add_argument("--keep-ratios", type=_ratio, nargs="+", default=[0.5, 0.7, 0.9], metavar="RHO",
+                   help="DynamicViT keep ratios (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--rounds", type=_positive_int, default=10, help="timed rounds per contender")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--img-size", type=int, default=None, help="override the model's image size")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import bench_dynamicvit
+
+    result = bench_dynamicvit(
+        args.model, keep_ratios=args.keep_ratios, batch_size=args.batch_size, rounds=args.rounds,
+        warmup=args.warmup, device=args.device, dtype=DTYPES[args.dtype], img_size=args.img_size,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"{result.model}, batch {result.batch_size}, {result.device} {result.dtype}, "
+              f"median of {result.rounds} interleaved rounds; {result.machine}; {result.date}")
+        print(result.table())
+    return 0
+
+
+_HELP = {
+    "method": "dense | dynamicvit | avit",
+    "model": "timm model name of the backbone",
+    "checkpoint": "starting weights (timm, the authors' .pth or safetensors); the teacher is a frozen copy",
+    "teacher": "teacher weights, if not the starting model",
+    "dataset": "fashion-mnist-clutter (built in), 'folder' (ImageFolder with train/ and val/) or torch/<name>",
+    "data_root": "data folder (ImageFolder root or torchvision root)",
+    "train_limit": "use only the first N training images",
+    "val_limit": "use only the first N validation images",
+    "amp": "bf16 autocast on CPU, fp16 on CUDA",
+    "resume": "continue from the last checkpoint in --output",
+    "output": "run folder: config.json, metrics.jsonl, checkpoints/, model.safetensors",
+    "keep_ratio": "DynamicViT keep ratio rho (stage s keeps rho^s)",
+    "gate_center": "A-ViT gate centre beta (30 for DeiT-T, 75 for DeiT-S in the paper)",
+}
+
+
+def _add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, typed from its default."""
+    import dataclasses
+
+    from .train import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = _HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, {}, []) else "")
+        if f.name == "model_kwargs":
+            p.add_argument(flag, type=json.loads, default={}, help="extra timm.create_model kwargs as JSON")
+        elif f.name == "locations":
+            p.add_argument(flag, type=int, nargs="+", default=None, help="DynamicViT pruning blocks")
+        elif isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif "float" in str(f.type):
+            p.add_argument(flag, type=float, default=default, help=help_text)
+        elif "int" in str(f.type):
+            p.add_argument(flag, type=int, default=default, help=help_text)
+        else:
+            p.add_argument(flag, default=default, help=help_text)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a dense, DynamicViT or A-ViT model (torchrun for DDP)",
+                       description="Train with the authors' objectives; torchrun --nproc_per_node=N -m tokensparse "
+                       "train ... runs DDP. Checkpoints every epoch; --resume continues a killed run.")
+    _add_config_arguments(p)
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .train import TrainConfig, train
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    metrics = train(TrainConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    if metrics:
+        print(json.dumps(metrics))
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5, executed GFLOPs, img/s and keep ratio or depth of a trained model")
+    p.add_argument("run", help="a training run folder (config.json + weights)")
+    p.add_argument("--dataset", default=None, help="override the run's data set")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--val-limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--keep-ratio", type=_ratio, default=None, help="evaluate DynamicViT at another keep ratio")
+    p.add_argument("--gate-center", type=float, default=None, help="evaluate A-ViT with another gate centre")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .data import build_dataset, build_loader
+    from .evaluate import evaluate
+    from .train import load_trained
+
+    model, cfg = load_trained(args.run)
+    if args.keep_ratio is not None and cfg.method == "dynamicvit":
+        model.score_predictor.keep_ratio = args.keep_ratio
+    if args.gate_center is not None and cfg.method == "avit":
+        model.halting.gate_center = args.gate_center
+    dataset = build_dataset(args.dataset or cfg.dataset, args.data_root or cfg.data_root, "val",
+                            model.patch_embed.img_size[0], limit=args.val_limit or cfg.val_limit)
+    loader = build_loader(dataset, args.batch_size or cfg.batch_size, is_training=False)
+    result = evaluate(model.to(args.device), loader, device=args.device, progress=not args.json)
+    result = {"run": args.run, "method": cfg.method, "model": cfg.model, **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokensparse", description="Token sparsification for timm ViTs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_bench(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"tokensparse {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,475 @@
+"""Training: one readable loop with DDP, AMP, checkpointing and resume visible in it.
+
+    tokensparse train --method dynamicvit --model deit_small_patch16_224 --checkpoint dense.pth ...
+    torchrun --nproc_per_node=2 -m tokensparse train ...        # DDP: gloo on CPU, nccl on CUDA
+
+The student starts from the dense model (timm name, optionally with a checkpoint); for DynamicViT and
+A-ViT a frozen copy of that starting model is the teacher (or `teacher=` a checkpoint). Optimiser and
+schedule come from timm's factories. Every epoch rank 0 writes the weights (safetensors) and the
+training state atomically; `resume=True` continues from the last complete pair.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from tqdm.auto import tqdm
+
+from .checkpoints import read_state_dict, save_checkpoint
+from .data import build_dataset, build_loader, num_classes
+from .evaluate import evaluate
+from .losses import AViTLoss, DynamicViTLoss, classification_loss, teacher_outputs
+
+METHODS = ("dense", "dynamicvit", "avit")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved as config.json beside its checkpoints."""
+
+    method: str = "dynamicvit"
+    model: str = "deit_tiny_patch16_224"
+    checkpoint: str | None = None
+    teacher: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "fashion-mnist-clutter"
+    data_root: str | None = None
+    img_size: int | None = None
+    train_limit: int | None = None
+    val_limit: int | None = None
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    opt: str = "adamw"
+    sched: str = "cosine"
+    clip_grad: float | None = None
+    drop_path: float = 0.0
+    smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    keep_ratio: float = 0.7
+    locations: list[int] | None = None
+    ratio_weight: float = 2.0
+    distill_weight: float = 0.5
+    token_distill: str = "kl"
+    gate_scale: float = 10.0
+    gate_center: float = 30.0
+    halt_eps: float = 0.01
+    ponder_weight: float = 5e-4
+    prior_weight: float = 1e-3
+    amp: bool = False
+    device: str = "auto"
+    workers: int = 0
+    seed: int = 0
+    output: str = "runs/train"
+    resume: bool = False
+    max_nan_streak: int = 20
+    keep_checkpoints: int = 2
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs and self.epochs > 1:
+            raise ValueError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} for {self.epochs}")
+
+
+# ----------------------------------------------------------------------------- set-up helpers
+
+
+def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """Join the torchrun process group if launched by torchrun; return (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu" if device == "auto" else device)
+
+
+def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Module:
+    """The dense timm model at the data's image size and class count, with the starting weights."""
+    kwargs = dict(cfg.model_kwargs)
+    if img_size is not None:
+        kwargs.setdefault("img_size", img_size)
+    if cfg.drop_path:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    try:
+        model = timm.create_model(cfg.model, pretrained=False, num_classes=classes, **kwargs)
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise ValueError(str(err)) from err
+    patch = model.patch_embed.patch_size
+    if img_size is not None and (img_size % patch[0] or img_size % patch[1]):
+        raise ValueError(f"image size {img_size} is not a multiple of {cfg.model}'s patch size {patch[0]}")
+    if cfg.checkpoint:
+        state = read_state_dict(cfg.checkpoint)
+        state = {k: v for k, v in state.items() if not k.startswith("score_predictor.")}
+        for head in ("head", "head_dist"):
+            weight = state.get(f"{head}.weight")
+            if weight is not None and weight.shape[0] != classes:
+                warnings.warn(
+                    f"{cfg.checkpoint}: {head} has {weight.shape[0]} classes but the data has {classes}; "
+                    f"{head} is replaced by a new, randomly initialised one",
+                    stacklevel=2,
+                )
+                state.pop(f"{head}.weight"), state.pop(f"{head}.bias", None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(("head.", "head_dist."))]
+        if missing or unexpected:
+            raise ValueError(f"{cfg.checkpoint} does not fit {cfg.model}: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    return model
+
+
+def sparsify_for(cfg: TrainConfig, model: nn.Module) -> nn.Module:
+    if cfg.method == "dynamicvit":
+        from .policies.dynamicvit import dynamicvit
+
+        return dynamicvit(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
+    if cfg.method == "avit":
+        from .policies.avit import avit
+
+        return avit(model, gate_scale=cfg.gate_scale, gate_center=cfg.gate_center, eps=cfg.halt_eps)
+    return model
+
+
+def build_criterion(cfg: TrainConfig) -> nn.Module | None:
+    if cfg.method == "dynamicvit":
+        return DynamicViTLoss(
+            cfg.keep_ratio, ratio_weight=cfg.ratio_weight, distill_weight=cfg.distill_weight,
+            token_distill=cfg.token_distill, label_smoothing=cfg.smoothing,
+        )
+    if cfg.method == "avit":
+        return AViTLoss(
+            ponder_weight=cfg.ponder_weight, prior_weight=cfg.prior_weight, distill_weight=cfg.distill_weight,
+            label_smoothing=cfg.smoothing,
+        )
+    return None
+
+
+def compute_loss(cfg, model, criterion, teacher, images, targets) -> tuple[torch.Tensor, dict[str, float]]:
+    """The method's objective on one batch (a function so tests can inject faults)."""
+    logits = model(images)
+    if cfg.method == "dense":
+        loss = classification_loss(logits if not isinstance(logits, tuple) else sum(logits) / 2, targets,
+                                    label_smoothing=cfg.smoothing)
+        return loss, {"cls": loss.item(), "total": loss.item()}
+    if cfg.method == "dynamicvit":
+        teacher_logits, teacher_tokens = teacher_outputs(teacher, images) if cfg.distill_weight else (None, None)
+        return criterion(logits, targets, model, teacher_logits, teacher_tokens)
+    teacher_logits = teacher_outputs(teacher, images)[0] if cfg.distill_weight else None
+    return criterion(logits, targets, model, teacher_logits)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_training_state(out: Path, epoch: int, model, optimizer, scheduler, scaler, extra: dict, keep: int) -> None:
+    """Weights (safetensors) and state (tensors and plain values only), then the `last.json` pointer."""
+    ckpt = out / "checkpoints"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, ckpt / f"epoch{epoch:04d}.safetensors", {"epoch": epoch})
+    state = {
+        "epoch": epoch,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": _rng_state(),
+        **extra,
+    }
+    _atomic_torch_save(state, ckpt / f"epoch{epoch:04d}.state.pt")
+    _atomic_write_text(json.dumps({"epoch": epoch}), ckpt / "last.json")
+    for old in sorted(ckpt.glob("epoch*.safetensors"))[:-keep]:
+        old.unlink(missing_ok=True)
+        old.with_name(old.name.replace(".safetensors", ".state.pt")).unlink(missing_ok=True)
+
+
+def load_training_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    pointer = out / "checkpoints" / "last.json"
+    if not pointer.is_file():
+        return None
+    epoch = json.loads(pointer.read_text())["epoch"]
+    weights = read_state_dict(out / "checkpoints" / f"epoch{epoch:04d}.safetensors")
+    state = torch.load(out / "checkpoints" / f"epoch{epoch:04d}.state.pt", map_location="cpu", weights_only=True)
+    return weights, state
+
+
+def _autocast(device: torch.device, enabled: bool):
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train as `cfg` says; return the last epoch's metrics (rank 0 also writes them to metrics.jsonl)."""
+    cfg.validate()
+    rank, world, device = setup_distributed(cfg.device)
+    is_main = rank == 0
+    out = Path(cfg.output)
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+
+    train_set = build_dataset(cfg.dataset, cfg.data_root, "train", cfg.img_size, limit=cfg.train_limit)
+    val_set = build_dataset(cfg.dataset, cfg.data_root, "val", cfg.img_size, limit=cfg.val_limit)
+    classes = num_classes(train_set)
+    image = train_set[0][0]
+    img_size = int(image.shape[-1])
+    train_loader = build_loader(train_set, cfg.batch_size, True, cfg.workers, cfg.seed, drop_last=len(train_set) >= cfg.batch_size * world)
+    val_loader = build_loader(val_set, cfg.batch_size, False, cfg.workers, cfg.seed)
+
+    model = build_model(cfg, classes, img_size)
+    teacher = None
+    if cfg.method != "dense" and cfg.distill_weight > 0:
+        teacher = copy.deepcopy(model)
+        if cfg.teacher:
+            teacher.load_state_dict(read_state_dict(cfg.teacher))
+        teacher.requires_grad_(False).eval().to(device)
+    model = sparsify_for(cfg, model).to(device)
+    criterion = build_criterion(cfg)
+
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=len(train_loader),
+    )
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=classes)
+
+    start_epoch, history, nan_skipped = 0, [], 0
+    if cfg.resume:
+        loaded = load_training_state(out)
+        if loaded is not None:
+            weights, state = loaded
+            model.load_state_dict(weights)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+            start_epoch, nan_skipped = state["epoch"] + 1, state.get("nan_skipped", 0)
+            if teacher is not None:
+                teacher.load_state_dict(read_state_dict(out / "teacher.safetensors"))
+            if is_main:
+                _truncate_metrics(out / "metrics.jsonl", start_epoch)
+                print(f"resumed from {out}/checkpoints after epoch {start_epoch}")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(json.dumps(dataclasses.asdict(cfg) | {"num_classes": classes, "img_size": img_size,
+                                                                   "world_size": world}, indent=2), out / "config.json")
+        if teacher is not None and not (out / "teacher.safetensors").exists():
+            save_checkpoint(teacher, out / "teacher.safetensors")
+    writer = _tensorboard(out) if is_main else None
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    metrics: dict[str, Any] = {}
+    streak = 0
+    updates = start_epoch * len(train_loader)
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        ddp_model.train()
+        running, seen, tic = 0.0, 0, time.perf_counter()
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, leave=False)
+        for images, targets, *_ in bar:
+            images, targets = images.to(device), targets.to(device)
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            with _autocast(device, cfg.amp):
+                loss, parts = compute_loss(cfg, ddp_model, criterion, teacher, images, targets)
+            finite = torch.isfinite(loss.detach())
+            if world > 1:  # every rank must skip together, or DDP's all-reduce would hang
+                flag = finite.float().to(device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                finite = flag.bool()
+            if not bool(finite):
+                nan_skipped += 1
+                streak += 1
+                optimizer.zero_grad(set_to_none=True)
+                if streak >= cfg.max_nan_streak:
+                    raise FloatingPointError(
+                        f"{streak} consecutive non-finite losses at epoch {epoch}, step {updates}: aborting; "
+                        "lower the learning rate or enable gradient clipping (--clip-grad)"
+                    )
+                continue
+            streak = 0
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            updates += 1
+            scheduler.step_update(num_updates=updates)
+            running += loss.item() * images.shape[0]
+            seen += images.shape[0]
+            bar.set_postfix(loss=f"{loss.item():.3f}", **_sparsity_postfix(model),
+                            img_s=f"{seen * world / (time.perf_counter() - tic):.0f}")
+        bar.close()
+        scheduler.step(epoch + 1)
+        val = evaluate(model, val_loader, device=device, progress=False, amp=cfg.amp)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": _mean_across_ranks(running, seen, device),
+            "lr": optimizer.param_groups[0]["lr"],
+            "nan_skipped": nan_skipped,
+            "epoch_seconds": round(time.perf_counter() - tic, 2),
+            **{f"val_{k}": v for k, v in val.items()},
+        }
+        history.append(metrics)
+        if is_main:
+            save_training_state(out, epoch, model, optimizer, scheduler, scaler,
+                                {"nan_skipped": nan_skipped}, cfg.keep_checkpoints)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if writer is not None:
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)):
+                        writer.add_scalar(key, value, epoch + 1)
+            print(_epoch_line(metrics), flush=True)
+        if world > 1:
+            dist.barrier()
+    if is_main:
+        save_checkpoint(model, out / "model.safetensors", {"method": cfg.method, "model": cfg.model})
+    if writer is not None:
+        writer.close()
+    return metrics
+
+
+def _truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Drop metric lines of epochs after the checkpoint we resume from (they will be redone)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
+        _atomic_write_text("".join(line + "\n" for line in kept), path)
+
+
+def _sparsity_postfix(model: nn.Module) -> dict[str, str]:
+    from .engine import get_policy, sparsity_info
+
+    policy = get_policy(model)
+    if policy is None:
+        return {}
+    info = sparsity_info(model)
+    if policy.method == "avit" and "mean_depth" in info.extra:
+        return {"depth": f"{float(info.extra['mean_depth'].float().mean()):.2f}"}
+    return {"keep": f"{float(info.keep_mask.float().mean()):.2f}"}
+
+
+def _mean_across_ranks(total: float, count: int, device: torch.device) -> float:
+    if dist.is_initialized():
+        t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total, count = t.tolist()
+    return total / count if count else math.nan
+
+
+def _epoch_line(m: dict[str, Any]) -> str:
+    parts = [f"epoch {m['epoch']}", f"loss {m['train_loss']:.4f}", f"val top1 {m.get('val_top1', math.nan):.2f}"]
+    if "val_gflops" in m:
+        parts.append(f"GFLOPs {m['val_gflops']:.3f}")
+    return "  ".join(parts)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def load_trained(run_or_checkpoint: str | os.PathLike, cfg: TrainConfig | None = None) -> tuple[nn.Module, TrainConfig]:
+    """Rebuild a trained model from a run folder (config.json + model.safetensors, or the last epoch)."""
+    from .checkpoints import load_checkpoint
+
+    path = Path(run_or_checkpoint)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} is not a training run: no config.json inside")
+        saved = json.loads(config_file.read_text())
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            pointer = path / "checkpoints" / "last.json"
+            if not pointer.is_file():
+                raise FileNotFoundError(f"{path} has no model.safetensors and no checkpoint yet")
+            weights = path / "checkpoints" / f"epoch{json.loads(pointer.read_text())['epoch']:04d}.safetensors"
+        classes, img_size = saved["num_classes"], saved["img_size"]
+    else:
+        if cfg is None:
+            raise ValueError("loading a bare checkpoint needs a TrainConfig naming the model and method")
+        weights, classes, img_size = path, None, cfg.img_size
+    dense_cfg = dataclasses.replace(cfg, checkpoint=None, drop_path=0.0)
+    if classes is None:
+        state = read_state_dict(weights)
+        classes = state["head.weight"].shape[0] if "head.weight" in state else 1000
+    model = sparsify_for(cfg, build_model(dense_cfg, classes, img_size))
+    load_checkpoint(model, weights)
+    return model, cfg
