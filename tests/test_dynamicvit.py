@@ -73,6 +73,16 @@ def test_predictor_matches_authors():
     torch.testing.assert_close(out, units["predictor.out_log_probs"], atol=1e-6, rtol=0)
 
 
+def test_inference_score_ranks_as_the_keep_log_probability():
+    torch.manual_seed(0)
+    predictor = ScorePredictor(48)
+    for p in predictor.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    tokens = torch.randn(3, 50, 48)
+    log_probs = predictor(tokens)[..., 0]
+    assert torch.equal(predictor.keep_score(tokens).argsort(dim=1), log_probs.argsort(dim=1))
+
+
 MODELS = {
     "deit": dict(name="deit_tiny_patch16_224"),
     "deit_distilled": dict(name="deit_tiny_distilled_patch16_224"),

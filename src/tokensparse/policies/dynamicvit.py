@@ -55,6 +55,25 @@ class ScorePredictor(nn.Module):
             image = (image * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True)
         return self.out_conv(torch.cat([local, image.expand_as(local)], dim=-1))
 
+    def keep_score(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, M) scores ranking tokens as the keep log-probability does, for inference (all kept).
+
+        The same function computed with less work: log p(keep) = -softplus(l1 - l0) is monotone in
+        l0 - l1, so the last layer collapses to one vector and the LogSoftmax goes; the image half of
+        the first out_conv layer is the same for every token, so it runs once per image.
+        """
+        norm, first, act = self.in_conv
+        hidden = self.out_conv[0]
+        half = first.out_features // 2
+        x = norm(patch_tokens)
+        local = act(F.linear(x, first.weight[:half], first.bias[:half]))
+        image = act(F.linear(x, first.weight[half:], first.bias[half:])).mean(dim=1, keepdim=True)
+        z = F.linear(local, hidden.weight[:, :half]) + F.linear(image, hidden.weight[:, half:], hidden.bias)
+        z = self.out_conv[3](self.out_conv[2](self.out_conv[1](z)))
+        last = self.out_conv[4]
+        direction = (last.weight[0] - last.weight[1]).unsqueeze(0)
+        return F.linear(z, direction, (last.bias[0] - last.bias[1]).view(1)).squeeze(-1)
+
 
 def stage_keep_counts(patches: int, keep_ratio: float, stages: int) -> list[int]:
     """Patch tokens kept after each stage: int(N * rho^(s+1)), as the authors compute them."""
@@ -90,7 +109,7 @@ class DynamicViTPolicy(TokenPolicy, nn.ModuleList):
             if count >= state.patch_tokens.shape[1]:
                 kept = torch.arange(state.patch_tokens.shape[1], device=state.x.device).expand(state.batch_size, -1)
             else:
-                score = predictor(state.patch_tokens)[..., 0]
+                score = predictor.keep_score(state.patch_tokens)
                 kept = score.topk(count, dim=1).indices.sort(dim=1).values
             state.gather_patches(kept)
             state.kept_index.append(state.patch_index)
