@@ -1,0 +1,173 @@
+"""Executed FLOPs per image: the multiply-adds that actually run, as the papers report "FLOPs".
+
+One FLOP here is one multiply-add of a matmul, linear or convolution: DeiT-S at 224 is 4.60 G,
+DynamicViT-S at keep_ratio 0.7 is 2.97 G, 2.88 G without its predictors (the paper reports 2.9 G).
+Counted: the patch-embedding conv; per block, every linear (qkv, proj, fc1, fc2, any other linear of
+the block) on the tokens the block ran on, plus the attention logits and attention-times-values
+(n * n * attn_dim each); the head (and the distillation head); the policy's own matmuls (DynamicViT's
+score predictors). Not counted, as in `torch.utils.flop_counter.FlopCounterMode` (which reports
+2 FLOPs per multiply-add): layer norms, GELU, softmax, bias adds, pooling, gathers. A sparsified
+model is counted from what its forward reported (`SparseInfo.tokens_per_block`, per image), so
+methods whose images keep different numbers of tokens (A-ViT) are counted per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from timm.layers import Attention
+from timm.models.vision_transformer import VisionTransformer
+
+from .engine import SparseInfo, TokenPolicy, check_images, get_policy, sparsity_info
+
+
+def _linear_macs(module: nn.Module | None) -> int:
+    """Multiply-adds of every nn.Linear inside `module`, for one token."""
+    if module is None:
+        return 0
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def _check_countable(model: nn.Module) -> VisionTransformer:
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"FLOPs are counted for timm VisionTransformers only, got {type(model).__name__}")
+    if getattr(model, "attn_pool", None) is not None:
+        raise ValueError("attention pooling heads (global_pool='map') are not counted")
+    if not isinstance(getattr(model.patch_embed, "proj", None), nn.Conv2d):
+        raise ValueError(f"patch embedding {type(model.patch_embed.proj).__name__} is not counted")
+    for i, block in enumerate(model.blocks):
+        if not isinstance(getattr(block, "attn", None), Attention):
+            raise ValueError(f"block {i} has no timm Attention; its FLOPs are not counted")
+        if any(isinstance(m, nn.modules.conv._ConvNd) for m in block.modules()):
+            raise ValueError(f"block {i} contains a convolution; its FLOPs are not counted")
+    return model
+
+
+def backbone_flops(
+    model: VisionTransformer, tokens_per_block: torch.Tensor, num_patches: int
+) -> torch.Tensor:
+    """Multiply-adds per image of the ViT itself: patch embedding, blocks, head (no policy work).
+
+    tokens_per_block: (B, depth) tokens (prefix included) each block computed on, per image.
+    num_patches: patches the patch embedding produced (its conv runs on all of them).
+    Returns (B,) float64.
+    """
+    _check_countable(model)
+    tokens = tokens_per_block.detach().to("cpu", torch.float64)
+    if tokens.ndim != 2 or tokens.shape[1] != len(model.blocks):
+        raise ValueError(
+            f"tokens_per_block must be (B, depth={len(model.blocks)}), got {tuple(tokens_per_block.shape)}"
+        )
+    per_token = torch.tensor([float(_linear_macs(b)) for b in model.blocks], dtype=torch.float64)
+    per_pair = torch.tensor(
+        [2.0 * b.attn.num_heads * b.attn.head_dim for b in model.blocks], dtype=torch.float64
+    )
+    blocks = (tokens * per_token + tokens.square() * per_pair).sum(dim=1)
+    patch_embed = num_patches * model.patch_embed.proj.weight.numel()  # per patch: C_in * kh * kw * dim
+    head = _linear_macs(model.head) + _linear_macs(getattr(model, "head_dist", None))
+    return blocks + float(patch_embed + head)
+
+
+def _predictor_macs(predictor: nn.Module, tokens: torch.Tensor, ranking_only: bool) -> torch.Tensor:
+    """Multiply-adds of one DynamicViT predictor on `tokens` (B,) patch tokens per image.
+
+    ranking_only: inference ranks tokens with `ScorePredictor.keep_score`, which runs the image half of
+    the first out_conv layer once per image and collapses the last layer to one output.
+    """
+    full = _linear_macs(predictor)
+    if not ranking_only:
+        return tokens * full
+    hidden, last = predictor.out_conv[0], predictor.out_conv[-2]
+    image_half = hidden.in_features // 2 * hidden.out_features
+    return tokens * (full - image_half - last.in_features * (last.out_features - 1)) + image_half
+
+
+def _dynamicvit_flops(policy: TokenPolicy, info: SparseInfo, num_patches: int) -> torch.Tensor:
+    """Each stage's predictor runs on the patch tokens present before that stage prunes.
+
+    Gather regime (eval): a stage that keeps every token skips its predictor. Mask regime (training):
+    every token stays in the tensor and each predictor scores all of them.
+    """
+    patch_tokens = info.tokens_per_block.detach().to("cpu", torch.float64) - info.num_prefix
+    gathered = bool(info.kept_index)  # kept indices are recorded only when tokens are gathered
+    total = torch.zeros(patch_tokens.shape[0], dtype=torch.float64)
+    for location, predictor in zip(policy.locations, policy, strict=True):
+        before = patch_tokens[:, location - 1] if location > 0 else torch.full_like(total, num_patches)
+        ran = (patch_tokens[:, location] < before).double() if gathered else torch.ones_like(total)
+        ranking_only = gathered and hasattr(predictor, "keep_score")
+        total += ran * _predictor_macs(predictor, before, ranking_only)
+    return total
+
+
+def _no_extra_flops(policy: TokenPolicy, info: SparseInfo, num_patches: int) -> torch.Tensor:
+    return torch.zeros(info.tokens_per_block.shape[0], dtype=torch.float64)
+
+
+POLICY_FLOPS: dict[str, Callable[[TokenPolicy, SparseInfo, int], torch.Tensor]] = {
+    "dynamicvit": _dynamicvit_flops,
+    "avit": _no_extra_flops,  # halting reads channel 0 of each block's output: no extra matmul
+}
+"""Per policy method: the multiply-adds (B,) of the policy's own modules in the forward `info` describes."""
+
+
+def flops_from_info(model: VisionTransformer, info: SparseInfo | None = None) -> torch.Tensor:
+    """Executed multiply-adds per image, (B,) float64, of a forward that already ran on a sparsified model.
+
+    info defaults to `tokensparse.sparsity_info(model)` (the last forward), so an evaluation loop can
+    count what it ran without a second pass.
+    """
+    policy = get_policy(model)
+    if policy is None:
+        raise ValueError("model is not sparsified; use model_flops(model, images) for a dense model")
+    info = sparsity_info(model) if info is None else info
+    if policy.method not in POLICY_FLOPS:
+        raise ValueError(
+            f"no FLOP count for policy method {policy.method!r}; add one to tokensparse.flops.POLICY_FLOPS"
+        )
+    num_patches = info.keep_mask.shape[1]
+    extra = POLICY_FLOPS[policy.method](policy, info, num_patches)
+    return backbone_flops(model, info.tokens_per_block, num_patches) + extra
+
+
+def model_flops(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """Executed multiply-adds per image, (B,) float64 on the CPU.
+
+    Dense timm ViT: the formula with every token in every block (no forward runs). Sparsified model:
+    one no-grad forward in the model's current mode (eval: pruned sequences; train: the mask regime,
+    where every token is computed), then `flops_from_info`. That forward replaces the model's
+    `sparsity_info` and, in train mode, draws random numbers.
+    """
+    if get_policy(model) is None:
+        _check_countable(model)
+        check_images(model, images)
+        grid = model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
+        patches = grid[0] * grid[1]
+        tokens = patches + model.num_prefix_tokens
+        return backbone_flops(model, torch.full((images.shape[0], len(model.blocks)), tokens), patches)
+    with torch.no_grad():
+        model(images)
+    return flops_from_info(model)
+
+
+def gflops(
+    model: VisionTransformer,
+    images: torch.Tensor | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    batch: int = 1,
+) -> float:
+    """Mean executed GFLOPs (1e9 multiply-adds) per image.
+
+    Without `images`, counts a random-normal batch of `batch` images of `img_size` (default: the
+    model's). Enough for DynamicViT, whose token counts do not depend on the image; pass real
+    images for data-dependent methods (A-ViT).
+    """
+    if images is None:
+        if img_size is None:
+            img_size = model.patch_embed.img_size
+        height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+        param = next(model.parameters())
+        channels = model.patch_embed.proj.in_channels
+        images = torch.randn(batch, channels, height, width, device=param.device, dtype=param.dtype)
+    return model_flops(model, images).mean().item() / 1e9
