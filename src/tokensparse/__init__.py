@@ -1,15 +1,25 @@
-"""tokensparse: faster timm vision transformers by dropping the tokens an image does not need."""
+"""tokensparse: faster timm vision transformers by dropping the tokens an image does not need.
+
+    model = tokensparse.dynamicvit(timm.create_model("deit_small_patch16_224"), keep_ratio=0.7)
+"""
 
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .engine import SparseInfo, sparsity_info
+from .flops import gflops, model_flops
+from .losses import AViTLoss, DynamicViTLoss, teacher_outputs
 from .policies.dynamicvit import dynamicvit
 
 __all__ = [
+    "AViTLoss",
     "CheckpointError",
+    "DynamicViTLoss",
     "SparseInfo",
     "dynamicvit",
+    "gflops",
     "load_checkpoint",
+    "model_flops",
     "save_checkpoint",
     "sparsity_info",
+    "teacher_outputs",
 ]
 __version__ = "0.1.0"
