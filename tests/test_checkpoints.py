@@ -58,7 +58,7 @@ def test_corrupt_and_missing_files(tmp_path):
     good = tmp_path / "w.safetensors"
     save_checkpoint(tiny(), good)
     truncated = tmp_path / "t.safetensors"
-    truncated.write_bytes(good.read_bytes()[: 1000])
+    truncated.write_bytes(good.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_checkpoint(tiny(), truncated)
 

@@ -45,8 +45,8 @@ def test_mask_regime_equals_gather_regime(official):
         masked = model.forward_head(run(model, official["input"], regime="mask"))
     torch.testing.assert_close(masked, gathered, atol=1e-5, rtol=0)
     assert torch.equal(
-        tokensparse.sparsity_info(model).keep_mask.nonzero(), torch.zeros(4, 196).scatter_(
-            1, official["eval_kept.rho0.7.stage2"], 1.0).nonzero()
+        tokensparse.sparsity_info(model).keep_mask.nonzero(),
+        torch.zeros(4, 196).scatter_(1, official["eval_kept.rho0.7.stage2"], 1.0).nonzero(),
     )
 
 

@@ -17,7 +17,11 @@ def test_usage_example_runs_as_written():
     with contextlib.redirect_stdout(out):
         exec(compile(code, str(README), "exec"), {})
     printed = out.getvalue().splitlines()
-    promised = [line.split("# ", 1)[1].split(" (")[0].strip() for line in code.splitlines() if line.startswith("print(")]
+    promised = [
+        line.split("# ", 1)[1].split(" (")[0].strip()
+        for line in code.splitlines()
+        if line.startswith("print(")
+    ]
     assert len(printed) == len(promised) == 2
     for got, want in zip(printed, promised):
         assert got.startswith(want.split(" GFLOPs")[0]), (got, want)

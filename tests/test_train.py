@@ -17,14 +17,22 @@ from tokensparse.cli import main as cli_main
 from tokensparse.data import fashion_mnist_dir
 from tokensparse.train import TrainConfig, train
 
-if not (fashion_mnist_dir() / "t10k-labels-idx1-ubyte.gz").exists() and not (
-    fashion_mnist_dir() / "t10k-labels-idx1-ubyte"
-).exists():
+if (
+    not (fashion_mnist_dir() / "t10k-labels-idx1-ubyte.gz").exists()
+    and not (fashion_mnist_dir() / "t10k-labels-idx1-ubyte").exists()
+):
     pytest.skip("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist", allow_module_level=True)
 
 TINY = {"patch_size": 8, "depth": 4, "embed_dim": 48, "num_heads": 3}
-BASE = dict(model="vit_tiny_patch16_224", model_kwargs=TINY, train_limit=128, val_limit=64, batch_size=32,
-            warmup_epochs=0, workers=0)
+BASE = dict(
+    model="vit_tiny_patch16_224",
+    model_kwargs=TINY,
+    train_limit=128,
+    val_limit=64,
+    batch_size=32,
+    warmup_epochs=0,
+    workers=0,
+)
 
 
 def cli_args(cfg: dict) -> list[str]:
@@ -63,11 +71,20 @@ def test_dense_training_lowers_the_loss(dense_run):
 
 def test_dynamicvit_finetune_from_dense_and_eval(dense_run, tmp_path, capsys):
     out = tmp_path / "dvit"
-    cfg = TrainConfig(method="dynamicvit", checkpoint=str(dense_run / "model.safetensors"), locations=[1, 2, 3],
-                      epochs=1, output=str(out), **BASE)
+    cfg = TrainConfig(
+        method="dynamicvit",
+        checkpoint=str(dense_run / "model.safetensors"),
+        locations=[1, 2, 3],
+        epochs=1,
+        output=str(out),
+        **BASE,
+    )
     last = train(cfg)
     assert last["val_keep_ratio_per_stage"] == pytest.approx([44 / 64, 31 / 64, 21 / 64], abs=1e-4)
-    assert last["val_gflops"] < json.loads((dense_run / "metrics.jsonl").read_text().splitlines()[-1])["val_gflops"]
+    assert (
+        last["val_gflops"]
+        < json.loads((dense_run / "metrics.jsonl").read_text().splitlines()[-1])["val_gflops"]
+    )
     assert (out / "teacher.safetensors").is_file()
     assert cli_main(["eval", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -87,7 +104,9 @@ def test_nan_losses_are_skipped_then_abort(monkeypatch, tmp_path):
     last = train(TrainConfig(method="dense", epochs=1, output=str(tmp_path / "a"), **BASE))
     assert last["nan_skipped"] == 2 and last["train_loss"] == last["train_loss"]
 
-    monkeypatch.setattr(train_module, "compute_loss", lambda *a, **k: (torch.tensor(float("inf"), requires_grad=True), {}))
+    monkeypatch.setattr(
+        train_module, "compute_loss", lambda *a, **k: (torch.tensor(float("inf"), requires_grad=True), {})
+    )
     with pytest.raises(FloatingPointError, match="3 consecutive non-finite losses"):
         train(TrainConfig(method="dense", epochs=1, max_nan_streak=3, output=str(tmp_path / "b"), **BASE))
 
@@ -100,17 +119,27 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     subprocess.run(command + cli_args(dict(cfg, output=str(whole))), check=True, env=env, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command + cli_args(dict(cfg, output=str(killed))), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command + cli_args(dict(cfg, output=str(killed))),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     pointer = killed / "checkpoints" / "last.json"
     deadline = time.time() + 120
     while not pointer.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert pointer.exists() and json.loads(pointer.read_text())["epoch"] < 2, "the run finished before the kill"
-    subprocess.run(command + cli_args(dict(cfg, output=str(killed), resume=True)), check=True, env=env,
-                   capture_output=True)
+    assert pointer.exists() and json.loads(pointer.read_text())["epoch"] < 2, (
+        "the run finished before the kill"
+    )
+    subprocess.run(
+        command + cli_args(dict(cfg, output=str(killed), resume=True)),
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     expected, got = metrics(whole), metrics(killed)
     assert [m["epoch"] for m in got] == [1, 2, 3]
     for a, b in zip(expected, got):
@@ -119,12 +148,31 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
 
 def test_ddp_two_processes(dense_run, tmp_path):
     out = tmp_path / "ddp"
-    cfg = dict(BASE, method="dynamicvit", checkpoint=str(dense_run / "model.safetensors"), locations=[1, 2, 3],
-               epochs=1, output=str(out))
+    cfg = dict(
+        BASE,
+        method="dynamicvit",
+        checkpoint=str(dense_run / "model.safetensors"),
+        locations=[1, 2, 3],
+        epochs=1,
+        output=str(out),
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tokensparse",
-         "train", *cli_args(cfg)], env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "tokensparse",
+            "train",
+            *cli_args(cfg),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2

@@ -1,6 +1,6 @@
 """tokensparse: faster timm vision transformers by dropping the tokens an image does not need.
 
-    model = tokensparse.dynamicvit(timm.create_model("deit_small_patch16_224"), keep_ratio=0.7)
+model = tokensparse.dynamicvit(timm.create_model("deit_small_patch16_224"), keep_ratio=0.7)
 """
 
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint

@@ -48,7 +48,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} holds no state dict of tensors (looked at the top level and {_STATE_KEYS})")
+        raise CheckpointError(
+            f"{path} holds no state dict of tensors (looked at the top level and {_STATE_KEYS})"
+        )
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -67,7 +69,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         if k in own and own[k].shape != v.shape
     ]
     if wrong_shape:
-        raise CheckpointError(f"{path} does not fit the model, shape mismatch in " + "; ".join(wrong_shape[:8]))
+        raise CheckpointError(
+            f"{path} does not fit the model, shape mismatch in " + "; ".join(wrong_shape[:8])
+        )
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if strict and (missing or unexpected):
@@ -75,8 +79,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         if missing:
             lines.append(f"  missing {len(missing)} keys: {_summarise(missing)}")
             if all(k.startswith("score_predictor.") for k in missing):
-                lines.append("  (the file has no DynamicViT predictors: it is a dense model; pass strict=False "
-                             "to load the backbone and train the predictors)")
+                lines.append(
+                    "  (the file has no DynamicViT predictors: it is a dense model; pass strict=False "
+                    "to load the backbone and train the predictors)"
+                )
         if unexpected:
             lines.append(f"  unexpected {len(unexpected)} keys: {_summarise(unexpected)}")
         raise CheckpointError("\n".join(lines))

@@ -9,8 +9,14 @@ from collections.abc import Sequence
 
 import torch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def _ratio(text: str) -> float:
@@ -39,8 +45,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: %(default)s)")
     p.add_argument("--method", default="dynamicvit", choices=["dynamicvit"], help="token policy")
-    p.add_argument("--keep-ratios", type=_ratio, nargs="+", default=[0.5, 0.7, 0.9], metavar="RHO",
-                   help="DynamicViT keep ratios (default: %(default)s)")
+    p.add_argument(
+        "--keep-ratios",
+        type=_ratio,
+        nargs="+",
+        default=[0.5, 0.7, 0.9],
+        metavar="RHO",
+        help="DynamicViT keep ratios (default: %(default)s)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--rounds", type=_positive_int, default=10, help="timed rounds per contender")
     p.add_argument("--warmup", type=int, default=2)
@@ -55,15 +67,23 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import bench_dynamicvit
 
     result = bench_dynamicvit(
-        args.model, keep_ratios=args.keep_ratios, batch_size=args.batch_size, rounds=args.rounds,
-        warmup=args.warmup, device=args.device, dtype=DTYPES[args.dtype], img_size=args.img_size,
+        args.model,
+        keep_ratios=args.keep_ratios,
+        batch_size=args.batch_size,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        device=args.device,
+        dtype=DTYPES[args.dtype],
+        img_size=args.img_size,
         progress=not args.json,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        print(f"{result.model}, batch {result.batch_size}, {result.device} {result.dtype}, "
-              f"median of {result.rounds} interleaved rounds; {result.machine}; {result.date}")
+        print(
+            f"{result.model}, batch {result.batch_size}, {result.device} {result.dtype}, "
+            f"median of {result.rounds} interleaved rounds; {result.machine}; {result.date}"
+        )
         print(result.table())
     return 0
 
@@ -94,7 +114,9 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = _HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, {}, []) else "")
+        help_text = _HELP.get(f.name, "") + (
+            f" (default: {default})" if default not in (None, {}, []) else ""
+        )
         if f.name == "model_kwargs":
             p.add_argument(flag, type=json.loads, default={}, help="extra timm.create_model kwargs as JSON")
         elif f.name == "locations":
@@ -110,9 +132,12 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a dense, DynamicViT or A-ViT model (torchrun for DDP)",
-                       description="Train with the authors' objectives; torchrun --nproc_per_node=N -m tokensparse "
-                       "train ... runs DDP. Checkpoints every epoch; --resume continues a killed run.")
+    p = sub.add_parser(
+        "train",
+        help="train a dense, DynamicViT or A-ViT model (torchrun for DDP)",
+        description="Train with the authors' objectives; torchrun --nproc_per_node=N -m tokensparse "
+        "train ... runs DDP. Checkpoints every epoch; --resume continues a killed run.",
+    )
     _add_config_arguments(p)
     p.set_defaults(func=_train)
 
@@ -130,13 +155,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="top-1/top-5, executed GFLOPs, img/s and keep ratio or depth of a trained model")
+    p = sub.add_parser(
+        "eval", help="top-1/top-5, executed GFLOPs, img/s and keep ratio or depth of a trained model"
+    )
     p.add_argument("run", help="a training run folder (config.json + weights)")
     p.add_argument("--dataset", default=None, help="override the run's data set")
     p.add_argument("--data-root", default=None)
     p.add_argument("--val-limit", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--keep-ratio", type=_ratio, default=None, help="evaluate DynamicViT at another keep ratio")
+    p.add_argument(
+        "--keep-ratio", type=_ratio, default=None, help="evaluate DynamicViT at another keep ratio"
+    )
     p.add_argument("--gate-center", type=float, default=None, help="evaluate A-ViT with another gate centre")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
@@ -153,8 +182,13 @@ def _eval(args: argparse.Namespace) -> int:
         model.score_predictor.keep_ratio = args.keep_ratio
     if args.gate_center is not None and cfg.method == "avit":
         model.halting.gate_center = args.gate_center
-    dataset = build_dataset(args.dataset or cfg.dataset, args.data_root or cfg.data_root, "val",
-                            model.patch_embed.img_size[0], limit=args.val_limit or cfg.val_limit)
+    dataset = build_dataset(
+        args.dataset or cfg.dataset,
+        args.data_root or cfg.data_root,
+        "val",
+        model.patch_embed.img_size[0],
+        limit=args.val_limit or cfg.val_limit,
+    )
     loader = build_loader(dataset, args.batch_size or cfg.batch_size, is_training=False)
     result = evaluate(model.to(args.device), loader, device=args.device, progress=not args.json)
     result = {"run": args.run, "method": cfg.method, "model": cfg.model, **result}

@@ -137,9 +137,7 @@ def check_vit(model: nn.Module) -> VisionTransformer:
                 "timm's Attention"
             )
     if model.global_pool not in SUPPORTED_POOLS:
-        raise ValueError(
-            f"global_pool={model.global_pool!r} is not supported; use one of {SUPPORTED_POOLS}"
-        )
+        raise ValueError(f"global_pool={model.global_pool!r} is not supported; use one of {SUPPORTED_POOLS}")
     if getattr(model, "attn_pool", None) is not None:
         raise ValueError("attention pooling heads (global_pool='map') are not supported")
     return model
@@ -158,12 +156,16 @@ def check_images(model: VisionTransformer, images: torch.Tensor) -> None:
         raise ValueError(f"expected images as a (B, C, H, W) tensor, got {shape}")
     channels = model.patch_embed.proj.in_channels
     if images.shape[1] != channels:
-        raise ValueError(f"expected {channels} image channels, got {images.shape[1]} (shape {tuple(images.shape)})")
+        raise ValueError(
+            f"expected {channels} image channels, got {images.shape[1]} (shape {tuple(images.shape)})"
+        )
     height, width = images.shape[-2:]
     if getattr(model, "dynamic_img_size", False):
         patch = model.patch_embed.patch_size
         if height % patch[0] or width % patch[1]:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch[0]}x{patch[1]}")
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {patch[0]}x{patch[1]}"
+            )
     elif (height, width) != tuple(model.patch_embed.img_size):
         expected = model.patch_embed.img_size
         raise ValueError(
@@ -180,7 +182,9 @@ def get_policy(model: nn.Module) -> TokenPolicy | None:
 class _SparseViT:
     """Mixin placed in front of the model's own class by `sparsify`."""
 
-    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ):
         if attn_mask is not None or is_causal:
             raise ValueError("attn_mask / is_causal are not supported by a tokensparse model")
         return run(self, x)

@@ -96,7 +96,9 @@ class TrainConfig:
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs and self.epochs > 1:
-            raise ValueError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} for {self.epochs}")
+            raise ValueError(
+                f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} for {self.epochs}"
+            )
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -145,7 +147,9 @@ def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Modu
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(("head.", "head_dist."))]
         if missing or unexpected:
-            raise ValueError(f"{cfg.checkpoint} does not fit {cfg.model}: missing {missing[:6]}, unexpected {unexpected[:6]}")
+            raise ValueError(
+                f"{cfg.checkpoint} does not fit {cfg.model}: missing {missing[:6]}, unexpected {unexpected[:6]}"
+            )
     return model
 
 
@@ -164,12 +168,17 @@ def sparsify_for(cfg: TrainConfig, model: nn.Module) -> nn.Module:
 def build_criterion(cfg: TrainConfig) -> nn.Module | None:
     if cfg.method == "dynamicvit":
         return DynamicViTLoss(
-            cfg.keep_ratio, ratio_weight=cfg.ratio_weight, distill_weight=cfg.distill_weight,
-            token_distill=cfg.token_distill, label_smoothing=cfg.smoothing,
+            cfg.keep_ratio,
+            ratio_weight=cfg.ratio_weight,
+            distill_weight=cfg.distill_weight,
+            token_distill=cfg.token_distill,
+            label_smoothing=cfg.smoothing,
         )
     if cfg.method == "avit":
         return AViTLoss(
-            ponder_weight=cfg.ponder_weight, prior_weight=cfg.prior_weight, distill_weight=cfg.distill_weight,
+            ponder_weight=cfg.ponder_weight,
+            prior_weight=cfg.prior_weight,
+            distill_weight=cfg.distill_weight,
             label_smoothing=cfg.smoothing,
         )
     return None
@@ -179,19 +188,28 @@ def compute_loss(cfg, model, criterion, teacher, images, targets) -> tuple[torch
     """The method's objective on one batch (a function so tests can inject faults)."""
     logits = model(images)
     if cfg.method == "dense":
-        loss = classification_loss(logits if not isinstance(logits, tuple) else sum(logits) / 2, targets,
-                                    label_smoothing=cfg.smoothing)
+        loss = classification_loss(
+            logits if not isinstance(logits, tuple) else sum(logits) / 2,
+            targets,
+            label_smoothing=cfg.smoothing,
+        )
         return loss, {"cls": loss.item(), "total": loss.item()}
     if cfg.method == "dynamicvit":
-        teacher_logits, teacher_tokens = teacher_outputs(teacher, images) if cfg.distill_weight else (None, None)
+        teacher_logits, teacher_tokens = (
+            teacher_outputs(teacher, images) if cfg.distill_weight else (None, None)
+        )
         return criterion(logits, targets, model, teacher_logits, teacher_tokens)
     teacher_logits = teacher_outputs(teacher, images)[0] if cfg.distill_weight else None
     return criterion(logits, targets, model, teacher_logits)
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -216,7 +234,9 @@ def _atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_training_state(out: Path, epoch: int, model, optimizer, scheduler, scaler, extra: dict, keep: int) -> None:
+def save_training_state(
+    out: Path, epoch: int, model, optimizer, scheduler, scaler, extra: dict, keep: int
+) -> None:
     """Weights (safetensors) and state (tensors and plain values only), then the `last.json` pointer."""
     ckpt = out / "checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -242,7 +262,9 @@ def load_training_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         return None
     epoch = json.loads(pointer.read_text())["epoch"]
     weights = read_state_dict(out / "checkpoints" / f"epoch{epoch:04d}.safetensors")
-    state = torch.load(out / "checkpoints" / f"epoch{epoch:04d}.state.pt", map_location="cpu", weights_only=True)
+    state = torch.load(
+        out / "checkpoints" / f"epoch{epoch:04d}.state.pt", map_location="cpu", weights_only=True
+    )
     return weights, state
 
 
@@ -268,7 +290,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     classes = num_classes(train_set)
     image = train_set[0][0]
     img_size = int(image.shape[-1])
-    train_loader = build_loader(train_set, cfg.batch_size, True, cfg.workers, cfg.seed, drop_last=len(train_set) >= cfg.batch_size * world)
+    train_loader = build_loader(
+        train_set,
+        cfg.batch_size,
+        True,
+        cfg.workers,
+        cfg.seed,
+        drop_last=len(train_set) >= cfg.batch_size * world,
+    )
     val_loader = build_loader(val_set, cfg.batch_size, False, cfg.workers, cfg.seed)
 
     model = build_model(cfg, classes, img_size)
@@ -283,13 +312,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=len(train_loader),
+        optimizer,
+        sched=cfg.sched,
+        num_epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=len(train_loader),
     )
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=classes)
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=classes
+        )
 
     start_epoch, history, nan_skipped = 0, [], 0
     if cfg.resume:
@@ -310,15 +347,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 print(f"resumed from {out}/checkpoints after epoch {start_epoch}")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(json.dumps(dataclasses.asdict(cfg) | {"num_classes": classes, "img_size": img_size,
-                                                                   "world_size": world}, indent=2), out / "config.json")
+        _atomic_write_text(
+            json.dumps(
+                dataclasses.asdict(cfg) | {"num_classes": classes, "img_size": img_size, "world_size": world},
+                indent=2,
+            ),
+            out / "config.json",
+        )
         if teacher is not None and not (out / "teacher.safetensors").exists():
             save_checkpoint(teacher, out / "teacher.safetensors")
     writer = _tensorboard(out) if is_main else None
 
     ddp_model = model
     if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     metrics: dict[str, Any] = {}
     streak = 0
@@ -367,8 +411,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             scheduler.step_update(num_updates=updates)
             running += loss.item() * images.shape[0]
             seen += images.shape[0]
-            bar.set_postfix(loss=f"{loss.item():.3f}", **_sparsity_postfix(model),
-                            img_s=f"{seen * world / (time.perf_counter() - tic):.0f}")
+            bar.set_postfix(
+                loss=f"{loss.item():.3f}",
+                **_sparsity_postfix(model),
+                img_s=f"{seen * world / (time.perf_counter() - tic):.0f}",
+            )
         bar.close()
         scheduler.step(epoch + 1)
         val = evaluate(model, val_loader, device=device, progress=False, amp=cfg.amp)
@@ -382,8 +429,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         }
         history.append(metrics)
         if is_main:
-            save_training_state(out, epoch, model, optimizer, scheduler, scaler,
-                                {"nan_skipped": nan_skipped}, cfg.keep_checkpoints)
+            save_training_state(
+                out,
+                epoch,
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                {"nan_skipped": nan_skipped},
+                cfg.keep_checkpoints,
+            )
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if writer is not None:
@@ -429,7 +484,11 @@ def _mean_across_ranks(total: float, count: int, device: torch.device) -> float:
 
 
 def _epoch_line(m: dict[str, Any]) -> str:
-    parts = [f"epoch {m['epoch']}", f"loss {m['train_loss']:.4f}", f"val top1 {m.get('val_top1', math.nan):.2f}"]
+    parts = [
+        f"epoch {m['epoch']}",
+        f"loss {m['train_loss']:.4f}",
+        f"val top1 {m.get('val_top1', math.nan):.2f}",
+    ]
     if "val_gflops" in m:
         parts.append(f"GFLOPs {m['val_gflops']:.3f}")
     return "  ".join(parts)
@@ -443,7 +502,9 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def load_trained(run_or_checkpoint: str | os.PathLike, cfg: TrainConfig | None = None) -> tuple[nn.Module, TrainConfig]:
+def load_trained(
+    run_or_checkpoint: str | os.PathLike, cfg: TrainConfig | None = None
+) -> tuple[nn.Module, TrainConfig]:
     """Rebuild a trained model from a run folder (config.json + model.safetensors, or the last epoch)."""
     from .checkpoints import load_checkpoint
 
@@ -460,7 +521,9 @@ def load_trained(run_or_checkpoint: str | os.PathLike, cfg: TrainConfig | None =
             pointer = path / "checkpoints" / "last.json"
             if not pointer.is_file():
                 raise FileNotFoundError(f"{path} has no model.safetensors and no checkpoint yet")
-            weights = path / "checkpoints" / f"epoch{json.loads(pointer.read_text())['epoch']:04d}.safetensors"
+            weights = (
+                path / "checkpoints" / f"epoch{json.loads(pointer.read_text())['epoch']:04d}.safetensors"
+            )
         classes, img_size = saved["num_classes"], saved["img_size"]
     else:
         if cfg is None:

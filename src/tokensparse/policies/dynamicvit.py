@@ -23,7 +23,6 @@ from timm.models.vision_transformer import VisionTransformer
 from ..engine import TokenPolicy, TokenState, check_vit, num_patches, sparsify
 
 
-
 def default_locations(depth: int) -> tuple[int, ...]:
     """The paper's placement, a quarter of the depth apart: (3, 6, 9) for 12 blocks, (6, 12, 18) for 24."""
     return tuple(sorted({max(1, depth * s // 4) for s in (1, 2, 3)}))
@@ -107,7 +106,9 @@ class DynamicViTPolicy(TokenPolicy, nn.ModuleList):
         predictor = self[stage]
         if state.regime == "gather":
             if count >= state.patch_tokens.shape[1]:
-                kept = torch.arange(state.patch_tokens.shape[1], device=state.x.device).expand(state.batch_size, -1)
+                kept = torch.arange(state.patch_tokens.shape[1], device=state.x.device).expand(
+                    state.batch_size, -1
+                )
             else:
                 score = predictor.keep_score(state.patch_tokens)
                 kept = score.topk(count, dim=1).indices.sort(dim=1).values
@@ -116,7 +117,9 @@ class DynamicViTPolicy(TokenPolicy, nn.ModuleList):
             decision = torch.zeros(state.batch_size, state.num_patches, device=state.x.device)
             state.keep_decisions.append(decision.scatter_(1, state.patch_index, 1.0))
             return
-        previous = state.keep if state.keep is not None else state.x.new_ones(state.batch_size, state.num_patches)
+        previous = (
+            state.keep if state.keep is not None else state.x.new_ones(state.batch_size, state.num_patches)
+        )
         log_probs = predictor(state.patch_tokens, previous.unsqueeze(-1))
         if self.training:
             keep = F.gumbel_softmax(log_probs, hard=True)[..., 0] * previous
@@ -142,7 +145,11 @@ def dynamicvit(
     trained ones with `tokensparse.load_checkpoint` or train them with the DynamicViT loss.
     """
     check_vit(model)
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
+    if (
+        isinstance(keep_ratio, bool)
+        or not isinstance(keep_ratio, (int, float))
+        or not 0.0 < keep_ratio <= 1.0
+    ):
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
     depth = len(model.blocks)
     locations = default_locations(depth) if locations is None else tuple(locations)

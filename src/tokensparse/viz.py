@@ -1,0 +1,116 @@
+"""Pictures of what a sparsified model did with each image, as PNG grids readable at a glance.
+
+- pruning methods (DynamicViT, EViT, random, static): the patches kept after each stage, dropped ones
+  greyed;
+- A-ViT: each patch's halting depth as a heat map over the image;
+- ToMe: the merged groups, each group drawn in one colour.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from .engine import get_policy, sparsity_info  # noqa: E402
+
+
+def to_display(images: torch.Tensor, mean=None, std=None) -> np.ndarray:
+    """(B, 3, H, W) normalised tensors -> (B, H, W, 3) floats in [0, 1]."""
+    x = images.detach().float().cpu()
+    if mean is not None and std is not None:
+        x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    gh, gw = grid.shape[:2]
+    return np.repeat(np.repeat(grid, height // gh, axis=0), width // gw, axis=1)
+
+
+def _kept_overlay(image: np.ndarray, kept: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    mask = np.zeros(grid[0] * grid[1], dtype=bool)
+    mask[kept] = True
+    mask = _upsample(mask.reshape(grid), *image.shape[:2])[..., None]
+    grey = image.mean(axis=-1, keepdims=True) * 0.35 + 0.55
+    return np.where(mask, image, grey)
+
+
+@torch.no_grad()
+def token_maps(
+    model: nn.Module,
+    images: torch.Tensor,
+    path: str | os.PathLike,
+    mean=None,
+    std=None,
+    titles: list[str] | None = None,
+) -> Path:
+    """Run `model` (eval) on `images` and save a grid: one row per image, the original then its maps."""
+    policy = get_policy(model)
+    if policy is None:
+        raise ValueError("token_maps needs a tokensparse model (dynamicvit, avit, tome, evit, ...)")
+    was_training = model.training
+    model.eval()
+    model(images)
+    model.train(was_training)
+    info = sparsity_info(model)
+    grid = tuple(model.patch_embed.grid_size)
+    pictures = to_display(images, mean, std)
+    method = getattr(policy, "method", "")
+    if method == "avit":
+        columns = ["image", "halting depth"]
+    elif method == "tome":
+        columns = ["image", "merged groups"]
+    else:
+        columns = ["image"] + [f"after stage {s + 1}" for s in range(len(info.kept_index))]
+    rows = len(pictures)
+    fig, axes = plt.subplots(rows, len(columns), figsize=(1.9 * len(columns), 1.9 * rows), squeeze=False)
+    depth = len(model.blocks)
+    for i, picture in enumerate(pictures):
+        axes[i, 0].imshow(picture)
+        if titles:
+            axes[i, 0].set_ylabel(titles[i], fontsize=7)
+        if method == "avit":
+            depth_map = info.extra["token_depth"][i, info.num_prefix :].float().cpu().numpy().reshape(grid)
+            axes[i, 1].imshow(picture)
+            shown = axes[i, 1].imshow(
+                _upsample(depth_map, *picture.shape[:2]), cmap="viridis", alpha=0.6, vmin=1, vmax=depth
+            )
+            if i == 0:
+                fig.colorbar(shown, ax=axes[:, 1].tolist(), fraction=0.04, label="blocks computed")
+        elif method == "tome":
+            groups = _tome_groups(info, i, grid)
+            colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))[:, :3]
+            layer = colours[groups % 20]
+            axes[i, 1].imshow(0.45 * picture + 0.55 * _upsample(layer, *picture.shape[:2]))
+        else:
+            for s, kept in enumerate(info.kept_index):
+                axes[i, 1 + s].imshow(_kept_overlay(picture, kept[i].cpu().numpy(), grid))
+    for ax, title in zip(axes[0], columns):
+        ax.set_title(title, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _tome_groups(info, index: int, grid: tuple[int, int]) -> np.ndarray:
+    """(grid_h, grid_w) id of the merged token each patch ended up in."""
+    source = info.extra.get("source")
+    if source is None:
+        raise ValueError(
+            "ToMe groups need the source map: create the model with tome(..., trace_source=True)"
+        )
+    src = source[index, :, info.num_prefix :].float().cpu()  # (tokens, patches)
+    return src.argmax(dim=0).numpy().reshape(grid)
