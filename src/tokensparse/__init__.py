@@ -7,10 +7,14 @@ from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .engine import SparseInfo, sparsity_info
 from .flops import gflops, model_flops
 from .losses import AViTLoss, DynamicViTLoss, teacher_outputs
+from .policies.avit import HaltingStats, avit, avit_stats
 from .policies.dynamicvit import dynamicvit
 
 __all__ = [
     "AViTLoss",
+    "HaltingStats",
+    "avit",
+    "avit_stats",
     "CheckpointError",
     "DynamicViTLoss",
     "SparseInfo",

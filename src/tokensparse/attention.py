@@ -72,13 +72,17 @@ def key_masked_attention(attn: nn.Module, x: torch.Tensor, key_bias: torch.Tenso
     return attn.proj_drop(attn.proj(out))
 
 
-def halting_block(block: nn.Module, x: torch.Tensor, running: torch.Tensor, key_bias: float = -1000.0):
+def halting_block(
+    block: nn.Module, x: torch.Tensor, running: torch.Tensor, key_bias: float = -1000.0
+) -> torch.Tensor:
     """A timm `Block` in A-ViT's training form: halted tokens stay in `x` but take no part.
 
     running: (B, N), 1 for tokens still computing. As in the authors' `Block_ACT.forward_act`, the
     mask multiplies each branch's input before and after its norm, and halted tokens are attention
     keys with logit bias `key_bias` (-1000, added after scaling); their own rows are still computed
-    (from zero input) because the per-block mean halting score includes them.
+    (from zero input) because the per-block mean halting score includes them. The authors zero the
+    input through `.data`, so their gradient passes the zeroing unchanged; here it is an ordinary
+    product (same forward values; the gradient of a halted row's input is zero).
     """
     keep = running.unsqueeze(-1).to(x.dtype)
     x = x * keep
@@ -87,42 +91,91 @@ def halting_block(block: nn.Module, x: torch.Tensor, running: torch.Tensor, key_
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x * keep) * keep)))
 
 
+def length_buckets(
+    lengths: list[int], max_buckets: int = 4, min_saving: float = 0.05
+) -> list[tuple[int, int]]:
+    """Split lengths sorted in descending order into contiguous runs [start, end) padded to their first.
+
+    Greedy: split where it saves the most padded attention work (run size * length^2), while a split
+    saves at least `min_saving` of the current total and there are fewer than `max_buckets` runs.
+    """
+    if not lengths:
+        return []
+    runs = [(0, len(lengths))]
+    cost = lambda a, b: (b - a) * lengths[a] ** 2  # noqa: E731
+    total = cost(0, len(lengths))
+    while len(runs) < max_buckets:
+        best = (0, None, None)
+        for r, (a, b) in enumerate(runs):
+            for m in range(a + 1, b):
+                saving = cost(a, b) - cost(a, m) - cost(m, b)
+                if saving > best[0]:
+                    best = (saving, r, m)
+        saving, r, m = best
+        if r is None or saving < min_saving * total:
+            break
+        a, b = runs[r]
+        runs[r : r + 1] = [(a, m), (m, b)]
+        total -= saving
+    return runs
+
+
 @dataclass
 class PackedLayout:
-    """Where the rows of a packed (T, C) token tensor sit in a padded (batch, length) attention layout.
+    """Where the rows of a packed (T, C) token tensor sit in padded attention batches.
 
     The tokens of several images are packed image after image (ascending image id) so that norms,
-    linears and MLPs run on exactly the T live tokens; attention, which must stay within an image,
-    runs on a padded (batch, heads, length, head_dim) copy with a key-padding mask.
+    linears and MLPs run on exactly the T live tokens. Attention must stay within an image: it runs
+    on padded copies (images, heads, length, head_dim) with a key-padding mask, the images grouped
+    by token count into a few buckets (`length_buckets`) so that short images are not padded to the
+    longest one.
 
     counts:    (num_images,) tokens of each image in the pack (0 for images not in it).
-    batch:     images with at least one token; length: tokens of the longest.
-    pad_index: (T,) row of each packed token in the flattened (batch * length) layout; None when every
-               image has `length` tokens (the pack is then already the padded layout).
-    key_mask:  (batch, 1, 1, length) True for real tokens; None when there is no padding.
+    buckets:   (images, length) of each padded batch; their rows are concatenated in one buffer.
+    pad_index: (T,) row of each packed token in that buffer; None when the pack is the buffer already
+               (one bucket, every image of full length).
+    key_masks: per bucket, (images, 1, 1, length) True for real tokens, or None without padding.
     """
 
     counts: torch.Tensor
-    batch: int
-    length: int
+    buckets: list[tuple[int, int]]
     pad_index: torch.Tensor | None
-    key_mask: torch.Tensor | None
+    key_masks: list[torch.Tensor | None]
 
     @classmethod
-    def from_image_ids(cls, image: torch.Tensor, num_images: int) -> PackedLayout:
+    def full(cls, num_images: int, length: int, device: torch.device | None = None) -> PackedLayout:
+        """Every image with `length` tokens: no padding."""
+        counts = torch.full((num_images,), length, dtype=torch.long, device=device)
+        return cls(counts, [(num_images, length)], None, [None])
+
+    @classmethod
+    def from_image_ids(cls, image: torch.Tensor, num_images: int, max_buckets: int = 4) -> PackedLayout:
         """Layout of a pack whose token t belongs to image `image[t]` (non-decreasing)."""
         counts = torch.bincount(image, minlength=num_images)
-        present = counts > 0
-        batch, length = torch.stack([present.sum(), counts.max()]).tolist()
-        if batch * length == image.numel():
-            return cls(counts, batch, length, None, None)
-        rank = present.cumsum(0) - 1
+        lengths = counts.tolist()
+        order = sorted((i for i in range(num_images) if lengths[i]), key=lambda i: -lengths[i])
+        if not order:
+            return cls(counts, [], None, [])
+        runs = length_buckets([lengths[i] for i in order], max_buckets)
+        if len(runs) == 1 and lengths[order[0]] == lengths[order[-1]]:
+            return cls(counts, [(len(order), lengths[order[0]])], None, [None])
+        slot, buckets, key_masks, offset = [0] * num_images, [], [], 0
+        for a, b in runs:
+            length = lengths[order[a]]
+            for rank, i in enumerate(order[a:b]):
+                slot[i] = offset + rank * length
+            buckets.append((b - a, length))
+            if lengths[order[b - 1]] == length:
+                key_masks.append(None)
+            else:
+                real = torch.tensor([lengths[i] for i in order[a:b]], device=image.device)
+                mask = torch.arange(length, device=image.device) < real.unsqueeze(1)
+                key_masks.append(mask.view(b - a, 1, 1, length))
+            offset += (b - a) * length
         start = counts.cumsum(0) - counts
         position = torch.arange(image.numel(), device=image.device) - start[image]
-        pad_index = rank[image] * length + position
-        lengths = counts[present]
-        key_mask = torch.arange(length, device=image.device) < lengths.unsqueeze(1)
-        return cls(counts, batch, length, pad_index, key_mask.view(batch, 1, 1, length))
+        pad_index = torch.tensor(slot, device=image.device)[image] + position
+        return cls(counts, buckets, pad_index, key_masks)
 
 
 def packed_attention(attn: nn.Module, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
@@ -130,14 +183,18 @@ def packed_attention(attn: nn.Module, x: torch.Tensor, layout: PackedLayout) -> 
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x)
     if layout.pad_index is not None:
-        padded = qkv.new_zeros(layout.batch * layout.length, qkv.shape[-1])
-        qkv = padded.index_copy_(0, layout.pad_index, qkv)
-    qkv = qkv.view(layout.batch, layout.length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+        rows = sum(images * length for images, length in layout.buckets)
+        qkv = qkv.new_zeros(rows, qkv.shape[-1]).index_copy_(0, layout.pad_index, qkv)
     dropout = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.key_mask, dropout_p=dropout, scale=attn.scale)
-    out = out.transpose(1, 2).reshape(layout.batch * layout.length, attn.num_heads * attn.head_dim)
+    outputs, offset = [], 0
+    for (images, length), key_mask in zip(layout.buckets, layout.key_masks, strict=True):
+        part = qkv[offset : offset + images * length]
+        q, k, v = part.view(images, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout, scale=attn.scale)
+        outputs.append(out.transpose(1, 2).reshape(images * length, -1))
+        offset += images * length
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     if layout.pad_index is not None:
         out = out.index_select(0, layout.pad_index)
     out = attn.norm(out)

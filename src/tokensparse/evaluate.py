@@ -25,7 +25,10 @@ def evaluate(
     """Top-1/top-5 (%), mean executed GFLOPs per image, img/s, and keep ratio per stage or mean depth.
 
     Runs the model in eval mode (the inference form: tokens removed); under torch.distributed the
-    counts are summed over ranks, each rank reading its own shard.
+    counts are summed over ranks, each rank reading its own shard. When the loader also yields object
+    boxes (fashion-mnist-clutter with return_box=True), `object_kept` is the share of the patches
+    overlapping the object that survive to the last block (pruning methods) and `object_depth` /
+    `background_depth` the mean halting depth on and off the object (A-ViT).
     """
     device = torch.device(device)
     model = getattr(model, "module", model)
@@ -36,6 +39,7 @@ def evaluate(
     stage_kept: torch.Tensor | None = None
     depth_sum = 0.0
     seconds = 0.0
+    cover = torch.zeros(5, dtype=torch.float64)  # object patches, kept of them, object depth, bg patches, bg depth
     for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
         images, labels = batch[0].to(device), batch[1].to(device)
         if device.type == "cuda":
@@ -62,7 +66,9 @@ def evaluate(
                 stage_kept = kept if stage_kept is None else stage_kept + kept
             if "mean_depth" in info.extra:
                 depth_sum += float(info.extra["mean_depth"].double().sum())
-    extra = torch.tensor([depth_sum, seconds], dtype=torch.float64)
+            if len(batch) > 2:
+                cover += _object_cover(model, info, batch[2])
+    extra = torch.cat([torch.tensor([depth_sum, seconds], dtype=torch.float64), cover])
     if dist.is_available() and dist.is_initialized():
         backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
         for t in [totals, extra] + ([stage_kept] if stage_kept is not None else []):
@@ -82,5 +88,31 @@ def evaluate(
         result["keep_ratio_per_stage"] = [round(v / items, 4) for v in stage_kept.tolist()]
     if policy is not None and getattr(policy, "method", "") == "avit":
         result["mean_depth"] = extra[0].item() / items
+        if extra[2] > 0:
+            result["object_depth"] = extra[4].item() / extra[2].item()
+            result["background_depth"] = extra[6].item() / max(extra[5].item(), 1.0)
+    elif extra[2] > 0:
+        result["object_kept"] = extra[3].item() / extra[2].item()
     model.train(was_training)
     return result
+
+
+def _object_cover(model: nn.Module, info, boxes: torch.Tensor) -> torch.Tensor:
+    """[object patches, of them kept, depth sum on them, background patches, depth sum on them]."""
+    from .data import box_patch_mask
+
+    patch = model.patch_embed.patch_size[0]
+    size = tuple(model.patch_embed.img_size)
+    on_object = box_patch_mask(boxes.cpu(), size, patch).flatten(1).to(torch.float64)
+    out = torch.zeros(5, dtype=torch.float64)
+    out[0] = on_object.sum()
+    out[3] = (1 - on_object).sum()
+    if "token_depth" in info.extra:
+        depth = info.extra["token_depth"][:, info.num_prefix :].cpu().to(torch.float64)
+        out[2] = (depth * on_object).sum()
+        out[4] = (depth * (1 - on_object)).sum()
+    else:
+        kept = info.keep_mask.cpu().to(torch.float64)
+        if kept.shape == on_object.shape:
+            out[1] = (kept * on_object).sum()
+    return out

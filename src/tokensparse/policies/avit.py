@@ -1,0 +1,289 @@
+"""A-ViT (Yin et al., CVPR 2022): each token halts once it has been computed enough. No new parameters.
+
+After every block a token's halting score is h = sigmoid(gate_scale * y[0] - gate_center), read from
+channel 0 of the block's output (h = 1 at the last block). Scores accumulate in c; a token halts at
+the first block where c > 1 - eps. Its output is the sum of its block outputs weighted by h, the
+halting block weighted by the remainder R = 1 - (sum of the earlier h); its ponder cost is blocks
+used + R. The final norm and head read the class token of these sums. The class token halts too.
+
+- Training (mask regime): the authors' formulation. Every token stays in the tensor; a halted token
+  is zeroed as block input and masked as an attention key (logit bias -1000). Differentiable (the
+  ponder cost through R) and as costly as the dense model.
+- Inference (gather regime): halted tokens leave the computation. The live tokens of all images form
+  one pack (T, C) for norms, linears and MLP; attention runs per image on a padded copy with a key
+  mask (`attention.packed_block`). The pack shrinks after blocks where tokens halted. With
+  `early_exit`, an image whose head tokens (class token, and distillation token) have all halted
+  leaves the pack: its logits can no longer change.
+
+Per-image statistics of the last forward: `avit_stats(model)` (also in `sparsity_info(model).extra`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from ..attention import PackedLayout, halting_block, packed_block
+from ..engine import TokenPolicy, TokenState, check_vit, get_policy, sparsify, sparsity_info
+
+MASKED_KEY_BIAS = -1000.0
+_RUN = "_avit_run"
+
+
+@dataclass
+class HaltingStats:
+    """What A-ViT's last forward did, per image (B images of P prefix + N patch tokens).
+
+    token_depth:   (B, P + N) int64, blocks each token computed (class token first).
+    mean_depth:    (B,) mean of token_depth over all P + N tokens.
+    ponder:        (B, P + N) ponder cost, blocks used + remainder (with gradient in training).
+    halting_score_layer: (depth,) mean halting score of each block (the distributional prior's input).
+    depth_map:     (B, grid_h, grid_w) token_depth of the patch tokens, or None if the patches do not
+                   fill the model's grid (e.g. dynamic image size).
+    """
+
+    token_depth: torch.Tensor
+    mean_depth: torch.Tensor
+    ponder: torch.Tensor
+    halting_score_layer: torch.Tensor
+    depth_map: torch.Tensor | None
+
+
+@dataclass
+class _Run:
+    blocks: int  # depth of the model
+    grid: tuple[int, int]  # patch grid of the model
+
+
+@dataclass
+class _MaskedRun(_Run):
+    """Training-form bookkeeping: every token of every image, (B, P + N)."""
+
+    running: torch.Tensor
+    cumulative: torch.Tensor
+    remainder: torch.Tensor
+    ponder: torch.Tensor
+    depth: torch.Tensor
+    output: torch.Tensor | float = 0.0
+
+
+@dataclass
+class _PackedRun(_Run):
+    """Inference bookkeeping: the pack of live tokens and, over all B * (P + N) tokens, the results."""
+
+    tokens: torch.Tensor  # (T, C) live tokens, image after image
+    flat: torch.Tensor  # (T,) index of each into the B * (P + N) tokens
+    image: torch.Tensor  # (T,) image of each
+    cumulative: torch.Tensor  # (T,)
+    remainder: torch.Tensor  # (T,)
+    layout: PackedLayout
+    output: torch.Tensor  # (B * (P + N), C) halting-weighted sums
+    depth: torch.Tensor  # (B * (P + N),)
+    ponder: torch.Tensor  # (B * (P + N),)
+    head_token: torch.Tensor  # (P + N,) bool: tokens whose output the head reads
+
+
+def _head_tokens(model: VisionTransformer, tokens: int, prefix: int, device: torch.device) -> torch.Tensor:
+    """(P + N,) True for the tokens the head reads: class (+ distillation) token, or all pooled tokens."""
+    head = torch.zeros(tokens, dtype=torch.bool, device=device)
+    if model.global_pool == "avg":
+        head[0 if getattr(model, "pool_include_prefix", False) else prefix :] = True
+    else:
+        head[: 2 if getattr(model, "head_dist", None) is not None else 1] = True
+    return head
+
+
+class AViTPolicy(TokenPolicy, nn.Module):
+    """The halting rule of A-ViT; holds its three settings and no parameters."""
+
+    method = "avit"
+
+    def __init__(self, gate_scale: float, gate_center: float, eps: float, early_exit: bool = True):
+        super().__init__()
+        self.gate_scale = float(gate_scale)
+        self.gate_center = float(gate_center)
+        self.eps = float(eps)
+        self.early_exit = bool(early_exit)
+
+    def extra_repr(self) -> str:
+        return (
+            f"gate_scale={self.gate_scale}, gate_center={self.gate_center}, eps={self.eps}, "
+            f"early_exit={self.early_exit}"
+        )
+
+    def halting_score(self, block_output: torch.Tensor) -> torch.Tensor:
+        """h = sigmoid(gate_scale * y[..., 0] - gate_center), in float32 whatever the compute dtype."""
+        return torch.sigmoid(block_output[..., 0].float() * self.gate_scale - self.gate_center)
+
+    def halting_step(self, cumulative, remainder, h, running=None):
+        """One block of the halting rule, elementwise, in the authors' order and strict comparisons.
+
+        Returns the new cumulative score and remainder, the weight of this block's output in the
+        token's output (R where it halts now, h where it runs on, 0 for a token that sits exactly on
+        1 - eps: the authors' code treats it as halted without adding its remainder), the ponder
+        increment R * reached, and 1.0 where the token runs on.
+        """
+        cumulative = cumulative + h
+        reached = (cumulative > 1 - self.eps).to(h.dtype)
+        if running is not None:
+            reached = reached * running
+        runs_on = (cumulative < 1 - self.eps).to(h.dtype)
+        weight = remainder * reached + h * runs_on
+        ponder_step = remainder * reached
+        return cumulative, remainder - runs_on * h, weight, ponder_step, runs_on
+
+    # --- engine hooks ------------------------------------------------------------------------------
+
+    def begin(self, model: VisionTransformer, state: TokenState) -> None:
+        batch, tokens, channels = state.x.shape
+        shape = {"blocks": len(model.blocks), "grid": tuple(model.patch_embed.grid_size)}
+        state.extra["halting_score_layer"] = []
+        zeros = state.x.new_zeros(batch, tokens, dtype=torch.float32)
+        if state.regime == "mask":
+            state.extra[_RUN] = _MaskedRun(
+                **shape, running=zeros + 1, cumulative=zeros, remainder=zeros + 1, ponder=zeros, depth=zeros
+            )
+            return
+        device = state.x.device
+        state.extra[_RUN] = _PackedRun(
+            **shape,
+            tokens=state.x.reshape(batch * tokens, channels),
+            flat=torch.arange(batch * tokens, device=device),
+            image=torch.arange(batch, device=device).repeat_interleave(tokens),
+            cumulative=zeros.flatten(),
+            remainder=zeros.flatten() + 1,
+            layout=PackedLayout.full(batch, tokens, device),
+            output=state.x.new_zeros(
+                batch * tokens, channels, dtype=torch.promote_types(state.x.dtype, torch.float32)
+            ),
+            depth=torch.zeros(batch * tokens, dtype=torch.long, device=device),
+            ponder=zeros.flatten().clone(),
+            head_token=_head_tokens(model, tokens, state.num_prefix, device),
+        )
+
+    def before_block(self, index: int, state: TokenState) -> None:
+        run = state.extra[_RUN]
+        if isinstance(run, _PackedRun):
+            state.extra["active_tokens"] = run.layout.counts
+
+    def run_block(self, index: int, block: nn.Module, state: TokenState) -> None:
+        run = state.extra[_RUN]
+        if isinstance(run, _MaskedRun):
+            state.x = halting_block(block, state.x, run.running, MASKED_KEY_BIAS)
+        elif run.tokens.shape[0]:
+            run.tokens = packed_block(block, run.tokens, run.layout)
+
+    def after_block(self, index: int, state: TokenState) -> None:
+        run = state.extra[_RUN]
+        last = index == run.blocks - 1
+        y = state.x if isinstance(run, _MaskedRun) else run.tokens
+        h = self.halting_score(y)
+        # Mean over all images and tokens, halted ones included (the authors' code slices the batch
+        # dim with [1:], dropping image 0, a bug not reproduced). Gather regime: over computed tokens.
+        state.extra["halting_score_layer"].append(h.mean())
+        if last:
+            h = torch.ones_like(h)
+        if isinstance(run, _MaskedRun):
+            run.ponder = run.ponder + run.running
+            run.depth = run.depth + run.running
+            run.cumulative, run.remainder, weight, ponder_step, runs_on = self.halting_step(
+                run.cumulative, run.remainder, h, run.running
+            )
+            run.ponder = run.ponder + ponder_step
+            run.output = run.output + y * weight.unsqueeze(-1)
+            run.running = runs_on
+            return
+        run.cumulative, run.remainder, weight, ponder_step, runs_on = self.halting_step(
+            run.cumulative, run.remainder, h
+        )
+        run.output.index_add_(0, run.flat, y.to(run.output.dtype) * weight.unsqueeze(-1))
+        run.depth.index_fill_(0, run.flat, index + 1)
+        run.ponder.index_copy_(0, run.flat, ponder_step + (index + 1))
+        if not last:
+            self._repack(run, runs_on > 0, state.batch_size)
+
+    def _repack(self, run: _PackedRun, runs_on: torch.Tensor, batch: int) -> None:
+        """Drop halted tokens (and, with early_exit, every token of images whose head tokens halted)."""
+        keep = runs_on
+        if self.early_exit:
+            head_running = runs_on & run.head_token[run.flat % run.head_token.numel()]
+            live = torch.zeros(batch, device=keep.device).index_add_(0, run.image, head_running.float())
+            keep = keep & (live[run.image] > 0)
+        index = keep.nonzero().squeeze(1)
+        if index.numel() == keep.numel():
+            return
+        run.tokens, run.flat, run.image = (
+            t.index_select(0, index) for t in (run.tokens, run.flat, run.image)
+        )
+        run.cumulative, run.remainder = run.cumulative[index], run.remainder[index]
+        run.layout = PackedLayout.from_image_ids(run.image, batch)
+
+    def end(self, state: TokenState) -> None:
+        run = state.extra.pop(_RUN)
+        state.extra.pop("active_tokens", None)
+        batch, tokens = state.batch_size, state.num_prefix + state.num_patches
+        if isinstance(run, _MaskedRun):
+            state.x, depth, ponder = run.output, run.depth.long(), run.ponder
+        else:
+            state.x = run.output.view(batch, tokens, -1)
+            depth, ponder = run.depth.view(batch, tokens), run.ponder.view(batch, tokens)
+        grid = run.grid
+        patches = depth[:, state.num_prefix :]
+        depth_map = patches.reshape(batch, *grid) if grid[0] * grid[1] == patches.shape[1] else None
+        state.extra.update(
+            token_depth=depth,
+            mean_depth=depth.float().mean(dim=1),
+            ponder=ponder,
+            halting_score_layer=torch.stack(state.extra["halting_score_layer"]),
+            depth_map=depth_map,
+        )
+
+
+def avit_stats(model: nn.Module) -> HaltingStats:
+    """Per-image halting statistics of the last forward of an A-ViT model (see `HaltingStats`).
+
+    Mask regime (training): the authors' quantities; every token of every image. Gather regime
+    (inference): token_depth counts the blocks that ran; with early_exit, tokens of an image whose
+    class token halted stop there (their ponder is then the blocks they ran, without remainder), and
+    halting_score_layer averages the tokens each block computed (nan for a block that ran none).
+    """
+    policy = get_policy(getattr(model, "module", model))
+    if not isinstance(policy, AViTPolicy):
+        raise ValueError("avit_stats needs a model made by tokensparse.avit")
+    extra = sparsity_info(model).extra
+    return HaltingStats(**{name: extra[name] for name in HaltingStats.__dataclass_fields__})
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def avit(
+    model: VisionTransformer,
+    gate_scale: float = 10.0,
+    gate_center: float = 30.0,
+    eps: float = 0.01,
+    early_exit: bool = True,
+) -> VisionTransformer:
+    """Make `model` an A-ViT in place (and return it); its state dict stays exactly timm's.
+
+    Halting score h = sigmoid(gate_scale * y[..., 0] - gate_center) of each block's output y; a token
+    halts once its summed scores exceed 1 - eps. The authors use gate_scale 10, gate_center 30 for
+    DeiT-T and 75 for DeiT-S. early_exit (inference only): stop computing an image once the tokens its
+    head reads have halted (the logits are unchanged; its other tokens' depths then stop there too).
+    """
+    check_vit(model)
+    if _real("gate_scale", gate_scale) <= 0:
+        raise ValueError(f"gate_scale must be > 0, got {gate_scale!r}")
+    _real("gate_center", gate_center)
+    if not 0.0 < _real("eps", eps) < 1.0:
+        raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+    if not isinstance(early_exit, bool):
+        raise ValueError(f"early_exit must be True or False, got {early_exit!r}")
+    return sparsify(model, AViTPolicy(gate_scale, gate_center, eps, early_exit), "halting")
