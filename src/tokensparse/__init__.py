@@ -8,7 +8,10 @@ from .engine import SparseInfo, sparsity_info
 from .flops import gflops, model_flops
 from .losses import AViTLoss, DynamicViTLoss, teacher_outputs
 from .policies.avit import HaltingStats, avit, avit_stats
+from .policies.baselines import random_prune, static_prune
 from .policies.dynamicvit import dynamicvit
+from .policies.evit import evit
+from .policies.tome import tome
 
 __all__ = [
     "AViTLoss",
@@ -19,6 +22,10 @@ __all__ = [
     "DynamicViTLoss",
     "SparseInfo",
     "dynamicvit",
+    "evit",
+    "random_prune",
+    "static_prune",
+    "tome",
     "gflops",
     "load_checkpoint",
     "model_flops",

@@ -43,8 +43,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         description="Time the dense model and its sparsified versions in one interleaved run; report medians, "
         "speedups vs dense and vs the truncation bound (the same blocks fed pre-sliced token counts).",
     )
-    p.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: %(default)s)")
-    p.add_argument("--method", default="dynamicvit", choices=["dynamicvit"], help="token policy")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="timm model name (default: deit_small_patch16_224; deit_tiny_patch16_224 for avit)",
+    )
+    p.add_argument("--method", default="dynamicvit", choices=["dynamicvit", "avit"], help="token policy")
     p.add_argument(
         "--keep-ratios",
         type=_ratio,
@@ -52,6 +56,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         default=[0.5, 0.7, 0.9],
         metavar="RHO",
         help="DynamicViT keep ratios (default: %(default)s)",
+    )
+    p.add_argument("--gate-scale", type=float, default=10.0, help="A-ViT gate scale (default: %(default)s)")
+    p.add_argument(
+        "--gate-centers",
+        type=float,
+        nargs="+",
+        default=[3.0],
+        help="A-ViT gate centres; with random weights 2-5 make tokens halt at all depths (default: %(default)s)",
     )
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--rounds", type=_positive_int, default=10, help="timed rounds per contender")
@@ -64,11 +76,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import bench_dynamicvit
+    from .bench import bench_avit, bench_dynamicvit
 
-    result = bench_dynamicvit(
-        args.model,
-        keep_ratios=args.keep_ratios,
+    common = dict(
         batch_size=args.batch_size,
         rounds=args.rounds,
         warmup=args.warmup,
@@ -77,12 +87,28 @@ def _bench(args: argparse.Namespace) -> int:
         img_size=args.img_size,
         progress=not args.json,
     )
+    if args.method == "avit":
+        result = bench_avit(
+            args.model or "deit_tiny_patch16_224",
+            gate_centers=args.gate_centers,
+            gate_scale=args.gate_scale,
+            **common,
+        )
+    else:
+        result = bench_dynamicvit(
+            args.model or "deit_small_patch16_224", keep_ratios=args.keep_ratios, **common
+        )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
+        bound = (
+            "FLOP ratio dense/A-ViT"
+            if args.method == "avit"
+            else "truncation bound (dense blocks on pre-sliced tokens)"
+        )
         print(
-            f"{result.model}, batch {result.batch_size}, {result.device} {result.dtype}, "
-            f"median of {result.rounds} interleaved rounds; {result.machine}; {result.date}"
+            f"{result.model}, batch {result.batch_size}, {result.device} {result.dtype}, median of {result.rounds} "
+            f"interleaved rounds; bound = {bound}; {result.machine}; {result.date}"
         )
         print(result.table())
     return 0
@@ -200,12 +226,50 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the main job: train a small ViT on the built-in data, fine-tune DynamicViT and A-ViT, compare "
+        "with the baselines, write report/ (~10 min on 2 CPU cores; a re-run reuses finished steps)",
+    )
+    p.add_argument(
+        "--work", default="runs/demo", help="where runs and evaluations are kept (default: %(default)s)"
+    )
+    p.add_argument("--report", default="report", help="report folder (default: %(default)s)")
+    p.add_argument(
+        "--replication",
+        action="store_true",
+        help="the longer schedule (all 60000 training images, 30 + 10 epochs)",
+    )
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, replication_config, run_study
+
+    overrides = {"device": args.device}
+    if args.replication:
+        for key in ("work", "report"):
+            if getattr(args, key) != p_defaults[key]:
+                overrides[key] = getattr(args, key)
+        cfg = replication_config(**overrides)
+    else:
+        cfg = DemoConfig(work=args.work, report=args.report, **overrides)
+    run_study(cfg)
+    return 0
+
+
+p_defaults = {"work": "runs/demo", "report": "report"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokensparse", description="Token sparsification for timm ViTs.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_demo(sub)
     return parser
 
 

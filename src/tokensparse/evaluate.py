@@ -39,7 +39,9 @@ def evaluate(
     stage_kept: torch.Tensor | None = None
     depth_sum = 0.0
     seconds = 0.0
-    cover = torch.zeros(5, dtype=torch.float64)  # object patches, kept of them, object depth, bg patches, bg depth
+    cover = torch.zeros(
+        5, dtype=torch.float64
+    )  # object patches, kept of them, object depth, bg patches, bg depth
     for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
         images, labels = batch[0].to(device), batch[1].to(device)
         if device.type == "cuda":

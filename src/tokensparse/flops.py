@@ -21,6 +21,8 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from .engine import SparseInfo, TokenPolicy, check_images, get_policy, sparsity_info
+from .policies.evit import evit_flops
+from .policies.tome import tome_flops
 
 
 def _linear_macs(module: nn.Module | None) -> int:
@@ -108,6 +110,10 @@ def _no_extra_flops(policy: TokenPolicy, info: SparseInfo, num_patches: int) -> 
 POLICY_FLOPS: dict[str, Callable[[TokenPolicy, SparseInfo, int], torch.Tensor]] = {
     "dynamicvit": _dynamicvit_flops,
     "avit": _no_extra_flops,  # halting reads channel 0 of each block's output: no extra matmul
+    "tome": tome_flops,  # + the key-similarity matmul of merging blocks, - the MLP on merged tokens
+    "evit": evit_flops,  # + the class-attention row at each location, - the MLP on removed tokens
+    "random": _no_extra_flops,
+    "static": _no_extra_flops,
 }
 """Per policy method: the multiply-adds (B,) of the policy's own modules in the forward `info` describes."""
 

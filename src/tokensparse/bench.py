@@ -1,0 +1,336 @@
+"""Paired, interleaved throughput measurement.
+
+All contenders run in one process on the same input; each round times every contender once, in a
+rotating order, so drifts of the machine (clock, other load) hit them alike. We report medians and
+ratios against the dense model and against the truncation bound: the same dense timm blocks fed
+pre-sliced token counts, i.e. pruning with zero overhead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+
+@dataclass
+class Timing:
+    name: str
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(
+    contenders: dict[str, Callable[[], object]],
+    rounds: int = 10,
+    warmup: int = 2,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Timing]:
+    """Time each zero-argument callable `rounds` times, interleaved (rotating order); after `warmup`."""
+    device = torch.device(device)
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    _sync(device)
+    timings = {name: Timing(name) for name in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            _sync(device)
+            start = time.perf_counter()
+            contenders[name]()
+            _sync(device)
+            timings[name].seconds.append(time.perf_counter() - start)
+        if progress is not None:
+            progress(1)
+    return timings
+
+
+@torch.no_grad()
+def truncated_forward(
+    model: VisionTransformer, images: torch.Tensor, tokens_per_block: Sequence[int]
+) -> torch.Tensor:
+    """The dense model with its sequence sliced to `tokens_per_block[i]` tokens before block i.
+
+    No scoring, no gather: the speed of pruning with zero overhead, the bound a pruning method can reach.
+    """
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    for block, tokens in zip(model.blocks, tokens_per_block):
+        if tokens < x.shape[1]:
+            x = x[:, :tokens]
+        x = block(x)
+    return model.forward_head(model.norm(x))
+
+
+def machine_description(device: torch.device | str = "cpu") -> str:
+    """One line naming the machine: CPU model and cores (or the GPU), torch version and threads."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        hw = torch.cuda.get_device_name(device)
+    else:
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        hw = f"{cpu}, {os.cpu_count()} cores"
+    return f"{hw}; torch {torch.__version__}, {torch.get_num_threads()} threads; {platform.system()}"
+
+
+def today() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+
+
+@dataclass
+class BenchRow:
+    """One contender: executed GFLOPs per image, images per second, and its ratios."""
+
+    method: str
+    setting: str
+    gflops: float
+    images_per_s: float
+    speedup: float
+    bound_speedup: float | None = None
+
+    @property
+    def share_of_bound(self) -> float | None:
+        return None if self.bound_speedup is None else self.speedup / self.bound_speedup
+
+
+@dataclass
+class BenchResult:
+    model: str
+    batch_size: int
+    device: str
+    dtype: str
+    rounds: int
+    machine: str
+    date: str
+    rows: list[BenchRow]
+
+    def table(self) -> str:
+        """A Markdown table of the rows."""
+        head = "| method | setting | GFLOPs/img | img/s | speedup vs dense | bound | share of bound |"
+        lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
+        for r in self.rows:
+            bound = "" if r.bound_speedup is None else f"{r.bound_speedup:.2f}x"
+            share = "" if r.share_of_bound is None else f"{r.share_of_bound:.3f}"
+            lines.append(
+                f"| {r.method} | {r.setting} | {r.gflops:.2f} | {r.images_per_s:.1f} | {r.speedup:.2f}x | {bound} | {share} |"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "rows"}
+        out["rows"] = [dict(r.__dict__, share_of_bound=r.share_of_bound) for r in self.rows]
+        return out
+
+
+def _build(model: str | nn.Module, img_size: int | None, num_classes: int | None) -> tuple[str, nn.Module]:
+    import timm
+
+    if isinstance(model, nn.Module):
+        return type(model).__name__, model
+    kwargs = {}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return model, timm.create_model(model, pretrained=False, **kwargs)
+
+
+def bench_dynamicvit(
+    model: str | nn.Module = "deit_small_patch16_224",
+    keep_ratios: Sequence[float] = (0.7,),
+    batch_size: int = 32,
+    rounds: int = 10,
+    warmup: int = 2,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    img_size: int | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> BenchResult:
+    """Dense vs DynamicViT at each keep ratio vs the truncation bound, in one interleaved run.
+
+    Weights are random (speed does not depend on them; no download). Returns the table's rows.
+    """
+    import copy
+
+    from tqdm.auto import tqdm
+
+    from .engine import sparsity_info
+    from .flops import model_flops
+    from .policies.dynamicvit import dynamicvit
+
+    torch.manual_seed(seed)
+    name, dense = _build(model, img_size, None)
+    dense = dense.eval().to(device=device, dtype=dtype)
+    images = torch.randn(batch_size, 3, *dense.patch_embed.img_size, device=device, dtype=dtype)
+    contenders: dict[str, Callable[[], object]] = {"dense": lambda: dense(images)}
+    sparse_models, bounds = {}, {}
+    for ratio in keep_ratios:
+        sparse = dynamicvit(copy.deepcopy(dense), keep_ratio=ratio).eval().to(device=device, dtype=dtype)
+        with torch.no_grad():
+            sparse(images)
+        counts = sparsity_info(sparse).tokens_per_block[0].tolist()
+        sparse_models[ratio], bounds[ratio] = sparse, counts
+        contenders[f"dynamicvit@{ratio}"] = lambda m=sparse: m(images)
+        contenders[f"bound@{ratio}"] = lambda c=counts: truncated_forward(dense, images, c)
+    bar = tqdm(total=rounds, desc=f"bench {name} b{batch_size}", disable=not progress, leave=False)
+    with torch.inference_mode():
+        timings = interleaved(contenders, rounds=rounds, warmup=warmup, device=device, progress=bar.update)
+    bar.close()
+    dense_time = timings["dense"].median
+    flops_images = images[:1].float() if dtype != torch.float32 else images[:1]
+    rows = [
+        BenchRow(
+            "dense",
+            "-",
+            float(model_flops(dense.float(), flops_images.float()).mean()) / 1e9,
+            batch_size / dense_time,
+            1.0,
+        )
+    ]
+    dense.to(dtype)
+    for ratio, sparse in sparse_models.items():
+        t = timings[f"dynamicvit@{ratio}"].median
+        bound = dense_time / timings[f"bound@{ratio}"].median
+        sparse_f = copy.deepcopy(sparse).float()
+        gf = float(model_flops(sparse_f, flops_images.float()).mean()) / 1e9
+        rows.append(BenchRow("dynamicvit", f"keep_ratio={ratio}", gf, batch_size / t, dense_time / t, bound))
+    return BenchResult(
+        model=name,
+        batch_size=batch_size,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        rounds=rounds,
+        machine=machine_description(device),
+        date=today(),
+        rows=rows,
+    )
+
+
+def mixed_batch(batch_size: int, img_size: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """Half plain images (one flat colour each), half busy ones (pixel noise), interleaved.
+
+    Under A-ViT they halt at different depths, so a batch mixes long- and short-running images.
+    """
+    g = torch.Generator().manual_seed(seed)
+    plain = torch.zeros(batch_size, 3, *img_size) + 0.1 * torch.randn(batch_size, 3, 1, 1, generator=g)
+    busy = torch.randn(batch_size, 3, *img_size, generator=g)
+    pick = (torch.arange(batch_size) % 2 == 1).view(-1, 1, 1, 1)
+    return torch.where(pick, busy, plain)
+
+
+def bench_avit(
+    model: str | nn.Module = "deit_tiny_patch16_224",
+    gate_centers: Sequence[float] = (3.0,),
+    gate_scale: float = 10.0,
+    batch_size: int = 32,
+    rounds: int = 10,
+    warmup: int = 2,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    img_size: int | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> BenchResult:
+    """Dense vs A-ViT on a batch mixing plain and busy images, in one interleaved run.
+
+    The bound column is the ratio of executed FLOPs (dense / A-ViT: only tokens still running, in
+    images whose class token still runs): the speedup a zero-overhead implementation would reach.
+    """
+    import copy
+
+    from tqdm.auto import tqdm
+
+    from .flops import model_flops
+    from .policies.avit import avit
+
+    torch.manual_seed(seed)
+    name, dense = _build(model, img_size, None)
+    dense = dense.eval().to(device=device, dtype=dtype)
+    images = mixed_batch(batch_size, tuple(dense.patch_embed.img_size), seed).to(device=device, dtype=dtype)
+    contenders: dict[str, Callable[[], object]] = {"dense": lambda: dense(images)}
+    sparse_models = {}
+    for center in gate_centers:
+        sparse = avit(copy.deepcopy(dense), gate_scale=gate_scale, gate_center=center).eval()
+        sparse_models[center] = sparse
+        contenders[f"avit@{center}"] = lambda m=sparse: m(images)
+    bar = tqdm(total=rounds, desc=f"bench {name} b{batch_size}", disable=not progress, leave=False)
+    with torch.inference_mode():
+        timings = interleaved(contenders, rounds=rounds, warmup=warmup, device=device, progress=bar.update)
+    bar.close()
+    dense_time = timings["dense"].median
+    cpu_images = images.float().cpu()
+    dense_flops = float(model_flops(copy.deepcopy(dense).float().cpu(), cpu_images).sum())
+    rows = [BenchRow("dense", "-", dense_flops / batch_size / 1e9, batch_size / dense_time, 1.0)]
+    for center, sparse in sparse_models.items():
+        t = timings[f"avit@{center}"].median
+        flops = float(model_flops(copy.deepcopy(sparse).float().cpu(), cpu_images).sum())
+        rows.append(
+            BenchRow(
+                "avit",
+                f"gate_scale={gate_scale:g}, gate_center={center:g}",
+                flops / batch_size / 1e9,
+                batch_size / t,
+                dense_time / t,
+                dense_flops / flops,
+            )
+        )
+    return BenchResult(
+        model=name,
+        batch_size=batch_size,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        rounds=rounds,
+        machine=machine_description(device),
+        date=today(),
+        rows=rows,
+    )
+
+
+def write_results(
+    folder: str | os.PathLike, stem: str, title: str, command: str, results: Sequence[BenchResult], notes: str
+) -> str:
+    """Write `<stem>.md` (command, machine, date, one table per batch size) and `<stem>.json`."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"# {title}",
+        "",
+        f"- command: `{command}`",
+        f"- machine: {results[0].machine}",
+        f"- date: {results[0].date}",
+        f"- method: {notes}",
+        "",
+    ]
+    for r in results:
+        lines += [f"## batch {r.batch_size} ({r.rounds} rounds, {r.device} {r.dtype})", "", r.table(), ""]
+    (folder / f"{stem}.md").write_text("\n".join(lines))
+    payload = {"command": command, "results": [r.to_dict() for r in results]}
+    (folder / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    return str(folder / f"{stem}.md")

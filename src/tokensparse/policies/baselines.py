@@ -1,0 +1,251 @@
+"""Random and static pruning: DynamicViT's ablation baselines, at DynamicViT's token counts.
+
+Both prune where DynamicViT does (before blocks `locations`, stage s keeping int(N * keep_ratio **
+(s + 1)) of the N patches) and the same way: inference gathers the kept tokens and runs timm's
+ordinary blocks on the shorter sequence; training (mask regime) keeps every token and masks attention,
+a token once dropped staying dropped. Only the ranking differs, and it reads no token:
+
+- random: a fresh random ranking per image and per forward (with `seed`, every forward draws from a
+  generator seeded with it, so repeated forwards prune the same tokens);
+- static: the patches nearest the image centre, the same for every image.
+
+Also the validation and the attention pieces EViT and ToMe share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, sparsify
+from .dynamicvit import default_locations, stage_keep_counts
+
+# --- shared by the baselines ----------------------------------------------------------------------
+
+
+def check_keep_ratio(keep_ratio: float) -> float:
+    if (
+        isinstance(keep_ratio, bool)
+        or not isinstance(keep_ratio, (int, float))
+        or not 0.0 < keep_ratio <= 1.0
+    ):
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    return float(keep_ratio)
+
+
+def check_locations(locations: Sequence[int] | None, depth: int) -> tuple[int, ...]:
+    """DynamicViT's default placement when None; else strictly increasing block indices inside the depth."""
+    locations = default_locations(depth) if locations is None else tuple(locations)
+    if not locations:
+        raise ValueError("locations must name at least one block")
+    if any(not isinstance(i, int) or isinstance(i, bool) for i in locations):
+        raise ValueError(f"locations must be block indices (ints), got {locations!r}")
+    if any(b <= a for a, b in zip(locations, locations[1:])):
+        raise ValueError(f"locations must be strictly increasing, got {locations!r}")
+    if locations[0] < 0 or locations[-1] >= depth:
+        raise ValueError(
+            f"locations {locations!r} must lie inside the model's depth: 0..{depth - 1} for {depth} blocks"
+        )
+    return locations
+
+
+def keep_counts(patches: int, keep_ratio: float, locations: Sequence[int]) -> list[int]:
+    """Patch tokens kept after each stage, DynamicViT's int(N * rho^(s+1)); ValueError if one keeps none."""
+    counts = stage_keep_counts(patches, keep_ratio, len(locations))
+    if counts and counts[-1] < 1:
+        raise ValueError(
+            f"keep_ratio={keep_ratio} keeps no patch token of {patches} after stage {counts.index(0)}; "
+            "raise keep_ratio or use fewer locations"
+        )
+    return counts
+
+
+def mlp_macs(model: VisionTransformer) -> tuple[int, ...]:
+    """Multiply-adds per token of each block's MLP: what a token removed before the MLP saves."""
+    return tuple(
+        sum(m.in_features * m.out_features for m in block.mlp.modules() if isinstance(m, nn.Linear))
+        for block in model.blocks
+    )
+
+
+def attention_parts(
+    attn: nn.Module, x: torch.Tensor, key_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A timm `Attention` forward (its own weights, fused attention) that also returns q and k.
+
+    key_bias: optional (B, N) added to every query's scaled logits for each key. Returns the output
+    (B, N, C) and q, k (B, heads, N, head_dim) after q_norm / k_norm.
+    """
+    batch, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    mask = None if key_bias is None else key_bias.to(q.dtype).view(batch, 1, 1, n)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    out = nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, scale=attn.scale
+    )
+    out = attn.norm(out.transpose(1, 2).reshape(batch, n, attn.num_heads * attn.head_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), q, k
+
+
+def record_mlp_tokens(state: TokenState, tokens: int) -> None:
+    """Note how many tokens the current block's MLP ran on (fewer than its attention when it merged)."""
+    state.extra.setdefault("mlp_tokens", []).append(
+        torch.full((state.batch_size,), tokens, device=state.x.device)
+    )
+
+
+def reduced_mlp_flops(policy: TokenPolicy, info: SparseInfo, num_patches: int) -> torch.Tensor:
+    """(B,) multiply-adds to add to `backbone_flops` for blocks that reduce tokens between attention and MLP.
+
+    `backbone_flops` counts each block on the tokens it started with; ToMe and EViT run the block's MLP
+    on fewer (`info.extra['mlp_tokens']`), so the MLP work on the removed tokens is subtracted.
+    """
+    attention_tokens = info.tokens_per_block.detach().to("cpu", torch.float64)
+    mlp_tokens = info.extra["mlp_tokens"].detach().to("cpu", torch.float64)
+    per_token = torch.tensor(policy.mlp_macs, dtype=torch.float64)
+    return -((attention_tokens - mlp_tokens) * per_token).sum(dim=1)
+
+
+# --- random and static pruning ----------------------------------------------------------------------
+
+
+class StagePruningPolicy(TokenPolicy, nn.Module):
+    """DynamicViT's pruning schedule and mechanics with a ranking that reads no token (no parameters)."""
+
+    def __init__(self, keep_ratio: float, locations: Sequence[int]):
+        super().__init__()
+        self.keep_ratio = float(keep_ratio)
+        self.locations = tuple(int(i) for i in locations)
+
+    def extra_repr(self) -> str:
+        return f"keep_ratio={self.keep_ratio}, locations={self.locations}"
+
+    def patch_score(self, state: TokenState, patch_index: torch.Tensor) -> torch.Tensor:
+        """(B, M) score of the original patches `patch_index` (B, M); the highest are kept."""
+        raise NotImplementedError
+
+    def before_block(self, index: int, state: TokenState) -> None:
+        if index not in self.locations:
+            return
+        stage = self.locations.index(index)
+        count = keep_counts(state.num_patches, self.keep_ratio, self.locations)[stage]
+        if state.regime == "gather":
+            present = state.patch_tokens.shape[1]
+            if count >= present:
+                kept = torch.arange(present, device=state.x.device).expand(state.batch_size, -1)
+            else:
+                score = self.patch_score(state, state.patch_index)
+                kept = score.topk(count, dim=1).indices.sort(dim=1).values
+            state.gather_patches(kept)
+            state.kept_index.append(state.patch_index)
+            decision = torch.zeros(state.batch_size, state.num_patches, device=state.x.device)
+            state.keep_decisions.append(decision.scatter_(1, state.patch_index, 1.0))
+            return
+        previous = (
+            state.keep if state.keep is not None else state.x.new_ones(state.batch_size, state.num_patches)
+        )
+        every_patch = torch.arange(state.num_patches, device=state.x.device).expand(state.batch_size, -1)
+        score = self.patch_score(state, every_patch).masked_fill(previous == 0, float("-inf"))
+        kept = score.topk(count, dim=1).indices
+        state.keep = torch.zeros_like(previous).scatter_(1, kept, 1.0)
+        state.keep_decisions.append(state.keep)
+
+
+class RandomPruningPolicy(StagePruningPolicy):
+    method = "random"
+
+    def __init__(self, keep_ratio: float, locations: Sequence[int], seed: int | None = None):
+        super().__init__(keep_ratio, locations)
+        self.seed = seed
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", seed={self.seed}"
+
+    def begin(self, model: VisionTransformer, state: TokenState) -> None:
+        if self.seed is not None:
+            state.extra["generator"] = torch.Generator(device=state.x.device).manual_seed(self.seed)
+
+    def patch_score(self, state: TokenState, patch_index: torch.Tensor) -> torch.Tensor:
+        # One draw per original patch, so training's masked form and inference pick the same tokens.
+        generator = state.extra.get("generator")
+        score = torch.rand(
+            state.batch_size, state.num_patches, generator=generator, device=patch_index.device
+        )
+        return score.gather(1, patch_index)
+
+    def end(self, state: TokenState) -> None:
+        state.extra.pop("generator", None)
+
+
+def centre_rank(grid: tuple[int, int]) -> torch.Tensor:
+    """(H * W,) rank of each patch (row-major) by distance of its centre to the image centre, 0 nearest.
+
+    Ties (the grid is symmetric) go to the lower patch index, so every stage's set is nested in the last.
+    """
+    height, width = grid
+    rows = torch.arange(height, dtype=torch.float64) + 0.5 - height / 2
+    cols = torch.arange(width, dtype=torch.float64) + 0.5 - width / 2
+    distance = (rows.view(-1, 1).square() + cols.view(1, -1).square()).flatten()
+    order = torch.argsort(distance, stable=True)
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
+
+
+class StaticPruningPolicy(StagePruningPolicy):
+    method = "static"
+
+    def __init__(self, keep_ratio: float, locations: Sequence[int], grid: tuple[int, int]):
+        super().__init__(keep_ratio, locations)
+        self.grid = tuple(int(g) for g in grid)
+        self.register_buffer("patch_rank", centre_rank(self.grid), persistent=False)
+
+    def patch_score(self, state: TokenState, patch_index: torch.Tensor) -> torch.Tensor:
+        if state.num_patches != self.patch_rank.numel():
+            raise ValueError(
+                f"static pruning ranks the model's {self.grid[0]}x{self.grid[1]} patch grid; this input has "
+                f"{state.num_patches} patches"
+            )
+        return -self.patch_rank[patch_index].float()
+
+
+def _stage_policy_args(model, keep_ratio, locations) -> tuple[float, tuple[int, ...]]:
+    check_vit(model)
+    keep_ratio = check_keep_ratio(keep_ratio)
+    locations = check_locations(locations, len(model.blocks))
+    keep_counts(num_patches(model), keep_ratio, locations)
+    return keep_ratio, locations
+
+
+def random_prune(
+    model: VisionTransformer,
+    keep_ratio: float = 0.7,
+    locations: Sequence[int] | None = None,
+    seed: int | None = None,
+) -> VisionTransformer:
+    """Prune a random subset of patch tokens per image at DynamicViT's locations and counts (in place).
+
+    locations defaults to DynamicViT's (3, 6, 9) for 12 blocks. Without `seed` every forward draws anew
+    from torch's global generator; with it, each forward uses a generator seeded with `seed`.
+    """
+    keep_ratio, locations = _stage_policy_args(model, keep_ratio, locations)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    return sparsify(model, RandomPruningPolicy(keep_ratio, locations, seed), "random_prune")
+
+
+def static_prune(
+    model: VisionTransformer,
+    keep_ratio: float = 0.7,
+    locations: Sequence[int] | None = None,
+) -> VisionTransformer:
+    """Keep the patches nearest the image centre, the same for every image, at DynamicViT's counts (in place)."""
+    keep_ratio, locations = _stage_policy_args(model, keep_ratio, locations)
+    grid = tuple(model.patch_embed.grid_size)
+    return sparsify(model, StaticPruningPolicy(keep_ratio, locations, grid), "static_prune")

@@ -1,0 +1,224 @@
+"""Token Merging, ToMe (Bolya et al., ICLR 2023): every block merges its r most similar tokens.
+
+In every block, between attention and MLP, bipartite soft matching on the attention keys (mean over
+heads): the tokens alternate into sets A (even positions) and B (odd positions), each A token finds
+its most similar B token by cosine similarity, and the r A tokens with the best matches are merged
+into them by a size-weighted average (several may join one B token). Prefix tokens (class,
+distillation, registers) are never merged. A token's size counts the input tokens it holds; with
+proportional attention, log(size) is added to the attention logits so a merged token weighs as much
+as the tokens it stands for. r is capped in each block at half the mergeable tokens.
+
+As the authors' timm patch: no parameters, the same forward in training (ToMe fine-tunes with merging
+on; they advise prop_attn=False there) and inference, `model.r` settable after patching (an int, a
+per-block list, or ToMe's (r, inflection) schedule), merged tokens ordered as theirs (unmerged A
+tokens, then B), so every block matches the same pairs as their code.
+
+Bookkeeping in `sparsity_info(model).extra`: `token_size` (B, T) input tokens held by each of the T
+output tokens; `token_group` (B, P + N) the output token each input token ended in (prefix first);
+`source` (B, T, P + N), the same as a 0/1 matrix, with trace_source=True; `mlp_tokens` (B, depth);
+`merge_schedule` the r each block merged. `patch_index` names, for each output patch token, the patch
+it is anchored at (a B token keeps its identity when A tokens merge into it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, sparsify
+from .baselines import attention_parts, mlp_macs, record_mlp_tokens, reduced_mlp_flops
+
+MergeRate = int | list[int] | tuple[int, float]
+
+
+def merge_schedule(r: MergeRate, depth: int) -> list[int]:
+    """Tokens to merge in each block, as ToMe's `parse_r`: r per block, a per-block list (missing blocks
+    merge none) or (r, inflection) with inflection in [-1, 1] (-1: ToMe's decreasing schedule)."""
+    if isinstance(r, tuple):
+        rate, inflection = r if len(r) == 2 else (None, None)
+        if (
+            isinstance(rate, bool)
+            or not isinstance(rate, int)
+            or rate < 0
+            or not isinstance(inflection, (int, float))
+            or not -1.0 <= inflection <= 1.0
+        ):
+            raise ValueError(
+                f"an (r, inflection) schedule needs an int r >= 0 and inflection in [-1, 1], got {r!r}"
+            )
+        low = int(rate * (1.0 - inflection))
+        step = (2 * rate - 2 * low) / max(depth - 1, 1)
+        return [int(low + step * i) for i in range(depth)]
+    if isinstance(r, list):
+        if len(r) > depth or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in r):
+            raise ValueError(f"a per-block r must list at most {depth} ints >= 0 (one per block), got {r!r}")
+        return list(r) + [0] * (depth - len(r))
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(
+            f"r must be an int >= 0 (tokens merged per block), a per-block list or (r, inflection); got {r!r}"
+        )
+    return [r] * depth
+
+
+@dataclass
+class Matching:
+    """One block's bipartite matching over t tokens: A = even positions, B = odd positions.
+
+    unmerged: (B, U) A indices that stay, in output order; merged: (B, r) A indices merged away;
+    target: (B, r) the B index each merged token joins; order: permutation of the output rows putting
+    the prefix tokens first in their original order, None when they already are.
+    """
+
+    unmerged: torch.Tensor
+    merged: torch.Tensor
+    target: torch.Tensor
+    order: torch.Tensor | None
+
+    def merge(self, x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+        """(B, t, C) -> (B, t - r, C): the unmerged A rows, then the B rows with their merged A rows reduced in."""
+        a, b = x[:, ::2], x[:, 1::2]
+        channels = x.shape[-1]
+        unmerged = a.gather(1, self.unmerged.unsqueeze(-1).expand(-1, -1, channels))
+        merged = a.gather(1, self.merged.unsqueeze(-1).expand(-1, -1, channels))
+        b = b.scatter_reduce(1, self.target.unsqueeze(-1).expand(-1, -1, channels), merged, reduce=reduce)
+        out = torch.cat([unmerged, b], dim=1)
+        return out if self.order is None else out[:, self.order]
+
+    def destination(self, tokens: int) -> torch.Tensor:
+        """(B, t) output row of each input row."""
+        batch, kept = self.unmerged.shape
+        device = self.unmerged.device
+        to_a = torch.empty(batch, (tokens + 1) // 2, dtype=torch.long, device=device)
+        to_a.scatter_(1, self.unmerged, torch.arange(kept, device=device).expand(batch, -1))
+        to_a.scatter_(1, self.merged, kept + self.target)
+        rows = torch.empty(batch, tokens, dtype=torch.long, device=device)
+        rows[:, ::2] = to_a
+        rows[:, 1::2] = kept + torch.arange(tokens // 2, device=device)
+        if self.order is not None:
+            rows = torch.empty_like(self.order).scatter_(
+                0, self.order, torch.arange(len(self.order), device=device)
+            )[rows]
+        return rows
+
+    def anchors(self, tokens: int) -> torch.Tensor:
+        """(B, t - r) input row each output row is anchored at (itself, or the B token merged into)."""
+        batch = self.unmerged.shape[0]
+        b_rows = 2 * torch.arange(tokens // 2, device=self.unmerged.device) + 1
+        rows = torch.cat([2 * self.unmerged, b_rows.expand(batch, -1)], dim=1)
+        return rows if self.order is None else rows[:, self.order]
+
+
+@torch.no_grad()
+def bipartite_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
+    """ToMe's bipartite soft matching of (B, t, d) `metric` merging r tokens; prefix tokens stay apart."""
+    tokens = metric.shape[1]
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(-1, -2)
+    prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
+    scores[:, :prefix_a, :] = -torch.inf
+    scores[:, :, :prefix_b] = -torch.inf
+    best, target = scores.max(dim=-1)
+    ranked = best.argsort(dim=-1, descending=True)
+    unmerged, merged = ranked[:, r:], ranked[:, :r]
+    if num_prefix:
+        unmerged = unmerged.sort(dim=-1).values  # the prefix A tokens (never matched) first
+    order = None
+    if prefix_b:
+        kept = unmerged.shape[1]
+        prefix = [p // 2 if p % 2 == 0 else kept + p // 2 for p in range(num_prefix)]
+        rest = list(range(prefix_a, kept)) + list(range(kept + prefix_b, kept + tokens // 2))
+        order = torch.tensor(prefix + rest, device=metric.device)
+    return Matching(unmerged, merged, target.gather(1, merged), order)
+
+
+class ToMePolicy(TokenPolicy, nn.Module):
+    """ToMe's block: attention (proportional to token size), merge, MLP. No parameters."""
+
+    method = "tome"
+
+    def __init__(self, model: VisionTransformer, prop_attn: bool, trace_source: bool):
+        super().__init__()
+        self.prop_attn = prop_attn
+        self.trace_source = trace_source
+        self.mlp_macs = mlp_macs(model)
+        self.head_dims = tuple(int(block.attn.head_dim) for block in model.blocks)
+
+    def extra_repr(self) -> str:
+        return f"prop_attn={self.prop_attn}, trace_source={self.trace_source}"
+
+    def begin(self, model: VisionTransformer, state: TokenState) -> None:
+        state.extra["merge_schedule"] = merge_schedule(model.r, len(model.blocks))
+        tokens = state.x.shape[1]
+        state.extra["token_group"] = torch.arange(tokens, device=state.x.device).expand(state.batch_size, -1)
+        state.extra["token_size"] = None
+
+    def before_block(self, index: int, state: TokenState) -> None:
+        state.extra["active_tokens"] = torch.full(
+            (state.batch_size,), state.x.shape[1], device=state.x.device
+        )
+
+    def run_block(self, index: int, block: nn.Module, state: TokenState) -> None:
+        size = state.extra["token_size"]
+        bias = size.log() if self.prop_attn and size is not None else None
+        out, _, keys = attention_parts(block.attn, block.norm1(state.x), bias)
+        x = state.x + block.drop_path1(block.ls1(out))
+        tokens, prefix = x.shape[1], state.num_prefix
+        r = min(state.extra["merge_schedule"][index], (tokens - prefix) // 2)
+        state.extra["merge_schedule"][index] = max(r, 0)
+        if r > 0:
+            matching = bipartite_matching(keys.mean(dim=1), r, prefix)
+            weight = (x.new_ones(x.shape[:2]) if size is None else size).unsqueeze(-1)
+            x = matching.merge(x * weight)
+            weight = matching.merge(weight)
+            x = x / weight
+            state.extra["token_size"] = weight.squeeze(-1)
+            state.extra["token_group"] = matching.destination(tokens).gather(1, state.extra["token_group"])
+            patch_of_row = torch.cat(
+                [state.patch_index.new_full((x.shape[0], prefix), -1), state.patch_index], 1
+            )
+            state.patch_index = patch_of_row.gather(1, matching.anchors(tokens))[:, prefix:]
+        record_mlp_tokens(state, x.shape[1])
+        state.x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+    def end(self, state: TokenState) -> None:
+        state.extra["mlp_tokens"] = torch.stack(state.extra["mlp_tokens"], dim=1)
+        if state.extra["token_size"] is None:
+            state.extra["token_size"] = state.x.new_ones(state.x.shape[:2])
+        if self.trace_source:
+            group = state.extra["token_group"]
+            rows = torch.arange(state.x.shape[1], device=group.device).view(1, -1, 1)
+            state.extra["source"] = (group.unsqueeze(1) == rows).to(state.x.dtype)
+
+
+def tome_flops(policy: ToMePolicy, info: SparseInfo, num_patches: int) -> torch.Tensor:
+    """(B,) multiply-adds beyond `backbone_flops` on the tokens each block started with: the similarity
+    matmul of each merging block (A x B x head_dim) minus the MLP work on the tokens merged before it."""
+    tokens = info.tokens_per_block.detach().to("cpu", torch.float64)
+    merged = tokens > info.extra["mlp_tokens"].detach().to("cpu", torch.float64)
+    head_dim = torch.tensor(policy.head_dims, dtype=torch.float64)
+    matching = torch.ceil(tokens / 2) * torch.floor(tokens / 2) * head_dim * merged
+    return matching.sum(dim=1) + reduced_mlp_flops(policy, info, num_patches)
+
+
+def tome(
+    model: VisionTransformer, r: MergeRate = 0, prop_attn: bool = True, trace_source: bool = False
+) -> VisionTransformer:
+    """Patch `model` with Token Merging in place (and return it), merging r tokens in every block.
+
+    Like `tome.patch.timm(model)` followed by `model.r = r`; change `model.r` at any time. prop_attn adds
+    log(token size) to the attention logits (for off-the-shelf models; ToMe trains with it off).
+    trace_source also records `source` (B, T, P + N), which input tokens each output token holds.
+    """
+    check_vit(model)
+    merge_schedule(r, len(model.blocks))
+    for name, flag in (("prop_attn", prop_attn), ("trace_source", trace_source)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    policy = ToMePolicy(model, prop_attn, trace_source)
+    sparsify(model, policy, "tome")
+    model.r = r
+    return model
