@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data demo test lint format bench clean
+.PHONY: setup data demo bench-quick test lint format bench clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,12 @@ data:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
 
-# The main job on a built-in default: executed GFLOPs, img/s and speedup of DynamicViT on DeiT-S.
-demo: setup
+# The main job on the built-in data: train, fine-tune, compare, write report/ (re-runs reuse finished steps).
+demo: setup data
+	$(VENV)/bin/tokensparse demo
+
+# One minute: executed GFLOPs, img/s and speedup of DynamicViT on DeiT-S (random weights).
+bench-quick: setup
 	$(VENV)/bin/tokensparse bench
 
 test: setup data
@@ -38,6 +42,7 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/bench_dynamicvit.py
+	$(PY) benchmarks/bench_avit.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

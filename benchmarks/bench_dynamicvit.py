@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_dynamicvit.py                      # CPU fp32, batch 32 and 1
     .venv/bin/python benchmarks/bench_dynamicvit.py --device cuda --dtype bfloat16 --batch-sizes 256 1
+    .venv/bin/python benchmarks/bench_dynamicvit.py --authors-code /path/to/DynamicViT   # + the authors' code
 
 One process, contenders interleaved round by round, medians; random weights (speed does not depend
 on them). Targets (issue 2): >= 0.98 of the truncation bound; the authors' implementation measured
@@ -31,6 +32,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, nargs="+", default=[30, 200], help="rounds per batch size")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument(
+        "--authors-code",
+        default=None,
+        help="a checkout of the authors' DynamicViT repository, to time their code in the same run",
+    )
     parser.add_argument("--out", default=None, help="result file stem (default: dynamicvit_<device>_<dtype>)")
     args = parser.parse_args()
     rounds = args.rounds + [args.rounds[-1]] * (len(args.batch_sizes) - len(args.rounds))
@@ -44,6 +50,7 @@ def main() -> None:
             warmup=3,
             device=args.device,
             dtype=DTYPES[args.dtype],
+            authors_code=args.authors_code,
         )
         print(f"batch {batch}:\n{result.table()}\n", flush=True)
         results.append(result)

@@ -9,6 +9,7 @@ pre-sliced token counts, i.e. pruning with zero overhead.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -169,10 +170,12 @@ def bench_dynamicvit(
     img_size: int | None = None,
     progress: bool = True,
     seed: int = 0,
+    authors_code: str | None = None,
 ) -> BenchResult:
     """Dense vs DynamicViT at each keep ratio vs the truncation bound, in one interleaved run.
 
-    Weights are random (speed does not depend on them; no download). Returns the table's rows.
+    Weights are random (speed does not depend on them; no download). With `authors_code` (a checkout
+    of the authors' repository), their implementation is timed in the same run. Returns the rows.
     """
     import copy
 
@@ -196,6 +199,12 @@ def bench_dynamicvit(
         sparse_models[ratio], bounds[ratio] = sparse, counts
         contenders[f"dynamicvit@{ratio}"] = lambda m=sparse: m(images)
         contenders[f"bound@{ratio}"] = lambda c=counts: truncated_forward(dense, images, c)
+        if authors_code:
+            theirs = authors_dynamicvit(authors_code, dense.float().cpu(), ratio).to(
+                device=device, dtype=dtype
+            )
+            dense.to(device=device, dtype=dtype)
+            contenders[f"authors@{ratio}"] = lambda m=theirs: m(images)
     bar = tqdm(total=rounds, desc=f"bench {name} b{batch_size}", disable=not progress, leave=False)
     with torch.inference_mode():
         timings = interleaved(contenders, rounds=rounds, warmup=warmup, device=device, progress=bar.update)
@@ -218,6 +227,18 @@ def bench_dynamicvit(
         sparse_f = copy.deepcopy(sparse).float()
         gf = float(model_flops(sparse_f, flops_images.float()).mean()) / 1e9
         rows.append(BenchRow("dynamicvit", f"keep_ratio={ratio}", gf, batch_size / t, dense_time / t, bound))
+        if authors_code:
+            t = timings[f"authors@{ratio}"].median
+            rows.append(
+                BenchRow(
+                    "authors' DynamicViT",
+                    f"keep_ratio={ratio}",
+                    math.nan,
+                    batch_size / t,
+                    dense_time / t,
+                    bound,
+                )
+            )
     return BenchResult(
         model=name,
         batch_size=batch_size,
@@ -231,14 +252,15 @@ def bench_dynamicvit(
 
 
 def mixed_batch(batch_size: int, img_size: tuple[int, int], seed: int = 0) -> torch.Tensor:
-    """Half plain images (one flat colour each), half busy ones (pixel noise), interleaved.
+    """Busy images (pixel noise) and plain ones (one flat colour each), alternating, busy first.
 
-    Under A-ViT they halt at different depths, so a batch mixes long- and short-running images.
+    Under A-ViT they halt at different depths, so a batch mixes long- and short-running images; a
+    batch of one is a busy image.
     """
     g = torch.Generator().manual_seed(seed)
     plain = torch.zeros(batch_size, 3, *img_size) + 0.1 * torch.randn(batch_size, 3, 1, 1, generator=g)
     busy = torch.randn(batch_size, 3, *img_size, generator=g)
-    pick = (torch.arange(batch_size) % 2 == 1).view(-1, 1, 1, 1)
+    pick = (torch.arange(batch_size) % 2 == 0).view(-1, 1, 1, 1)
     return torch.where(pick, busy, plain)
 
 
@@ -277,6 +299,13 @@ def bench_avit(
         sparse = avit(copy.deepcopy(dense), gate_scale=gate_scale, gate_center=center).eval()
         sparse_models[center] = sparse
         contenders[f"avit@{center}"] = lambda m=sparse: m(images)
+        if batch_size == 1:  # one image: the dense blocks on its per-block token counts are a strict bound
+            from .engine import sparsity_info
+
+            with torch.no_grad():
+                sparse(images)
+            counts = [max(int(c), 1) for c in sparsity_info(sparse).tokens_per_block[0].tolist()]
+            contenders[f"trunc@{center}"] = lambda c=counts: truncated_forward(dense, images, c)
     bar = tqdm(total=rounds, desc=f"bench {name} b{batch_size}", disable=not progress, leave=False)
     with torch.inference_mode():
         timings = interleaved(contenders, rounds=rounds, warmup=warmup, device=device, progress=bar.update)
@@ -298,6 +327,18 @@ def bench_avit(
                 dense_flops / flops,
             )
         )
+        if f"trunc@{center}" in timings:
+            t = timings[f"trunc@{center}"].median
+            rows.append(
+                BenchRow(
+                    "dense blocks on A-ViT's token counts",
+                    f"gate_center={center:g}",
+                    flops / batch_size / 1e9,
+                    batch_size / t,
+                    dense_time / t,
+                    dense_flops / flops,
+                )
+            )
     return BenchResult(
         model=name,
         batch_size=batch_size,
@@ -334,3 +375,36 @@ def write_results(
     payload = {"command": command, "results": [r.to_dict() for r in results]}
     (folder / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     return str(folder / f"{stem}.md")
+
+
+def authors_dynamicvit(code_dir: str | os.PathLike, dense: VisionTransformer, keep_ratio: float) -> nn.Module:
+    """The authors' DynamicViT (`models/dyvit.py` of their repository, checked out at `code_dir` by the
+    user; never shipped here), shaped like `dense` and loaded with its weights, for timing side by side."""
+    import importlib
+    import math
+    import sys
+    import types
+
+    sys.modules.setdefault("torch._six", types.SimpleNamespace(inf=math.inf))  # gone from modern torch
+    if "tensorboardX" not in sys.modules and importlib.util.find_spec("tensorboardX") is None:
+        sys.modules.setdefault("tensorboardX", types.SimpleNamespace(SummaryWriter=object))
+    sys.path.insert(0, str(code_dir))
+    try:
+        dyvit = importlib.import_module("models.dyvit")
+    finally:
+        sys.path.remove(str(code_dir))
+    blocks = len(dense.blocks)
+    model = dyvit.VisionTransformerDiffPruning(
+        img_size=dense.patch_embed.img_size[0],
+        patch_size=dense.patch_embed.patch_size[0],
+        num_classes=dense.num_classes,
+        embed_dim=dense.embed_dim,
+        depth=blocks,
+        num_heads=dense.blocks[0].attn.num_heads,
+        mlp_ratio=dense.blocks[0].mlp.fc1.out_features / dense.embed_dim,
+        qkv_bias=True,
+        pruning_loc=[blocks // 4, blocks // 2, 3 * blocks // 4],
+        token_ratio=[keep_ratio, keep_ratio**2, keep_ratio**3],
+    )
+    model.load_state_dict(dense.state_dict(), strict=False)
+    return model.eval()

@@ -239,7 +239,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--replication",
         action="store_true",
-        help="the longer schedule (all 60000 training images, 30 + 10 epochs)",
+        help="the longer schedule (30000 training images, 10 + 4 epochs, all 10000 validation images)",
     )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_demo)

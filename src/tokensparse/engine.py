@@ -35,7 +35,8 @@ class TokenState:
     keep_decisions:  per pruning stage, (B, N) keep mask over the original patches (training: the
                      hard Gumbel decisions, with gradient; eval: 0/1 from the kept indices).
     kept_index:      gather regime: per stage, (B, k) original patch indices kept, ascending.
-    tokens_per_block: per block, (B,) number of tokens the block actually computed on, per image.
+    tokens_per_block: per block, the tokens the block computed on: an int (the same for every image)
+                     or a (B,) tensor per image.
     """
 
     x: torch.Tensor
@@ -46,7 +47,7 @@ class TokenState:
     keep: torch.Tensor | None = None
     keep_decisions: list[torch.Tensor] = field(default_factory=list)
     kept_index: list[torch.Tensor] = field(default_factory=list)
-    tokens_per_block: list[torch.Tensor] = field(default_factory=list)
+    tokens_per_block: list[int | torch.Tensor] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -59,9 +60,10 @@ class TokenState:
 
     def gather_patches(self, index: torch.Tensor) -> None:
         """Keep, per image, the patch tokens at positions `index` (B, k) of the current sequence."""
-        channels = self.x.shape[-1]
-        kept = self.patch_tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, channels))
-        self.x = torch.cat([self.x[:, : self.num_prefix], kept], dim=1)
+        batch, channels = self.x.shape[0], self.x.shape[-1]
+        prefix = torch.arange(self.num_prefix, device=index.device).expand(batch, -1)
+        rows = torch.cat([prefix, index + self.num_prefix], dim=1)  # one gather, prefix tokens included
+        self.x = self.x.gather(1, rows.unsqueeze(-1).expand(-1, -1, channels))
         self.patch_index = self.patch_index.gather(1, index)
 
 
@@ -259,9 +261,7 @@ def run(model: VisionTransformer, images: torch.Tensor, regime: Regime | None = 
     for index, block in enumerate(model.blocks):
         policy.before_block(index, state)
         active = state.extra.get("active_tokens")
-        state.tokens_per_block.append(
-            active if active is not None else torch.full((batch,), state.x.shape[1], device=x.device)
-        )
+        state.tokens_per_block.append(active if active is not None else state.x.shape[1])
         policy.run_block(index, block, state)
         policy.after_block(index, state)
     policy.end(state)
@@ -276,8 +276,16 @@ def run(model: VisionTransformer, images: torch.Tensor, regime: Regime | None = 
         kept_index=state.kept_index,
         patch_tokens=x[:, prefix:],
         patch_index=state.patch_index,
-        tokens_per_block=torch.stack(state.tokens_per_block, dim=1),
+        tokens_per_block=_stack_counts(state.tokens_per_block, batch, x.device),
         num_prefix=prefix,
         extra=state.extra,
     )
     return x
+
+
+def _stack_counts(counts: list[int | torch.Tensor], batch: int, device: torch.device) -> torch.Tensor:
+    """(B, depth) token counts from per-block ints (uniform) or (B,) tensors (per image)."""
+    if all(isinstance(c, int) for c in counts):
+        return torch.tensor(counts, device=device).expand(batch, -1)
+    columns = [c if isinstance(c, torch.Tensor) else torch.full((batch,), c) for c in counts]
+    return torch.stack([c.to(device) for c in columns], dim=1)

@@ -61,13 +61,13 @@ class ScorePredictor(nn.Module):
         l0 - l1, so the last layer collapses to one vector and the LogSoftmax goes; the image half of
         the first out_conv layer is the same for every token, so it runs once per image.
         """
-        norm, first, act = self.in_conv
         hidden = self.out_conv[0]
-        half = first.out_features // 2
-        x = norm(patch_tokens)
-        local = act(F.linear(x, first.weight[:half], first.bias[:half]))
-        image = act(F.linear(x, first.weight[half:], first.bias[half:])).mean(dim=1, keepdim=True)
-        z = F.linear(local, hidden.weight[:, :half]) + F.linear(image, hidden.weight[:, half:], hidden.bias)
+        x = self.in_conv(patch_tokens)
+        half = x.shape[-1] // 2
+        image = x[..., half:].mean(dim=1, keepdim=True)
+        z = F.linear(x[..., :half], hidden.weight[:, :half]) + F.linear(
+            image, hidden.weight[:, half:], hidden.bias
+        )
         z = self.out_conv[3](self.out_conv[2](self.out_conv[1](z)))
         last = self.out_conv[4]
         direction = (last.weight[0] - last.weight[1]).unsqueeze(0)

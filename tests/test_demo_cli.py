@@ -1,0 +1,76 @@
+"""The main job end to end on a sliver of the data, the CLI's bench, and the pictures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny
+
+import tokensparse
+from tokensparse.cli import main as cli_main
+from tokensparse.data import fashion_mnist_dir
+from tokensparse.viz import token_maps
+
+needs_data = pytest.mark.skipif(
+    not any((fashion_mnist_dir() / f"t10k-labels-idx1-ubyte{s}").exists() for s in ("", ".gz")),
+    reason="Fashion-MNIST is missing: apt-get install dataset-fashion-mnist",
+)
+
+
+@needs_data
+def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys):
+    from tokensparse.demo import DemoConfig, run_study
+
+    cfg = DemoConfig(work=str(tmp_path / "work"), report=str(tmp_path / "report"), train_limit=256, val_limit=128,
+                     dense_epochs=1, finetune_epochs=1, finetune_limit=128, bench_rounds=2, bench_batch=8,
+                     curve_ratios=(0.5, 0.7), model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 4,
+                                                            "num_heads": 2})
+    index = run_study(cfg)
+    text = index.read_text()
+    for row in ("| dense |", "| dynamicvit@0.7 |", "| avit@10 |", "| evit@0.7 |", "| random@0.7 |", "| static@0.7 |"):
+        assert row in text, row
+    assert "## Claims" in text and "| tome@r" in text
+    for picture in ("accuracy_vs_gflops.png", "token_maps_dynamicvit.png", "token_maps_avit.png", "token_maps_tome.png"):
+        assert (tmp_path / "report" / picture).stat().st_size > 1000
+    results = json.loads((tmp_path / "report" / "results.json").read_text())["results"]
+    assert results["dynamicvit@0.7"]["gflops"] < results["dense"]["gflops"]
+    capsys.readouterr()
+    run_study(cfg)
+    assert "dense: reusing" in capsys.readouterr().out
+
+
+def test_bench_cli_prints_a_table_and_json(capsys):
+    args = ["bench", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--batch-size", "2", "--rounds", "2",
+            "--warmup", "1", "--keep-ratios", "0.5", "0.7"]
+    assert cli_main(args + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    methods = [row["method"] for row in result["rows"]]
+    assert methods == ["dense", "dynamicvit", "dynamicvit"]
+    assert result["rows"][1]["gflops"] < result["rows"][2]["gflops"] < result["rows"][0]["gflops"]
+    assert cli_main(["bench", "--method", "avit", "--model", "vit_tiny_patch16_224", "--img-size", "64",
+                     "--batch-size", "1", "--rounds", "1", "--warmup", "0"]) == 0
+    assert "dense blocks on A-ViT's token counts" in capsys.readouterr().out
+
+
+def test_bench_cli_rejects_a_bad_ratio(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--keep-ratios", "1.5"])
+    assert "keep ratio must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: tokensparse.dynamicvit(m, locations=(1, 3)),
+    lambda m: tokensparse.avit(m, gate_center=2.0),
+    lambda m: tokensparse.tome(m, r=8),
+])
+def test_token_maps_draw_every_method(tmp_path, make):
+    model = make(tiny())
+    path = token_maps(model, torch.randn(2, 3, 64, 64), tmp_path / "maps.png")
+    assert path.stat().st_size > 1000
+
+
+def test_token_maps_need_a_sparsified_model(tmp_path):
+    with pytest.raises(ValueError, match="needs a tokensparse model"):
+        token_maps(tiny(), torch.randn(1, 3, 64, 64), tmp_path / "x.png")
