@@ -23,16 +23,37 @@ needs_data = pytest.mark.skipif(
 def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys):
     from tokensparse.demo import DemoConfig, run_study
 
-    cfg = DemoConfig(work=str(tmp_path / "work"), report=str(tmp_path / "report"), train_limit=256, val_limit=128,
-                     dense_epochs=1, finetune_epochs=1, finetune_limit=128, bench_rounds=2, bench_batch=8,
-                     curve_ratios=(0.5, 0.7), model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 4,
-                                                            "num_heads": 2})
+    cfg = DemoConfig(
+        work=str(tmp_path / "work"),
+        report=str(tmp_path / "report"),
+        train_limit=256,
+        val_limit=128,
+        dense_epochs=1,
+        finetune_epochs=1,
+        finetune_limit=128,
+        bench_rounds=2,
+        bench_batch=8,
+        curve_ratios=(0.5, 0.7),
+        model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2},
+    )
     index = run_study(cfg)
     text = index.read_text()
-    for row in ("| dense |", "| dynamicvit@0.7 |", "| avit@10 |", "| evit@0.7 |", "| random@0.7 |", "| static@0.7 |"):
+    for row in (
+        "| dense |",
+        "| dynamicvit@0.7 |",
+        "| avit@10 |",
+        "| evit@0.7 |",
+        "| random@0.7 |",
+        "| static@0.7 |",
+    ):
         assert row in text, row
     assert "## Claims" in text and "| tome@r" in text
-    for picture in ("accuracy_vs_gflops.png", "token_maps_dynamicvit.png", "token_maps_avit.png", "token_maps_tome.png"):
+    for picture in (
+        "accuracy_vs_gflops.png",
+        "token_maps_dynamicvit.png",
+        "token_maps_avit.png",
+        "token_maps_tome.png",
+    ):
         assert (tmp_path / "report" / picture).stat().st_size > 1000
     results = json.loads((tmp_path / "report" / "results.json").read_text())["results"]
     assert results["dynamicvit@0.7"]["gflops"] < results["dense"]["gflops"]
@@ -42,15 +63,47 @@ def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys):
 
 
 def test_bench_cli_prints_a_table_and_json(capsys):
-    args = ["bench", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--batch-size", "2", "--rounds", "2",
-            "--warmup", "1", "--keep-ratios", "0.5", "0.7"]
+    args = [
+        "bench",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--img-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--rounds",
+        "2",
+        "--warmup",
+        "1",
+        "--keep-ratios",
+        "0.5",
+        "0.7",
+    ]
     assert cli_main(args + ["--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     methods = [row["method"] for row in result["rows"]]
     assert methods == ["dense", "dynamicvit", "dynamicvit"]
     assert result["rows"][1]["gflops"] < result["rows"][2]["gflops"] < result["rows"][0]["gflops"]
-    assert cli_main(["bench", "--method", "avit", "--model", "vit_tiny_patch16_224", "--img-size", "64",
-                     "--batch-size", "1", "--rounds", "1", "--warmup", "0"]) == 0
+    assert (
+        cli_main(
+            [
+                "bench",
+                "--method",
+                "avit",
+                "--model",
+                "vit_tiny_patch16_224",
+                "--img-size",
+                "64",
+                "--batch-size",
+                "1",
+                "--rounds",
+                "1",
+                "--warmup",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "dense blocks on A-ViT's token counts" in capsys.readouterr().out
 
 
@@ -60,11 +113,14 @@ def test_bench_cli_rejects_a_bad_ratio(capsys):
     assert "keep ratio must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("make", [
-    lambda m: tokensparse.dynamicvit(m, locations=(1, 3)),
-    lambda m: tokensparse.avit(m, gate_center=2.0),
-    lambda m: tokensparse.tome(m, r=8),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: tokensparse.dynamicvit(m, locations=(1, 3)),
+        lambda m: tokensparse.avit(m, gate_center=2.0),
+        lambda m: tokensparse.tome(m, r=8),
+    ],
+)
 def test_token_maps_draw_every_method(tmp_path, make):
     model = make(tiny())
     path = token_maps(model, torch.randn(2, 3, 64, 64), tmp_path / "maps.png")

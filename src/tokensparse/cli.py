@@ -128,6 +128,7 @@ _HELP = {
     "output": "run folder: config.json, metrics.jsonl, checkpoints/, model.safetensors",
     "keep_ratio": "DynamicViT keep ratio rho (stage s keeps rho^s)",
     "gate_center": "A-ViT gate centre beta (30 for DeiT-T, 75 for DeiT-S in the paper)",
+    "prior_depth": "A-ViT prior's centre depth (default: 2/3 of the depth, 8 of 12 as the paper)",
 }
 
 

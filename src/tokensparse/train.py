@@ -78,6 +78,7 @@ class TrainConfig:
     halt_eps: float = 0.01
     ponder_weight: float = 5e-4
     prior_weight: float = 1e-3
+    prior_depth: int | None = None
     amp: bool = False
     device: str = "auto"
     workers: int = 0
@@ -165,7 +166,7 @@ def sparsify_for(cfg: TrainConfig, model: nn.Module) -> nn.Module:
     return model
 
 
-def build_criterion(cfg: TrainConfig) -> nn.Module | None:
+def build_criterion(cfg: TrainConfig, depth: int = 12) -> nn.Module | None:
     if cfg.method == "dynamicvit":
         return DynamicViTLoss(
             cfg.keep_ratio,
@@ -178,6 +179,7 @@ def build_criterion(cfg: TrainConfig) -> nn.Module | None:
         return AViTLoss(
             ponder_weight=cfg.ponder_weight,
             prior_weight=cfg.prior_weight,
+            target_depth=cfg.prior_depth or max(1, round(depth * 8 / 12)),  # the paper: block 8 of 12
             distill_weight=cfg.distill_weight,
             label_smoothing=cfg.smoothing,
         )
@@ -308,7 +310,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             teacher.load_state_dict(read_state_dict(cfg.teacher))
         teacher.requires_grad_(False).eval().to(device)
     model = sparsify_for(cfg, model).to(device)
-    criterion = build_criterion(cfg)
+    criterion = build_criterion(cfg, len(model.blocks))
 
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler, _ = create_scheduler_v2(

@@ -107,10 +107,4 @@ def token_maps(
 
 def _tome_groups(info, index: int, grid: tuple[int, int]) -> np.ndarray:
     """(grid_h, grid_w) id of the merged token each patch ended up in."""
-    source = info.extra.get("source")
-    if source is None:
-        raise ValueError(
-            "ToMe groups need the source map: create the model with tome(..., trace_source=True)"
-        )
-    src = source[index, :, info.num_prefix :].float().cpu()  # (tokens, patches)
-    return src.argmax(dim=0).numpy().reshape(grid)
+    return info.extra["token_group"][index, info.num_prefix :].cpu().numpy().reshape(grid)
