@@ -206,3 +206,25 @@ def test_wrong_head_size_is_replaced_with_a_warning(tmp_path):
     path = save_checkpoint(other, tmp_path / "in1k.safetensors")
     with pytest.warns(UserWarning, match="head has 1000 classes but the data has 10"):
         train(TrainConfig(method="dense", epochs=1, checkpoint=str(path), output=str(tmp_path / "z"), **BASE))
+
+
+@pytest.mark.parametrize("method", ["evit", "tome", "random", "static"])
+def test_baselines_fine_tune_and_evaluate(dense_run, tmp_path, method, capsys):
+    out = tmp_path / method
+    last = train(
+        TrainConfig(
+            method=method,
+            checkpoint=str(dense_run / "model.safetensors"),
+            locations=[1, 2, 3],
+            tome_r=4,
+            epochs=1,
+            output=str(out),
+            **BASE,
+        )
+    )
+    dense_gflops = json.loads((dense_run / "metrics.jsonl").read_text().splitlines()[-1])["val_gflops"]
+    assert last["val_gflops"] < dense_gflops and last["train_loss"] == last["train_loss"]
+    assert cli_main(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] == pytest.approx(
+        last["val_top1"]
+    )

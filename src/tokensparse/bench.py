@@ -159,6 +159,21 @@ def _build(model: str | nn.Module, img_size: int | None, num_classes: int | None
     return model, timm.create_model(model, pretrained=False, **kwargs)
 
 
+PRUNING_METHODS = ("dynamicvit", "evit", "random", "static", "tome")
+
+
+def make_policy(method: str, setting: float) -> Callable[[nn.Module], nn.Module]:
+    """A function sparsifying a dense model with `method` at `setting` (a keep ratio; r for ToMe)."""
+    from . import dynamicvit, evit, random_prune, static_prune, tome
+
+    if method == "tome":
+        return lambda m: tome(m, r=int(setting))
+    makers = {"dynamicvit": dynamicvit, "evit": evit, "random": random_prune, "static": static_prune}
+    if method not in makers:
+        raise ValueError(f"unknown method {method!r}; choose from {PRUNING_METHODS}")
+    return lambda m: makers[method](m, keep_ratio=setting)
+
+
 def bench_dynamicvit(
     model: str | nn.Module = "deit_small_patch16_224",
     keep_ratios: Sequence[float] = (0.7,),
@@ -171,11 +186,15 @@ def bench_dynamicvit(
     progress: bool = True,
     seed: int = 0,
     authors_code: str | None = None,
+    method: str = "dynamicvit",
 ) -> BenchResult:
-    """Dense vs DynamicViT at each keep ratio vs the truncation bound, in one interleaved run.
+    """Dense vs a pruning method at each setting vs the truncation bound, in one interleaved run.
 
-    Weights are random (speed does not depend on them; no download). With `authors_code` (a checkout
-    of the authors' repository), their implementation is timed in the same run. Returns the rows.
+    `keep_ratios` are the settings (ToMe: r values). Weights are random (speed does not depend on
+    them; no download). With `authors_code` (a checkout of the authors' DynamicViT repository), their
+    implementation is timed in the same run. The truncation bound runs the dense blocks on the token
+    counts each block's attention saw (ToMe and EViT also shrink the MLP inside a block, so for them
+    it is only indicative).
     """
     import copy
 
@@ -183,7 +202,6 @@ def bench_dynamicvit(
 
     from .engine import sparsity_info
     from .flops import model_flops
-    from .policies.dynamicvit import dynamicvit
 
     torch.manual_seed(seed)
     name, dense = _build(model, img_size, None)
@@ -192,14 +210,14 @@ def bench_dynamicvit(
     contenders: dict[str, Callable[[], object]] = {"dense": lambda: dense(images)}
     sparse_models, bounds = {}, {}
     for ratio in keep_ratios:
-        sparse = dynamicvit(copy.deepcopy(dense), keep_ratio=ratio).eval().to(device=device, dtype=dtype)
+        sparse = make_policy(method, ratio)(copy.deepcopy(dense)).eval().to(device=device, dtype=dtype)
         with torch.no_grad():
             sparse(images)
         counts = sparsity_info(sparse).tokens_per_block[0].tolist()
         sparse_models[ratio], bounds[ratio] = sparse, counts
-        contenders[f"dynamicvit@{ratio}"] = lambda m=sparse: m(images)
+        contenders[f"{method}@{ratio}"] = lambda m=sparse: m(images)
         contenders[f"bound@{ratio}"] = lambda c=counts: truncated_forward(dense, images, c)
-        if authors_code:
+        if authors_code and method == "dynamicvit":
             theirs = authors_dynamicvit(authors_code, dense.float().cpu(), ratio).to(
                 device=device, dtype=dtype
             )
@@ -222,12 +240,13 @@ def bench_dynamicvit(
     ]
     dense.to(dtype)
     for ratio, sparse in sparse_models.items():
-        t = timings[f"dynamicvit@{ratio}"].median
+        t = timings[f"{method}@{ratio}"].median
         bound = dense_time / timings[f"bound@{ratio}"].median
         sparse_f = copy.deepcopy(sparse).float()
         gf = float(model_flops(sparse_f, flops_images.float()).mean()) / 1e9
-        rows.append(BenchRow("dynamicvit", f"keep_ratio={ratio}", gf, batch_size / t, dense_time / t, bound))
-        if authors_code:
+        label = f"r={int(ratio)}" if method == "tome" else f"keep_ratio={ratio}"
+        rows.append(BenchRow(method, label, gf, batch_size / t, dense_time / t, bound))
+        if authors_code and method == "dynamicvit":
             t = timings[f"authors@{ratio}"].median
             rows.append(
                 BenchRow(

@@ -48,7 +48,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="timm model name (default: deit_small_patch16_224; deit_tiny_patch16_224 for avit)",
     )
-    p.add_argument("--method", default="dynamicvit", choices=["dynamicvit", "avit"], help="token policy")
+    p.add_argument(
+        "--method",
+        default="dynamicvit",
+        choices=["dynamicvit", "avit", "evit", "random", "static", "tome"],
+        help="token policy (default: %(default)s)",
+    )
+    p.add_argument("--tome-r", type=int, nargs="+", default=[8, 13], help="ToMe: tokens merged per block")
     p.add_argument(
         "--keep-ratios",
         type=_ratio,
@@ -95,8 +101,9 @@ def _bench(args: argparse.Namespace) -> int:
             **common,
         )
     else:
+        settings = args.tome_r if args.method == "tome" else args.keep_ratios
         result = bench_dynamicvit(
-            args.model or "deit_small_patch16_224", keep_ratios=args.keep_ratios, **common
+            args.model or "deit_small_patch16_224", keep_ratios=settings, method=args.method, **common
         )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -115,7 +122,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 _HELP = {
-    "method": "dense | dynamicvit | avit",
+    "method": "dense | dynamicvit | avit | evit | tome | random | static",
     "model": "timm model name of the backbone",
     "checkpoint": "starting weights (timm, the authors' .pth or safetensors); the teacher is a frozen copy",
     "teacher": "teacher weights, if not the starting model",
@@ -240,7 +247,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--replication",
         action="store_true",
-        help="the longer schedule (30000 training images, 10 + 4 epochs, all 10000 validation images)",
+        help="the longer schedule (20000 training images, 6 + 2 epochs, all 10000 validation images)",
     )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_demo)

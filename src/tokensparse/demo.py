@@ -38,12 +38,12 @@ class DemoConfig:
     report: str = "report"
     model: str = "vit_tiny_patch16_224"
     model_kwargs: dict[str, Any] = field(default_factory=lambda: dict(SMALL_VIT))
-    train_limit: int | None = 12000
+    train_limit: int | None = 6000
     val_limit: int | None = 2000
-    dense_epochs: int = 8
+    dense_epochs: int = 6
     dense_lr: float = 2e-3
-    finetune_epochs: int = 3
-    finetune_limit: int | None = 6000
+    finetune_epochs: int = 2
+    finetune_limit: int | None = 3000
     finetune_lr: float = 5e-4
     batch_size: int = 128
     keep_ratio: float = 0.7
@@ -57,14 +57,14 @@ class DemoConfig:
 
 
 def replication_config(**overrides) -> DemoConfig:
-    """The longer schedule of the same study (the committed replication): 30000 training images,
-    10 dense epochs and 4 fine-tuning epochs, the whole 10000-image validation split; ~45 min on 2 CPU cores."""
+    """The longer schedule of the same study (the committed replication): 20000 training images,
+    6 dense epochs and 2 fine-tuning epochs, the whole 10000-image validation split; ~45 min on 2 CPU cores."""
     base = dict(
-        train_limit=30000,
+        train_limit=20000,
         val_limit=None,
-        dense_epochs=10,
-        finetune_epochs=4,
-        finetune_limit=30000,
+        dense_epochs=6,
+        finetune_epochs=2,
+        finetune_limit=20000,
         work="runs/replication",
         report="benchmarks/results/replication",
         bench_rounds=30,

@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 from .checkpoints import read_state_dict, save_checkpoint
 from .data import build_dataset, build_loader, num_classes
 from .evaluate import evaluate
-from .losses import AViTLoss, DynamicViTLoss, classification_loss, teacher_outputs
+from .losses import AViTLoss, DynamicViTLoss, classification_loss, logits_kl, teacher_outputs
 
-METHODS = ("dense", "dynamicvit", "avit")
+METHODS = ("dense", "dynamicvit", "avit", "evit", "tome", "random", "static")
+BASELINES = ("evit", "tome", "random", "static")
 
 
 @dataclass
@@ -79,6 +80,7 @@ class TrainConfig:
     ponder_weight: float = 5e-4
     prior_weight: float = 1e-3
     prior_depth: int | None = None
+    tome_r: int = 8
     amp: bool = False
     device: str = "auto"
     workers: int = 0
@@ -163,6 +165,15 @@ def sparsify_for(cfg: TrainConfig, model: nn.Module) -> nn.Module:
         from .policies.avit import avit
 
         return avit(model, gate_scale=cfg.gate_scale, gate_center=cfg.gate_center, eps=cfg.halt_eps)
+    if cfg.method == "tome":
+        from .policies.tome import tome
+
+        return tome(model, r=cfg.tome_r)
+    if cfg.method in ("evit", "random", "static"):
+        from . import evit, random_prune, static_prune
+
+        make = {"evit": evit, "random": random_prune, "static": static_prune}[cfg.method]
+        return make(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
     return model
 
 
@@ -189,13 +200,16 @@ def build_criterion(cfg: TrainConfig, depth: int = 12) -> nn.Module | None:
 def compute_loss(cfg, model, criterion, teacher, images, targets) -> tuple[torch.Tensor, dict[str, float]]:
     """The method's objective on one batch (a function so tests can inject faults)."""
     logits = model(images)
-    if cfg.method == "dense":
-        loss = classification_loss(
-            logits if not isinstance(logits, tuple) else sum(logits) / 2,
-            targets,
-            label_smoothing=cfg.smoothing,
-        )
-        return loss, {"cls": loss.item(), "total": loss.item()}
+    if cfg.method == "dense" or cfg.method in BASELINES:
+        # Baselines fine-tune with CE (+ the teacher's logits, as DynamicViT distils them).
+        merged = logits if not isinstance(logits, tuple) else sum(logits) / 2
+        loss = classification_loss(merged, targets, label_smoothing=cfg.smoothing)
+        parts = {"cls": loss.item()}
+        if teacher is not None:
+            distill = logits_kl(merged, teacher_outputs(teacher, images)[0])
+            loss = loss + cfg.distill_weight * distill
+            parts["distill"] = distill.item()
+        return loss, parts | {"total": loss.item()}
     if cfg.method == "dynamicvit":
         teacher_logits, teacher_tokens = (
             teacher_outputs(teacher, images) if cfg.distill_weight else (None, None)
