@@ -135,6 +135,7 @@ _HELP = {
     "output": "run folder: config.json, metrics.jsonl, checkpoints/, model.safetensors",
     "keep_ratio": "DynamicViT keep ratio rho (stage s keeps rho^s)",
     "gate_center": "A-ViT gate centre beta (30 for DeiT-T, 75 for DeiT-S in the paper)",
+    "backbone_lr_scale": "lr multiplier of the backbone (default: 0.01 for DynamicViT, as its authors; 1 otherwise)",
     "prior_depth": "A-ViT prior's centre depth (default: 2/3 of the depth, 8 of 12 as the paper)",
 }
 
@@ -247,7 +248,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--replication",
         action="store_true",
-        help="the longer schedule (20000 training images, 6 + 2 epochs, all 10000 validation images)",
+        help="the longer schedule (20000 training images, 6 + 4 epochs, all 10000 validation images)",
     )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_demo)

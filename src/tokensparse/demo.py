@@ -58,12 +58,12 @@ class DemoConfig:
 
 def replication_config(**overrides) -> DemoConfig:
     """The longer schedule of the same study (the committed replication): 20000 training images,
-    6 dense epochs and 2 fine-tuning epochs, the whole 10000-image validation split; ~45 min on 2 CPU cores."""
+    6 dense epochs and 4 fine-tuning epochs, the whole 10000-image validation split; ~45 min on 2 CPU cores."""
     base = dict(
         train_limit=20000,
         val_limit=None,
         dense_epochs=6,
-        finetune_epochs=2,
+        finetune_epochs=4,
         finetune_limit=20000,
         work="runs/replication",
         report="benchmarks/results/replication",

@@ -81,6 +81,7 @@ class TrainConfig:
     prior_weight: float = 1e-3
     prior_depth: int | None = None
     tome_r: int = 8
+    backbone_lr_scale: float | None = None
     amp: bool = False
     device: str = "auto"
     workers: int = 0
@@ -175,6 +176,34 @@ def sparsify_for(cfg: TrainConfig, model: nn.Module) -> nn.Module:
         make = {"evit": evit, "random": random_prune, "static": static_prune}[cfg.method]
         return make(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
     return model
+
+
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms and embeddings; the backbone's lr scaled.
+
+    DynamicViT's authors train the new predictors at the full lr and the pretrained backbone at 0.01x
+    (their `--lr_scale`); `backbone_lr_scale` defaults to that for DynamicViT and to 1 otherwise.
+    timm's schedulers apply a group's `lr_scale`.
+    """
+    scale = cfg.backbone_lr_scale
+    if scale is None:
+        scale = 0.01 if cfg.method == "dynamicvit" else 1.0
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        new = name.startswith("score_predictor.")
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip
+        groups.setdefault((new, no_decay), []).append(param)
+    return [
+        {
+            "params": params,
+            "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+            "lr_scale": 1.0 if new else scale,
+        }
+        for (new, no_decay), params in groups.items()
+    ]
 
 
 def build_criterion(cfg: TrainConfig, depth: int = 12) -> nn.Module | None:
@@ -326,7 +355,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = sparsify_for(cfg, model).to(device)
     criterion = build_criterion(cfg, len(model.blocks))
 
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = create_optimizer_v2(
+        parameter_groups(model, cfg), opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=cfg.sched,
