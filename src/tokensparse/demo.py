@@ -40,9 +40,9 @@ class DemoConfig:
     model_kwargs: dict[str, Any] = field(default_factory=lambda: dict(SMALL_VIT))
     train_limit: int | None = 6000
     val_limit: int | None = 2000
-    dense_epochs: int = 6
+    dense_epochs: int = 10
     dense_lr: float = 2e-3
-    finetune_epochs: int = 2
+    finetune_epochs: int = 3
     finetune_limit: int | None = 3000
     finetune_lr: float = 5e-4
     batch_size: int = 128
