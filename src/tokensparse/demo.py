@@ -43,7 +43,8 @@ class DemoConfig:
     dense_epochs: int = 10
     dense_lr: float = 2e-3
     finetune_epochs: int = 3
-    finetune_limit: int | None = 3000
+    finetune_limit: int | None = 6000
+    finetune_batch_size: int = 64
     finetune_lr: float = 5e-4
     batch_size: int = 128
     keep_ratio: float = 0.7
@@ -54,6 +55,7 @@ class DemoConfig:
     bench_rounds: int = 15
     device: str = "cpu"
     seed: int = 0
+    command: str = "tokensparse demo"
 
 
 def replication_config(**overrides) -> DemoConfig:
@@ -65,9 +67,11 @@ def replication_config(**overrides) -> DemoConfig:
         dense_epochs=6,
         finetune_epochs=4,
         finetune_limit=20000,
+        finetune_batch_size=128,
         work="runs/replication",
         report="benchmarks/results/replication",
         bench_rounds=30,
+        command="tokensparse demo --replication",
     )
     return DemoConfig(**{**base, **overrides})
 
@@ -76,26 +80,28 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+_REUSED: list[str] = []
+
+
 def _train_step(cfg: DemoConfig, name: str, **kw) -> Path:
     """Train one model unless its run folder already holds a finished model."""
     out = Path(cfg.work) / name
     if (out / "model.safetensors").is_file():
         _log(f"{name}: reusing {out}")
+        _REUSED.append(f"training of {name}")
         return out
     _log(f"{name}: training -> {out}")
-    train(
-        TrainConfig(
-            model=cfg.model,
-            model_kwargs=cfg.model_kwargs,
-            batch_size=cfg.batch_size,
-            val_limit=cfg.val_limit,
-            device=cfg.device,
-            seed=cfg.seed,
-            output=str(out),
-            resume=True,
-            **kw,
-        )
+    settings = dict(
+        model=cfg.model,
+        model_kwargs=cfg.model_kwargs,
+        batch_size=cfg.batch_size,
+        val_limit=cfg.val_limit,
+        device=cfg.device,
+        seed=cfg.seed,
+        output=str(out),
+        resume=True,
     )
+    train(TrainConfig(**(settings | kw)))
     return out
 
 
@@ -159,6 +165,8 @@ def _evaluate_all(cfg: DemoConfig, builders, cache: Path) -> dict[str, dict]:
     val = build_dataset("fashion-mnist-clutter", split="val", limit=cfg.val_limit, return_box=True)
     loader = build_loader(val, cfg.batch_size, is_training=False)
     results = json.loads(cache.read_text()) if cache.is_file() else {}
+    if results:
+        _REUSED.append(f"{len(set(results) & set(builders))} evaluations")
     for name, build in builders.items():
         if name in results:
             continue
@@ -186,6 +194,7 @@ def _time_all(cfg: DemoConfig, builders, names: list[str]) -> dict[str, float]:
 def run_study(cfg: DemoConfig) -> Path:
     """Train (or reuse), evaluate, time and report; returns the report's index.md."""
     torch.manual_seed(cfg.seed)
+    _REUSED.clear()
     work, report = Path(cfg.work), Path(cfg.report)
     work.mkdir(parents=True, exist_ok=True)
     report.mkdir(parents=True, exist_ok=True)
@@ -203,6 +212,7 @@ def run_study(cfg: DemoConfig) -> Path:
     }
     start = str(runs["dense"] / "model.safetensors")
     finetune = dict(
+        batch_size=cfg.finetune_batch_size,
         checkpoint=start,
         epochs=cfg.finetune_epochs,
         lr=cfg.finetune_lr,
@@ -324,9 +334,13 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def _write_report(cfg: DemoConfig, results, headline, figures, report: Path) -> Path:
     dense = results["dense"]
+    reused = (
+        "; steps reused from an earlier run of the same command: " + ", ".join(_REUSED) if _REUSED else ""
+    )
     lines = [
         "# tokensparse study: cluttered Fashion-MNIST",
         "",
+        f"- command: `{cfg.command}`{reused}",
         f"- date: {today()}",
         f"- machine: {machine_description(cfg.device)}",
         f"- model: {cfg.model} with {json.dumps(cfg.model_kwargs)}, 64x64 images (64 patches + class token)",
