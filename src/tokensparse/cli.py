@@ -169,7 +169,7 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a dense, DynamicViT or A-ViT model (torchrun for DDP)",
+        help="train a dense, DynamicViT, A-ViT or baseline model (torchrun for DDP)",
         description="Train with the authors' objectives; torchrun --nproc_per_node=N -m tokensparse "
         "train ... runs DDP. Checkpoints every epoch; --resume continues a killed run.",
     )
@@ -239,7 +239,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="the main job: train a small ViT on the built-in data, fine-tune DynamicViT and A-ViT, compare "
-        "with the baselines, write report/ (~10 min on 2 CPU cores; a re-run reuses finished steps)",
+        "with the baselines, write report/ (~5 min on 2 CPU cores; a re-run reuses finished steps)",
     )
     p.add_argument(
         "--work", default="runs/demo", help="where runs and evaluations are kept (default: %(default)s)"

@@ -32,7 +32,7 @@ SMALL_VIT = {"patch_size": 8, "embed_dim": 64, "depth": 12, "num_heads": 2}
 
 @dataclass
 class DemoConfig:
-    """Sizes of the study. `demo()` defaults fit ~10 minutes on 2 CPU cores; `replication()` is longer."""
+    """Sizes of the study. `demo()` defaults fit ~5 minutes on 2 CPU cores; `replication()` is longer."""
 
     work: str = "runs/demo"
     report: str = "report"
@@ -438,5 +438,5 @@ def _claims(cfg: DemoConfig, results: dict[str, dict]) -> list[str]:
 
 
 def demo(**overrides) -> Path:
-    """The README's main job (~10 minutes on 2 CPU cores)."""
+    """The README's main job (~5 minutes on 2 CPU cores)."""
     return run_study(DemoConfig(**overrides))
