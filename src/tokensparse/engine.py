@@ -9,6 +9,7 @@ key, `forward_head`, distillation heads and `timm.create_model(..., checkpoint_p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -65,6 +66,39 @@ class TokenState:
         rows = torch.cat([prefix, index + self.num_prefix], dim=1)  # one gather, prefix tokens included
         self.x = self.x.gather(1, rows.unsqueeze(-1).expand(-1, -1, channels))
         self.patch_index = self.patch_index.gather(1, index)
+
+    def keep_top(self, count: int, score: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Gather regime, one pruning stage: keep each image's `count` highest-scoring patch tokens.
+
+        `score()` gives (B, M) scores of the current patch tokens; it is not called when `count` keeps
+        them all. The kept tokens stay in patch order. Records the stage in `kept_index` and
+        `keep_decisions`; returns the kept positions (B, k) in the sequence before the gather.
+        """
+        present = self.patch_tokens.shape[1]
+        if count >= present:
+            kept = torch.arange(present, device=self.x.device).expand(self.batch_size, -1)
+        else:
+            kept = score().topk(count, dim=1).indices.sort(dim=1).values
+        self.gather_patches(kept)
+        self.kept_index.append(self.patch_index)
+        decision = torch.zeros(self.batch_size, self.num_patches, device=self.x.device)
+        self.keep_decisions.append(decision.scatter_(1, self.patch_index, 1.0))
+        return kept
+
+    def previous_keep(self) -> torch.Tensor:
+        """Mask regime: (B, N) keep mask before this stage (all ones before the first)."""
+        return self.keep if self.keep is not None else self.x.new_ones(self.batch_size, self.num_patches)
+
+    def set_keep(self, keep: torch.Tensor) -> None:
+        """Mask regime, one pruning stage: `keep` (B, N) becomes the mask later blocks attend with."""
+        self.keep = keep
+        self.keep_decisions.append(keep)
+
+    def mask_top(self, count: int, score: torch.Tensor) -> None:
+        """Mask regime, one pruning stage: keep the `count` highest `score` (B, N) among tokens still kept."""
+        previous = self.previous_keep()
+        kept = score.masked_fill(previous == 0, float("-inf")).topk(count, dim=1).indices
+        self.set_keep(torch.zeros_like(previous).scatter_(1, kept, 1.0))
 
 
 @dataclass

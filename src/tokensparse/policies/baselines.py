@@ -9,11 +9,12 @@ a token once dropped staying dropped. Only the ranking differs, and it reads no 
   generator seeded with it, so repeated forwards prune the same tokens);
 - static: the patches nearest the image centre, the same for every image.
 
-Also the validation and the attention pieces EViT and ToMe share.
+Also the MLP-accounting pieces EViT and ToMe share.
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import torch
@@ -21,46 +22,9 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, sparsify
-from .dynamicvit import default_locations, stage_keep_counts
+from .dynamicvit import check_keep_ratio, check_locations, keep_counts
 
 # --- shared by the baselines ----------------------------------------------------------------------
-
-
-def check_keep_ratio(keep_ratio: float) -> float:
-    if (
-        isinstance(keep_ratio, bool)
-        or not isinstance(keep_ratio, (int, float))
-        or not 0.0 < keep_ratio <= 1.0
-    ):
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
-    return float(keep_ratio)
-
-
-def check_locations(locations: Sequence[int] | None, depth: int) -> tuple[int, ...]:
-    """DynamicViT's default placement when None; else strictly increasing block indices inside the depth."""
-    locations = default_locations(depth) if locations is None else tuple(locations)
-    if not locations:
-        raise ValueError("locations must name at least one block")
-    if any(not isinstance(i, int) or isinstance(i, bool) for i in locations):
-        raise ValueError(f"locations must be block indices (ints), got {locations!r}")
-    if any(b <= a for a, b in zip(locations, locations[1:])):
-        raise ValueError(f"locations must be strictly increasing, got {locations!r}")
-    if locations[0] < 0 or locations[-1] >= depth:
-        raise ValueError(
-            f"locations {locations!r} must lie inside the model's depth: 0..{depth - 1} for {depth} blocks"
-        )
-    return locations
-
-
-def keep_counts(patches: int, keep_ratio: float, locations: Sequence[int]) -> list[int]:
-    """Patch tokens kept after each stage, DynamicViT's int(N * rho^(s+1)); ValueError if one keeps none."""
-    counts = stage_keep_counts(patches, keep_ratio, len(locations))
-    if counts and counts[-1] < 1:
-        raise ValueError(
-            f"keep_ratio={keep_ratio} keeps no patch token of {patches} after stage {counts.index(0)}; "
-            "raise keep_ratio or use fewer locations"
-        )
-    return counts
 
 
 def mlp_macs(model: VisionTransformer) -> tuple[int, ...]:
@@ -117,7 +81,7 @@ def reduced_mlp_flops(policy: TokenPolicy, info: SparseInfo, num_patches: int) -
 # --- random and static pruning ----------------------------------------------------------------------
 
 
-class StagePruningPolicy(TokenPolicy, nn.Module):
+class StagePruningPolicy(TokenPolicy, nn.Module, metaclass=abc.ABCMeta):
     """DynamicViT's pruning schedule and mechanics with a ranking that reads no token (no parameters)."""
 
     def __init__(self, keep_ratio: float, locations: Sequence[int]):
@@ -128,9 +92,9 @@ class StagePruningPolicy(TokenPolicy, nn.Module):
     def extra_repr(self) -> str:
         return f"keep_ratio={self.keep_ratio}, locations={self.locations}"
 
+    @abc.abstractmethod
     def patch_score(self, state: TokenState, patch_index: torch.Tensor) -> torch.Tensor:
         """(B, M) score of the original patches `patch_index` (B, M); the highest are kept."""
-        raise NotImplementedError
 
     def before_block(self, index: int, state: TokenState) -> None:
         if index not in self.locations:
@@ -138,25 +102,10 @@ class StagePruningPolicy(TokenPolicy, nn.Module):
         stage = self.locations.index(index)
         count = keep_counts(state.num_patches, self.keep_ratio, self.locations)[stage]
         if state.regime == "gather":
-            present = state.patch_tokens.shape[1]
-            if count >= present:
-                kept = torch.arange(present, device=state.x.device).expand(state.batch_size, -1)
-            else:
-                score = self.patch_score(state, state.patch_index)
-                kept = score.topk(count, dim=1).indices.sort(dim=1).values
-            state.gather_patches(kept)
-            state.kept_index.append(state.patch_index)
-            decision = torch.zeros(state.batch_size, state.num_patches, device=state.x.device)
-            state.keep_decisions.append(decision.scatter_(1, state.patch_index, 1.0))
+            state.keep_top(count, lambda: self.patch_score(state, state.patch_index))
             return
-        previous = (
-            state.keep if state.keep is not None else state.x.new_ones(state.batch_size, state.num_patches)
-        )
         every_patch = torch.arange(state.num_patches, device=state.x.device).expand(state.batch_size, -1)
-        score = self.patch_score(state, every_patch).masked_fill(previous == 0, float("-inf"))
-        kept = score.topk(count, dim=1).indices
-        state.keep = torch.zeros_like(previous).scatter_(1, kept, 1.0)
-        state.keep_decisions.append(state.keep)
+        state.mask_top(count, self.patch_score(state, every_patch))
 
 
 class RandomPruningPolicy(StagePruningPolicy):

@@ -79,6 +79,43 @@ def stage_keep_counts(patches: int, keep_ratio: float, stages: int) -> list[int]
     return [int(patches * keep_ratio ** (s + 1)) for s in range(stages)]
 
 
+def check_keep_ratio(keep_ratio: float) -> float:
+    if (
+        isinstance(keep_ratio, bool)
+        or not isinstance(keep_ratio, (int, float))
+        or not 0.0 < keep_ratio <= 1.0
+    ):
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    return float(keep_ratio)
+
+
+def check_locations(locations: Sequence[int] | None, depth: int) -> tuple[int, ...]:
+    """DynamicViT's default placement when None; else strictly increasing block indices inside the depth."""
+    locations = default_locations(depth) if locations is None else tuple(locations)
+    if not locations:
+        raise ValueError("locations must name at least one block")
+    if any(not isinstance(i, int) or isinstance(i, bool) for i in locations):
+        raise ValueError(f"locations must be block indices (ints), got {locations!r}")
+    if any(b <= a for a, b in zip(locations, locations[1:])):
+        raise ValueError(f"locations must be strictly increasing, got {locations!r}")
+    if locations[0] < 0 or locations[-1] >= depth:
+        raise ValueError(
+            f"locations {locations!r} must lie inside the model's depth: 0..{depth - 1} for {depth} blocks"
+        )
+    return locations
+
+
+def keep_counts(patches: int, keep_ratio: float, locations: Sequence[int]) -> list[int]:
+    """Patch tokens kept after each stage, DynamicViT's int(N * rho^(s+1)); ValueError if one keeps none."""
+    counts = stage_keep_counts(patches, keep_ratio, len(locations))
+    if counts and counts[-1] < 1:
+        raise ValueError(
+            f"keep_ratio={keep_ratio} keeps no patch token of {patches} after stage {counts.index(0)}; "
+            "raise keep_ratio or use fewer locations"
+        )
+    return counts
+
+
 class DynamicViTPolicy(TokenPolicy, nn.ModuleList):
     """The predictors of every stage (registered as `score_predictor.{i}`) and the pruning rule."""
 
@@ -89,47 +126,22 @@ class DynamicViTPolicy(TokenPolicy, nn.ModuleList):
         self.keep_ratio = float(keep_ratio)
         self.locations = tuple(int(i) for i in locations)
 
-    def keep_counts(self, patches: int) -> list[int]:
-        counts = stage_keep_counts(patches, self.keep_ratio, len(self.locations))
-        if counts and counts[-1] < 1:
-            raise ValueError(
-                f"keep_ratio={self.keep_ratio} keeps no patch token of {patches} after stage "
-                f"{counts.index(0)}; raise keep_ratio or use fewer locations"
-            )
-        return counts
-
     def before_block(self, index: int, state: TokenState) -> None:
         if index not in self.locations:
             return
         stage = self.locations.index(index)
-        count = self.keep_counts(state.num_patches)[stage]
+        count = keep_counts(state.num_patches, self.keep_ratio, self.locations)[stage]
         predictor = self[stage]
         if state.regime == "gather":
-            if count >= state.patch_tokens.shape[1]:
-                kept = torch.arange(state.patch_tokens.shape[1], device=state.x.device).expand(
-                    state.batch_size, -1
-                )
-            else:
-                score = predictor.keep_score(state.patch_tokens)
-                kept = score.topk(count, dim=1).indices.sort(dim=1).values
-            state.gather_patches(kept)
-            state.kept_index.append(state.patch_index)
-            decision = torch.zeros(state.batch_size, state.num_patches, device=state.x.device)
-            state.keep_decisions.append(decision.scatter_(1, state.patch_index, 1.0))
+            state.keep_top(count, lambda: predictor.keep_score(state.patch_tokens))
             return
-        previous = (
-            state.keep if state.keep is not None else state.x.new_ones(state.batch_size, state.num_patches)
-        )
+        previous = state.previous_keep()
         log_probs = predictor(state.patch_tokens, previous.unsqueeze(-1))
         if self.training:
-            keep = F.gumbel_softmax(log_probs, hard=True)[..., 0] * previous
+            state.set_keep(F.gumbel_softmax(log_probs, hard=True)[..., 0] * previous)
         else:
             # Deterministic mask regime: the same top-k as inference, among tokens still kept.
-            score = log_probs[..., 0].masked_fill(previous == 0, float("-inf"))
-            kept = score.topk(count, dim=1).indices
-            keep = torch.zeros_like(previous).scatter_(1, kept, 1.0)
-        state.keep = keep
-        state.keep_decisions.append(keep)
+            state.mask_top(count, log_probs[..., 0])
 
 
 def dynamicvit(
@@ -145,24 +157,7 @@ def dynamicvit(
     trained ones with `tokensparse.load_checkpoint` or train them with the DynamicViT loss.
     """
     check_vit(model)
-    if (
-        isinstance(keep_ratio, bool)
-        or not isinstance(keep_ratio, (int, float))
-        or not 0.0 < keep_ratio <= 1.0
-    ):
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
-    depth = len(model.blocks)
-    locations = default_locations(depth) if locations is None else tuple(locations)
-    if not locations:
-        raise ValueError("locations must name at least one block")
-    if any(not isinstance(i, int) or isinstance(i, bool) for i in locations):
-        raise ValueError(f"locations must be block indices (ints), got {locations!r}")
-    if any(b <= a for a, b in zip(locations, locations[1:])):
-        raise ValueError(f"locations must be strictly increasing, got {locations!r}")
-    if locations[0] < 0 or locations[-1] >= depth:
-        raise ValueError(
-            f"locations {locations!r} must lie inside the model's depth: 0..{depth - 1} for {depth} blocks"
-        )
-    policy = DynamicViTPolicy(model.embed_dim, keep_ratio, locations)
-    policy.keep_counts(num_patches(model))
-    return sparsify(model, policy, "score_predictor")
+    keep_ratio = check_keep_ratio(keep_ratio)
+    locations = check_locations(locations, len(model.blocks))
+    keep_counts(num_patches(model), keep_ratio, locations)
+    return sparsify(model, DynamicViTPolicy(model.embed_dim, keep_ratio, locations), "score_predictor")

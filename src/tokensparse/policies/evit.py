@@ -24,15 +24,8 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, sparsify
-from .baselines import (
-    attention_parts,
-    check_keep_ratio,
-    check_locations,
-    keep_counts,
-    mlp_macs,
-    record_mlp_tokens,
-    reduced_mlp_flops,
-)
+from .baselines import attention_parts, mlp_macs, record_mlp_tokens, reduced_mlp_flops
+from .dynamicvit import check_keep_ratio, check_locations, keep_counts
 
 
 class EViTPolicy(TokenPolicy, nn.Module):
@@ -84,10 +77,8 @@ class EViTPolicy(TokenPolicy, nn.Module):
         count = keep_counts(state.num_patches, self.keep_ratio, self.locations)[stage]
         fused = state.extra["fused_token"]
         patch_attention = attention[:, prefix : prefix + present]
-        if count >= present:
-            kept = torch.arange(present, device=x.device).expand(state.batch_size, -1)
-        else:
-            kept = patch_attention.topk(count, dim=1).indices.sort(dim=1).values
+        state.x = x[:, : prefix + present]
+        kept = state.keep_top(count, lambda: patch_attention)
         if self.fuse and count < present:
             dropped = torch.ones_like(patch_attention).scatter_(1, kept, 0.0) * patch_attention
             fused_new = (x[:, prefix : prefix + present] * dropped.unsqueeze(-1)).sum(dim=1, keepdim=True)
@@ -96,11 +87,6 @@ class EViTPolicy(TokenPolicy, nn.Module):
             fused = fused_new
         elif fused is not None:
             fused = x[:, -1:]
-        state.x = x[:, : prefix + present]
-        state.gather_patches(kept)
-        state.kept_index.append(state.patch_index)
-        decision = torch.zeros(state.batch_size, state.num_patches, device=x.device)
-        state.keep_decisions.append(decision.scatter_(1, state.patch_index, 1.0))
         state.extra["fused_token"] = fused
         return state.x if fused is None else torch.cat([state.x, fused], dim=1)
 
