@@ -31,20 +31,51 @@ def softmax_with_keep(attn_logits: torch.Tensor, keep: torch.Tensor, eps: float 
     return (e + eps / n) / (e.sum(dim=-1, keepdim=True) + eps)
 
 
-def masked_attention(attn: nn.Module, x: torch.Tensor, keep: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Run a timm `Attention` module with `softmax_with_keep` in place of its softmax."""
+def _gate(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    return attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+
+
+def _heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, heads, N, head_dim) of a timm `Attention` on x (B, N, C), after q_norm / k_norm."""
     batch, n, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    probs = softmax_with_keep((q * attn.scale) @ k.transpose(-2, -1), keep, eps)
-    out = attn.attn_drop(probs) @ v
-    out = out.transpose(1, 2).reshape(batch, n, attn.num_heads * attn.head_dim)
+    q, k, v = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _output(attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """The tail of a timm `Attention` on merged heads (..., heads * head_dim): norm, gate, projection."""
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out))
+
+
+def _merge_heads(out: torch.Tensor) -> torch.Tensor:
+    batch, heads, n, dim = out.shape
+    return out.transpose(1, 2).reshape(batch, n, heads * dim)
+
+
+def masked_attention(attn: nn.Module, x: torch.Tensor, keep: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Run a timm `Attention` module with `softmax_with_keep` in place of its softmax."""
+    q, k, v = _heads(attn, x)
+    probs = softmax_with_keep((q * attn.scale) @ k.transpose(-2, -1), keep, eps)
+    return _output(attn, _merge_heads(attn.attn_drop(probs) @ v), _gate(attn, x))
+
+
+def attention_parts(
+    attn: nn.Module, x: torch.Tensor, key_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A timm `Attention` forward (its own weights, fused attention) that also returns q and k.
+
+    key_bias: optional (B, N) added to every query's scaled logits for each key. Returns the output
+    (B, N, C) and q, k (B, heads, N, head_dim) after q_norm / k_norm.
+    """
+    batch, n, _ = x.shape
+    q, k, v = _heads(attn, x)
+    mask = None if key_bias is None else key_bias.to(q.dtype).view(batch, 1, 1, n)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=attn.scale)
+    return _output(attn, _merge_heads(out), _gate(attn, x)), q, k
 
 
 def masked_block(block: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -58,18 +89,7 @@ def masked_block(block: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch
 
 def key_masked_attention(attn: nn.Module, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
     """Run a timm `Attention` with an additive per-key bias (B, N) on the scaled logits (queries unmasked)."""
-    batch, n, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = key_bias.to(q.dtype).view(batch, 1, 1, n)
-    dropout = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=attn.scale)
-    out = attn.norm(out.transpose(1, 2).reshape(batch, n, attn.num_heads * attn.head_dim))
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out))
+    return attention_parts(attn, x, key_bias)[0]
 
 
 def halting_block(
@@ -180,7 +200,6 @@ class PackedLayout:
 
 def packed_attention(attn: nn.Module, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     """A timm `Attention` on packed tokens (T, C): linears on the pack, fused attention per image."""
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x)
     if layout.pad_index is not None:
         rows = sum(images * length for images, length in layout.buckets)
@@ -197,10 +216,7 @@ def packed_attention(attn: nn.Module, x: torch.Tensor, layout: PackedLayout) -> 
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     if layout.pad_index is not None:
         out = out.index_select(0, layout.pad_index)
-    out = attn.norm(out)
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out))
+    return _output(attn, out, _gate(attn, x))
 
 
 def packed_block(block: nn.Module, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:

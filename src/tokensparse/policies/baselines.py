@@ -35,30 +35,6 @@ def mlp_macs(model: VisionTransformer) -> tuple[int, ...]:
     )
 
 
-def attention_parts(
-    attn: nn.Module, x: torch.Tensor, key_bias: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A timm `Attention` forward (its own weights, fused attention) that also returns q and k.
-
-    key_bias: optional (B, N) added to every query's scaled logits for each key. Returns the output
-    (B, N, C) and q, k (B, heads, N, head_dim) after q_norm / k_norm.
-    """
-    batch, n, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    mask = None if key_bias is None else key_bias.to(q.dtype).view(batch, 1, 1, n)
-    dropout = attn.attn_drop.p if attn.training else 0.0
-    out = nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout, scale=attn.scale
-    )
-    out = attn.norm(out.transpose(1, 2).reshape(batch, n, attn.num_heads * attn.head_dim))
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), q, k
-
-
 def record_mlp_tokens(state: TokenState, tokens: int) -> None:
     """Note how many tokens the current block's MLP ran on (fewer than its attention when it merged)."""
     state.extra.setdefault("mlp_tokens", []).append(

@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from ..attention import attention_parts
 from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, sparsify
-from .baselines import attention_parts, mlp_macs, record_mlp_tokens, reduced_mlp_flops
+from .baselines import mlp_macs, record_mlp_tokens, reduced_mlp_flops
 from .dynamicvit import check_keep_ratio, check_locations, keep_counts
 
 

@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from ..attention import attention_parts
 from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, sparsify
-from .baselines import attention_parts, mlp_macs, record_mlp_tokens, reduced_mlp_flops
+from .baselines import mlp_macs, record_mlp_tokens, reduced_mlp_flops
 
 MergeRate = int | list[int] | tuple[int, float]
 
