@@ -8,6 +8,7 @@ pre-sliced token counts, i.e. pruning with zero overhead.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import math
 import os
@@ -162,6 +163,45 @@ def _build(model: str | nn.Module, img_size: int | None, num_classes: int | None
 PRUNING_METHODS = ("dynamicvit", "evit", "random", "static", "tome")
 
 
+def _time_all(
+    contenders: dict[str, Callable[[], object]],
+    label: str,
+    rounds: int,
+    warmup: int,
+    device: str,
+    progress: bool,
+) -> dict[str, float]:
+    """Median seconds of each contender, interleaved, under inference mode, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=rounds, desc=label, disable=not progress, leave=False)
+    with torch.inference_mode():
+        timings = interleaved(contenders, rounds=rounds, warmup=warmup, device=device, progress=bar.update)
+    bar.close()
+    return {name: timing.median for name, timing in timings.items()}
+
+
+def _gflops(model: nn.Module, images: torch.Tensor) -> float:
+    """Mean executed GFLOPs per image of `images`, counted on an fp32 CPU copy (counts do not depend on
+    device or dtype, and the timed model is left as it is)."""
+    from .flops import model_flops
+
+    return float(model_flops(copy.deepcopy(model).float().cpu(), images.float().cpu()).mean()) / 1e9
+
+
+def _result(name: str, batch_size: int, device: str, dtype: torch.dtype, rounds: int, rows: list[BenchRow]):
+    return BenchResult(
+        model=name,
+        batch_size=batch_size,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        rounds=rounds,
+        machine=machine_description(device),
+        date=today(),
+        rows=rows,
+    )
+
+
 def make_policy(method: str, setting: float) -> Callable[[nn.Module], nn.Module]:
     """A function sparsifying a dense model with `method` at `setting` (a keep ratio; r for ToMe)."""
     from . import dynamicvit, evit, random_prune, static_prune, tome
@@ -196,58 +236,39 @@ def bench_dynamicvit(
     counts each block's attention saw (ToMe and EViT also shrink the MLP inside a block, so for them
     it is only indicative).
     """
-    import copy
-
-    from tqdm.auto import tqdm
-
     from .engine import sparsity_info
-    from .flops import model_flops
 
     torch.manual_seed(seed)
     name, dense = _build(model, img_size, None)
     dense = dense.eval().to(device=device, dtype=dtype)
     images = torch.randn(batch_size, 3, *dense.patch_embed.img_size, device=device, dtype=dtype)
     contenders: dict[str, Callable[[], object]] = {"dense": lambda: dense(images)}
-    sparse_models, bounds = {}, {}
+    sparse_models = {}
     for ratio in keep_ratios:
         sparse = make_policy(method, ratio)(copy.deepcopy(dense)).eval().to(device=device, dtype=dtype)
         with torch.no_grad():
             sparse(images)
         counts = sparsity_info(sparse).tokens_per_block[0].tolist()
-        sparse_models[ratio], bounds[ratio] = sparse, counts
+        sparse_models[ratio] = sparse
         contenders[f"{method}@{ratio}"] = lambda m=sparse: m(images)
         contenders[f"bound@{ratio}"] = lambda c=counts: truncated_forward(dense, images, c)
         if authors_code and method == "dynamicvit":
-            theirs = authors_dynamicvit(authors_code, dense.float().cpu(), ratio).to(
-                device=device, dtype=dtype
-            )
-            dense.to(device=device, dtype=dtype)
+            theirs = authors_dynamicvit(authors_code, copy.deepcopy(dense).float().cpu(), ratio)
+            theirs = theirs.to(device=device, dtype=dtype)
             contenders[f"authors@{ratio}"] = lambda m=theirs: m(images)
-    bar = tqdm(total=rounds, desc=f"bench {name} b{batch_size}", disable=not progress, leave=False)
-    with torch.inference_mode():
-        timings = interleaved(contenders, rounds=rounds, warmup=warmup, device=device, progress=bar.update)
-    bar.close()
-    dense_time = timings["dense"].median
-    flops_images = images[:1].float() if dtype != torch.float32 else images[:1]
-    rows = [
-        BenchRow(
-            "dense",
-            "-",
-            float(model_flops(dense.float(), flops_images.float()).mean()) / 1e9,
-            batch_size / dense_time,
-            1.0,
-        )
-    ]
-    dense.to(dtype)
+    seconds = _time_all(contenders, f"bench {name} b{batch_size}", rounds, warmup, device, progress)
+    dense_time = seconds["dense"]
+    one_image = images[:1]  # pruning counts do not depend on the image
+    rows = [BenchRow("dense", "-", _gflops(dense, one_image), batch_size / dense_time, 1.0)]
     for ratio, sparse in sparse_models.items():
-        t = timings[f"{method}@{ratio}"].median
-        bound = dense_time / timings[f"bound@{ratio}"].median
-        sparse_f = copy.deepcopy(sparse).float()
-        gf = float(model_flops(sparse_f, flops_images.float()).mean()) / 1e9
+        t = seconds[f"{method}@{ratio}"]
+        bound = dense_time / seconds[f"bound@{ratio}"]
         label = f"r={int(ratio)}" if method == "tome" else f"keep_ratio={ratio}"
-        rows.append(BenchRow(method, label, gf, batch_size / t, dense_time / t, bound))
-        if authors_code and method == "dynamicvit":
-            t = timings[f"authors@{ratio}"].median
+        rows.append(
+            BenchRow(method, label, _gflops(sparse, one_image), batch_size / t, dense_time / t, bound)
+        )
+        if f"authors@{ratio}" in seconds:
+            t = seconds[f"authors@{ratio}"]
             rows.append(
                 BenchRow(
                     "authors' DynamicViT",
@@ -258,16 +279,7 @@ def bench_dynamicvit(
                     bound,
                 )
             )
-    return BenchResult(
-        model=name,
-        batch_size=batch_size,
-        device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
-        rounds=rounds,
-        machine=machine_description(device),
-        date=today(),
-        rows=rows,
-    )
+    return _result(name, batch_size, device, dtype, rounds, rows)
 
 
 def mixed_batch(batch_size: int, img_size: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -301,11 +313,7 @@ def bench_avit(
     The bound column is the ratio of executed FLOPs (dense / A-ViT: only tokens still running, in
     images whose class token still runs): the speedup a zero-overhead implementation would reach.
     """
-    import copy
-
-    from tqdm.auto import tqdm
-
-    from .flops import model_flops
+    from .engine import sparsity_info
     from .policies.avit import avit
 
     torch.manual_seed(seed)
@@ -319,55 +327,27 @@ def bench_avit(
         sparse_models[center] = sparse
         contenders[f"avit@{center}"] = lambda m=sparse: m(images)
         if batch_size == 1:  # one image: the dense blocks on its per-block token counts are a strict bound
-            from .engine import sparsity_info
-
             with torch.no_grad():
                 sparse(images)
             counts = [max(int(c), 1) for c in sparsity_info(sparse).tokens_per_block[0].tolist()]
             contenders[f"trunc@{center}"] = lambda c=counts: truncated_forward(dense, images, c)
-    bar = tqdm(total=rounds, desc=f"bench {name} b{batch_size}", disable=not progress, leave=False)
-    with torch.inference_mode():
-        timings = interleaved(contenders, rounds=rounds, warmup=warmup, device=device, progress=bar.update)
-    bar.close()
-    dense_time = timings["dense"].median
-    cpu_images = images.float().cpu()
-    dense_flops = float(model_flops(copy.deepcopy(dense).float().cpu(), cpu_images).sum())
-    rows = [BenchRow("dense", "-", dense_flops / batch_size / 1e9, batch_size / dense_time, 1.0)]
+    seconds = _time_all(contenders, f"bench {name} b{batch_size}", rounds, warmup, device, progress)
+    dense_time = seconds["dense"]
+    dense_gflops = _gflops(dense, images)
+    rows = [BenchRow("dense", "-", dense_gflops, batch_size / dense_time, 1.0)]
     for center, sparse in sparse_models.items():
-        t = timings[f"avit@{center}"].median
-        flops = float(model_flops(copy.deepcopy(sparse).float().cpu(), cpu_images).sum())
-        rows.append(
-            BenchRow(
-                "avit",
-                f"gate_scale={gate_scale:g}, gate_center={center:g}",
-                flops / batch_size / 1e9,
-                batch_size / t,
-                dense_time / t,
-                dense_flops / flops,
+        gflops = _gflops(sparse, images)  # per image halting: the whole batch is counted
+        timed = [("avit", f"gate_scale={gate_scale:g}, gate_center={center:g}", f"avit@{center}")]
+        if f"trunc@{center}" in seconds:
+            timed.append(
+                ("dense blocks on A-ViT's token counts", f"gate_center={center:g}", f"trunc@{center}")
             )
-        )
-        if f"trunc@{center}" in timings:
-            t = timings[f"trunc@{center}"].median
+        for method, setting, key in timed:
+            t = seconds[key]
             rows.append(
-                BenchRow(
-                    "dense blocks on A-ViT's token counts",
-                    f"gate_center={center:g}",
-                    flops / batch_size / 1e9,
-                    batch_size / t,
-                    dense_time / t,
-                    dense_flops / flops,
-                )
+                BenchRow(method, setting, gflops, batch_size / t, dense_time / t, dense_gflops / gflops)
             )
-    return BenchResult(
-        model=name,
-        batch_size=batch_size,
-        device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
-        rounds=rounds,
-        machine=machine_description(device),
-        date=today(),
-        rows=rows,
-    )
+    return _result(name, batch_size, device, dtype, rounds, rows)
 
 
 def write_results(
