@@ -24,7 +24,7 @@ import torch.nn as nn
 from .bench import interleaved, machine_description, today
 from .data import build_dataset, build_loader
 from .evaluate import evaluate
-from .flops import model_flops
+from .flops import gflops
 from .train import TrainConfig, load_trained, train
 
 SMALL_VIT = {"patch_size": 8, "embed_dim": 64, "depth": 12, "num_heads": 2}
@@ -136,17 +136,11 @@ def _contenders(cfg: DemoConfig, runs: dict[str, Path]) -> dict[str, Callable[[]
     for offset in (-4.0, -2.0, 0.0, 2.0, 4.0):
         center = cfg.gate_center + offset
         builders[f"avit@{center:g}"] = lambda c=center: avit_at(c)
-    target = _gflops(dynamicvit_at(cfg.keep_ratio))
+    target = gflops(dynamicvit_at(cfg.keep_ratio).eval(), batch=2)
     r_match = _match_tome_r(dense_model, target)
     for r in sorted({max(1, r_match // 2), r_match, r_match + max(1, r_match // 2)}):
         builders[f"tome@r{r}"] = lambda r=r: tome(dense_copy(), r=r)
     return builders
-
-
-def _gflops(model: nn.Module) -> float:
-    model.eval()
-    images = torch.randn(2, 3, *model.patch_embed.img_size)
-    return float(model_flops(model, images).mean()) / 1e9
 
 
 def _match_tome_r(dense: nn.Module, target: float) -> int:
@@ -155,7 +149,7 @@ def _match_tome_r(dense: nn.Module, target: float) -> int:
 
     best, best_gap = 1, float("inf")
     for r in range(1, dense.patch_embed.num_patches // 2):
-        gap = abs(_gflops(tome(copy.deepcopy(dense), r=r)) - target)
+        gap = abs(gflops(tome(copy.deepcopy(dense), r=r).eval(), batch=2) - target)
         if gap < best_gap:
             best, best_gap = r, gap
     return best
