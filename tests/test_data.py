@@ -85,13 +85,15 @@ def test_missing_fashion_mnist_names_the_file_and_the_install_command(tmp_path, 
 
 
 def test_items_are_deterministic_per_index(fake_root) -> None:
-    ds = FashionMNISTClutter(root=fake_root, seed=3)
+    ds = FashionMNISTClutter("test", root=fake_root, seed=3)
     image, label = ds[5]
     assert torch.equal(image, ds[5][0]) and label == ds[5][1]
-    assert torch.equal(image, FashionMNISTClutter(root=fake_root, seed=3, limit=8)[5][0])  # limit: same items
+    assert torch.equal(
+        image, FashionMNISTClutter("test", root=fake_root, seed=3, limit=8)[5][0]
+    )  # limit: same items
     assert not torch.equal(image, ds[6][0])
-    assert not torch.equal(image, FashionMNISTClutter(root=fake_root, seed=4)[5][0])
-    assert not torch.equal(image, FashionMNISTClutter("test", root=fake_root, seed=3)[5][0])
+    assert not torch.equal(image, FashionMNISTClutter("test", root=fake_root, seed=4)[5][0])
+    assert not torch.equal(image, FashionMNISTClutter("val", root=fake_root, seed=3)[0][0])
     np.random.seed(0)
     torch.manual_seed(0)
     again = ds[5][0]  # the global RNGs play no part
@@ -99,22 +101,24 @@ def test_items_are_deterministic_per_index(fake_root) -> None:
 
 
 def test_image_shape_dtype_range_and_normalisation(fake_root) -> None:
-    raw = FashionMNISTClutter(root=fake_root, mean=None, std=None, img_size=48)
+    raw = FashionMNISTClutter("test", root=fake_root, mean=None, std=None, img_size=48)
     image, label = raw[2]
     assert image.shape == (3, 48, 48) and image.dtype == torch.float32 and isinstance(label, int)
     assert image.min() >= 0 and image.max() <= 1 and image.max() > 0
     assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
     assert torch.equal(image[0], torch.from_numpy(raw.canvas(2)).float() / 255)
-    normed = FashionMNISTClutter(root=fake_root, img_size=48)[2][0]
+    normed = FashionMNISTClutter("test", root=fake_root, img_size=48)[2][0]
     mean = torch.tensor(data.IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
     std = torch.tensor(data.IMAGENET_DEFAULT_STD).view(3, 1, 1)
     torch.testing.assert_close(normed, (image - mean) / std)
-    flipped = FashionMNISTClutter(root=fake_root, img_size=48, mean=None, std=None, transform=torch.fliplr)
+    flipped = FashionMNISTClutter(
+        "test", root=fake_root, img_size=48, mean=None, std=None, transform=torch.fliplr
+    )
     assert torch.equal(flipped[2][0], torch.fliplr(image))
 
 
 def test_box_holds_exactly_the_object(fake_root) -> None:
-    bare = FashionMNISTClutter(root=fake_root, num_fragments=0, limit=20)
+    bare = FashionMNISTClutter("test", root=fake_root, num_fragments=0, limit=20)
     tops, lefts = set(), set()
     for k in range(len(bare)):
         top, left, bottom, right = bare.box(k)
@@ -130,7 +134,7 @@ def test_box_holds_exactly_the_object(fake_root) -> None:
 
 
 def test_fragments_clutter_the_canvas_without_hiding_the_object(fake_root) -> None:
-    ds = FashionMNISTClutter(root=fake_root, num_fragments=8)
+    ds = FashionMNISTClutter("test", root=fake_root, num_fragments=8)
     clutter = 0
     for k in range(20):
         top, left, bottom, right = ds.box(k)
@@ -144,7 +148,7 @@ def test_fragments_clutter_the_canvas_without_hiding_the_object(fake_root) -> No
 
 
 def test_return_box_and_patch_mask(fake_root) -> None:
-    ds = FashionMNISTClutter(root=fake_root, return_box=True)
+    ds = FashionMNISTClutter("test", root=fake_root, return_box=True)
     image, label, box = ds[7]
     assert box.tolist() == list(ds.box(7)) and label == 7
     mask = ds.object_patch_mask(7, patch_size=16)
@@ -176,7 +180,8 @@ def test_real_fashion_mnist_labels_and_items() -> None:
     assert images.shape == (60000, 28, 28) and len(load_fashion_mnist("test")[1]) == 10000
     np.testing.assert_array_equal(loaded, labels)
     assert loaded[:4].tolist() == [9, 0, 0, 3]  # Ankle boot, T-shirt, T-shirt, Dress
-    ds = build_dataset(data.CLUTTER_NAME, split="train", limit=50, mean=None, std=None, num_fragments=0)
+    ds = build_dataset(data.CLUTTER_NAME, split="test", limit=50, mean=None, std=None, num_fragments=0)
+    images, labels = load_fashion_mnist("test")
     assert len(ds) == 50 and num_classes(ds) == 10
     for k in (0, 17, 49):
         image, label = ds[k]
@@ -185,8 +190,12 @@ def test_real_fashion_mnist_labels_and_items() -> None:
         rows, cols = np.nonzero(images[k])
         assert (bottom - top, right - left) == (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
         assert image[0].sum() * 255 == pytest.approx(float(images[k].sum()), rel=1e-5)  # whole item on canvas
-    test = build_dataset(data.CLUTTER_NAME, split="val", limit=3)
+    test = build_dataset(data.CLUTTER_NAME, split="test", limit=3)
     assert test.split == "test" and test[0][0].shape == (3, 64, 64)
+    val = build_dataset(data.CLUTTER_NAME, split="val")
+    train = build_dataset(data.CLUTTER_NAME, split="train")
+    assert val.split == "val" and len(val) == 5000 and len(train) == 55000
+    assert not set(val.items.tolist()) & set(train.items.tolist())  # validation items never train
 
 
 def make_image_folder(root: Path, classes=("cat", "dog", "owl"), per_class: int = 2) -> None:
@@ -227,7 +236,7 @@ def test_missing_image_folder_names_the_path(tmp_path: Path) -> None:
 
 
 def test_loader_seeded_shuffle_per_epoch_and_in_order_eval(fake_root) -> None:
-    ds = FashionMNISTClutter(root=fake_root, limit=12)
+    ds = FashionMNISTClutter("test", root=fake_root, limit=12)
     first = build_loader(ds, batch_size=4, seed=1)
     labels = [y.tolist() for _, y in first]
     assert len(labels) == 3 and sorted(sum(labels, [])) == sorted(int(ds.labels[k]) for k in range(12))
@@ -243,7 +252,7 @@ def test_loader_seeded_shuffle_per_epoch_and_in_order_eval(fake_root) -> None:
 
 
 def test_loader_shards_per_rank(fake_root, monkeypatch) -> None:
-    ds = FashionMNISTClutter(root=fake_root, limit=11)
+    ds = FashionMNISTClutter("test", root=fake_root, limit=11)
     shards = {}
     for rank in (0, 1):
         monkeypatch.setattr(data, "_rank_and_world", lambda rank=rank: (rank, 2))
@@ -254,3 +263,39 @@ def test_loader_shards_per_rank(fake_root, monkeypatch) -> None:
     assert sorted(shards[0] + shards[1]) == list(range(11))  # eval: each item once, no padding
     assert set(shards[0, "train"]) | set(shards[1, "train"]) == set(range(11))
     assert isinstance(build_loader(ds, batch_size=2).sampler, torch.utils.data.DistributedSampler)
+
+
+def test_splits_partition_the_training_items_and_test_is_apart(fake_root) -> None:
+    train = FashionMNISTClutter("train", root=fake_root)
+    val = FashionMNISTClutter("val", root=fake_root)
+    test = FashionMNISTClutter("test", root=fake_root)
+    assert len(val) == N_FAKE // data.VAL_FRACTION and len(train) + len(val) == N_FAKE
+    assert sorted(train.items.tolist() + val.items.tolist()) == list(range(N_FAKE))
+    assert test.items.tolist() == list(range(N_FAKE))
+    for k in range(len(val)):  # a validation canvas shows its own item and only validation fragments
+        item = int(val.items[k])
+        assert val[k][1] == item % 10
+        values = set(np.unique(val.canvas(k)).tolist()) - {0}
+        assert values <= {100 + int(i) for i in val.items}
+    assert build_dataset(data.CLUTTER_NAME, root=fake_root, split="validation").split == "val"
+    assert build_dataset(data.CLUTTER_NAME, root=fake_root, split="test").split == "test"
+    with pytest.raises(ValueError, match="split must be"):
+        FashionMNISTClutter("holdout", root=fake_root)
+
+
+def test_training_canvases_are_fresh_every_epoch_and_reproducible(fake_root) -> None:
+    train = FashionMNISTClutter("train", root=fake_root)
+    assert train.fresh_layouts
+    first = [train[k][0] for k in range(8)]
+    train.set_epoch(1)
+    second = [train[k][0] for k in range(8)]
+    assert sum(not torch.equal(a, b) for a, b in zip(first, second)) >= 7  # new layouts
+    assert [train[k][1] for k in range(8)] == [train.labels[train.items[k]] for k in range(8)]
+    again = FashionMNISTClutter("train", root=fake_root)
+    again.set_epoch(1)  # a resumed run at epoch 1 sees the same canvases
+    assert all(torch.equal(a, again[k][0]) for k, a in enumerate(second))
+    for split in ("val", "test"):  # evaluation canvases never change
+        fixed = FashionMNISTClutter(split, root=fake_root)
+        before = fixed[1][0]
+        fixed.set_epoch(5)
+        assert not fixed.fresh_layouts and torch.equal(before, fixed[1][0])

@@ -111,17 +111,36 @@ class _Layout(NamedTuple):
     places: np.ndarray  # (k, 2) top-left of each fragment on the canvas
 
 
+def validation_items(num_items: int, seed: int = 0) -> np.ndarray:
+    """The Fashion-MNIST training items held out as the clutter set's `val` split (sorted indices).
+
+    A fixed, seeded twelfth of the training items (5000 of 60000): settings are chosen on them, so
+    Fashion-MNIST's own test split stays for reported numbers only.
+    """
+    count = max(1, num_items // VAL_FRACTION)
+    return np.sort(np.random.default_rng([seed, 7]).permutation(num_items)[:count])
+
+
+VAL_FRACTION = 12
+_SPLIT_CODES = {"train": 0, "test": 1, "val": 2}
+
+
 class FashionMNISTClutter(Dataset):
     """Fashion-MNIST items at random positions on a canvas strewn with fragments of other items.
 
-    Item `i` is a function of (seed, split, i) alone, whatever the worker, epoch or `limit`: the canvas
-    gets `num_fragments` crops (`fragment_size` square) of other items of the split at random places,
-    then the 28x28 item at a random place, combined by pixel-wise max so the object is never hidden.
+    Splits: `train` (Fashion-MNIST's training items less the held-out twelfth), `val` (that twelfth,
+    for choosing settings) and `test` (Fashion-MNIST's test items, for reported numbers only).
+    The canvas gets `num_fragments` crops (`fragment_size` square) of other items of the split at
+    random places, then the 28x28 item at a random place, combined by pixel-wise max so the object is
+    never hidden. With `fresh_layouts` (the default for `train`) the layout of item `i` is drawn anew
+    each epoch from (seed, split, epoch, i): call `set_epoch(epoch)` (the training loop does), and a
+    resumed run sees the same canvases. Otherwise (`val`, `test`) item `i` is a function of
+    (seed, split, i) alone, whatever the worker, epoch or `limit`.
     Returns (image, label), or (image, label, box) with `return_box`; the image is a (3, H, W) float
     tensor normalised with `mean`/`std`. The default is timm's ImageNet statistics, what pretrained timm
     ViTs (DeiT, the backbone of DynamicViT and A-ViT) expect; pass the model's own data config for
     others, or `mean=None, std=None` for pixels in [0, 1]. `transform`, when given, is applied last.
-    There is no random augmentation: the data set's randomness is the per-index layout.
+    There is no other random augmentation: the data set's randomness is the per-index layout.
     """
 
     object_size = 28
@@ -141,9 +160,10 @@ class FashionMNISTClutter(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         return_box: bool = False,
         root: str | os.PathLike | None = None,
+        fresh_layouts: bool | None = None,
     ) -> None:
-        if split not in _FASHION_MNIST_FILES:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if split not in _SPLIT_CODES:
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         if img_size < self.object_size:
             raise ValueError(f"img_size must be at least {self.object_size}, got {img_size}")
         if not 1 <= fragment_size <= self.object_size or num_fragments < 0:
@@ -152,10 +172,22 @@ class FashionMNISTClutter(Dataset):
             )
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither")
-        self.images, self.labels = load_fashion_mnist(split, root)
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 (or None for all items), got {limit}")
+        self.images, self.labels = load_fashion_mnist("test" if split == "test" else "train", root)
+        if split == "test":
+            self.items = np.arange(len(self.labels))
+        else:
+            held_out = validation_items(len(self.labels))
+            if split == "val":
+                self.items = held_out
+            else:
+                self.items = np.setdiff1d(np.arange(len(self.labels)), held_out)
         self.split, self.img_size, self.seed = split, img_size, seed
+        self.fresh_layouts = split == "train" if fresh_layouts is None else bool(fresh_layouts)
+        self.epoch = 0
         self.num_fragments, self.fragment_size = num_fragments, fragment_size
-        self.length = len(self.labels) if limit is None else min(limit, len(self.labels))
+        self.length = len(self.items) if limit is None else min(limit, len(self.items))
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.transform = transform
@@ -164,17 +196,29 @@ class FashionMNISTClutter(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def set_epoch(self, epoch: int) -> None:
+        """With fresh layouts, the canvases of `epoch` (a no-op otherwise)."""
+        self.epoch = int(epoch)
+
     def _check(self, index: int) -> int:
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
         return index % self.length
 
+    def _item(self, index: int) -> int:
+        """The Fashion-MNIST index of position `index` of this split."""
+        return int(self.items[self._check(index)])
+
     def _layout(self, index: int) -> _Layout:
-        rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, index])
-        k, f, n = self.num_fragments, self.fragment_size, len(self.labels)
+        key = [self.seed, _SPLIT_CODES[self.split], index]
+        if self.fresh_layouts:
+            key.insert(2, self.epoch + 1)
+        rng = np.random.default_rng(key)
+        k, f, n = self.num_fragments, self.fragment_size, len(self.items)
         top, left = rng.integers(0, self.img_size - self.object_size + 1, size=2)
-        sources = rng.integers(0, n - 1, size=k)
-        sources += sources >= index  # never a fragment of the item itself
+        positions = rng.integers(0, max(n - 1, 1), size=k)
+        positions += positions >= index  # never a fragment of the item itself
+        sources = self.items[np.minimum(positions, n - 1)]
         crops = rng.integers(0, self.object_size - f + 1, size=(k, 2))
         places = rng.integers(0, self.img_size - f + 1, size=(k, 2))
         return _Layout(int(top), int(left), sources, crops, places)
@@ -183,19 +227,20 @@ class FashionMNISTClutter(Dataset):
         """The (img_size, img_size) uint8 canvas of item `index`, before normalisation."""
         index = self._check(index)
         lay, f, s = self._layout(index), self.fragment_size, self.object_size
+        item = int(self.items[index])
         canvas = np.zeros((self.img_size, self.img_size), np.uint8)
         for src, (cy, cx), (py, px) in zip(lay.sources, lay.crops, lay.places, strict=True):
             region = canvas[py : py + f, px : px + f]
             np.maximum(region, self.images[src, cy : cy + f, cx : cx + f], out=region)
         region = canvas[lay.top : lay.top + s, lay.left : lay.left + s]
-        np.maximum(region, self.images[index], out=region)
+        np.maximum(region, self.images[item], out=region)
         return canvas
 
     def box(self, index: int) -> Box:
         """(top, left, bottom, right) of the object's non-zero pixels on the canvas; exclusive ends."""
         index = self._check(index)
         lay = self._layout(index)
-        rows, cols = np.nonzero(self.images[index])
+        rows, cols = np.nonzero(self.images[self.items[index]])
         if len(rows) == 0:  # a blank item: its whole 28x28 place
             return lay.top, lay.left, lay.top + self.object_size, lay.left + self.object_size
         return (
@@ -215,7 +260,7 @@ class FashionMNISTClutter(Dataset):
         image = image.clone() if self.mean is None else (image - self.mean) / self.std
         if self.transform is not None:
             image = self.transform(image)
-        label = int(self.labels[self._check(index)])
+        label = int(self.labels[self._item(index)])
         if self.return_box:
             return image, label, torch.tensor(self.box(index))
         return image, label
@@ -223,7 +268,8 @@ class FashionMNISTClutter(Dataset):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(split={self.split!r}, n={self.length}, img_size={self.img_size}, "
-            f"num_fragments={self.num_fragments}, fragment_size={self.fragment_size}, seed={self.seed})"
+            f"num_fragments={self.num_fragments}, fragment_size={self.fragment_size}, seed={self.seed}, "
+            f"fresh_layouts={self.fresh_layouts})"
         )
 
 
@@ -309,7 +355,7 @@ def build_dataset(
     keeps the first n items, for quick runs. Find the class count with `num_classes(dataset)`.
     """
     if name == CLUTTER_NAME:
-        split = "train" if _is_training_split(split) else "test"
+        split = "train" if _is_training_split(split) else "test" if split == "test" else "val"
         return FashionMNISTClutter(split, img_size or 64, limit=limit, mean=mean, std=std, root=root, **kw)
     training_split = _is_training_split(split)
     is_training = training_split if is_training is None else is_training
@@ -420,7 +466,8 @@ def build_loader(
         num_workers=num_workers,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        persistent_workers=num_workers > 0,
+        # a data set with set_epoch (fresh layouts) must reach the workers anew every epoch
+        persistent_workers=num_workers > 0 and not hasattr(dataset, "set_epoch"),
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(seed),
     )

@@ -416,6 +416,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     updates = start_epoch * len(train_loader)
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)
+        if hasattr(train_set, "set_epoch"):  # fresh canvases every epoch (the clutter set)
+            train_set.set_epoch(epoch)
         ddp_model.train()
         running, seen, tic = 0.0, 0, time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, leave=False)
