@@ -19,47 +19,79 @@ needs_data = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def tiny_teacher(tmp_path, monkeypatch):
+    """A small dense model registered as a shipped one, so the study runs in seconds."""
+    import timm
+
+    from tokensparse import models as shipped
+
+    kwargs = {"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=10, **kwargs)
+    path = tokensparse.save_checkpoint(model, tmp_path / "tiny_teacher.safetensors")
+    entry = shipped.PretrainedEntry(
+        name="tiny", model="vit_tiny_patch16_224", model_kwargs=kwargs, weights=str(path)
+    )
+    monkeypatch.setitem(shipped.PRETRAINED, "tiny", entry)
+    return "tiny"
+
+
 @needs_data
-def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys):
+def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys, tiny_teacher):
     from tokensparse.demo import DemoConfig, run_study
 
     cfg = DemoConfig(
         work=str(tmp_path / "work"),
         report=str(tmp_path / "report"),
-        train_limit=256,
-        val_limit=128,
-        dense_epochs=1,
-        finetune_epochs=1,
-        finetune_limit=128,
+        teacher=tiny_teacher,
+        finetune_limit=64,
+        batch_size=32,
+        val_limit=32,
+        test_limit=64,
+        dynamicvit_epochs=2,
+        avit_epochs=1,
+        baseline_epochs=1,
         bench_rounds=2,
         bench_batch=8,
         curve_ratios=(0.5, 0.7),
-        model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2},
+        gate_offsets=(0.0, 2.0),
     )
     index = run_study(cfg)
     text = index.read_text()
-    for row in (
-        "| dense |",
-        "| dynamicvit@0.7 |",
-        "| avit@10 |",
-        "| evit@0.7 |",
-        "| random@0.7 |",
-        "| static@0.7 |",
-    ):
+    for row in ("| dense |", "| dynamicvit@0.7 |", "| random@0.7 |", "| static@0.7 |", "| random-ft@0.7 |"):
         assert row in text, row
-    assert "## Claims" in text and "| tome@r" in text
+    assert "## Claims" in text and "| tome@r" in text and "| evit@" in text and "| avit@" in text
+    assert "## Fine-tuning curves" in text and "Fashion-MNIST's test split" in text
     for picture in (
         "accuracy_vs_gflops.png",
+        "finetune_curves.png",
         "token_maps_dynamicvit.png",
         "token_maps_avit.png",
         "token_maps_tome.png",
     ):
         assert (tmp_path / "report" / picture).stat().st_size > 1000
-    results = json.loads((tmp_path / "report" / "results.json").read_text())["results"]
+    saved = json.loads((tmp_path / "report" / "results.json").read_text())
+    results = saved["results"]
     assert results["dynamicvit@0.7"]["gflops"] < results["dense"]["gflops"]
-    capsys.readouterr()
+    assert results["dense"]["images"] == 64  # the test split's first 64 items
+    assert [p["epoch"] for p in saved["curves"]["dynamicvit@0.7"]] == [1, 2]
+    out = capsys.readouterr().out
+    assert "| dynamicvit@0.7 |" in out and "report:" in out  # the headline table is printed
     run_study(cfg)
-    assert "dense: reusing" in capsys.readouterr().out
+    assert "dynamicvit@0.7: reusing" in capsys.readouterr().out
+
+
+def test_gate_centre_calibration_hits_the_target_depth() -> None:
+    from tokensparse.demo import calibrate_gate_center
+
+    model = tiny("vit_tiny_patch16_224", depth=6).eval()
+    images = torch.randn(4, 3, 64, 64)
+    center = calibrate_gate_center(model, images, gate_scale=10.0, target_depth=4.0)
+    probe = tokensparse.avit(model, gate_scale=10.0, gate_center=center, early_exit=False).eval()
+    with torch.no_grad():
+        probe(images)
+    assert abs(float(tokensparse.avit_stats(probe).mean_depth.mean()) - 4.0) < 0.5
 
 
 def test_bench_cli_prints_a_table_and_json(capsys):

@@ -215,8 +215,7 @@ def test_baselines_fine_tune_and_evaluate(dense_run, tmp_path, method, capsys):
         TrainConfig(
             method=method,
             checkpoint=str(dense_run / "model.safetensors"),
-            locations=[1, 2, 3],
-            tome_r=4,
+            **({"tome_r": 4} if method == "tome" else {"locations": [1, 2, 3]}),
             epochs=1,
             output=str(out),
             **BASE,

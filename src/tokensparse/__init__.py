@@ -7,6 +7,7 @@ from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .engine import SparseInfo, sparsity_info
 from .flops import gflops, model_flops
 from .losses import AViTLoss, DynamicViTLoss, teacher_outputs
+from .models import pretrained
 from .policies.avit import HaltingStats, avit, avit_stats
 from .policies.baselines import random_prune, static_prune
 from .policies.dynamicvit import dynamicvit
@@ -26,6 +27,7 @@ __all__ = [
     "random_prune",
     "static_prune",
     "tome",
+    "pretrained",
     "gflops",
     "load_checkpoint",
     "model_flops",

@@ -126,7 +126,7 @@ def dynamicvit_loss(
     clf_weight: float = 1.0,
     ratio_weight: float = 2.0,
     distill_weight: float = 0.5,
-    token_distill: TokenDistill = "kl",
+    token_distill: TokenDistill = "mse",
     label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The DynamicViT objective on tensors; returns (total, parts) with parts = [cls, ratio, distill, token].
@@ -204,8 +204,9 @@ class DynamicViTLoss(nn.Module):
     """The DynamicViT training loss (Rao et al., 2021) with the authors' default weights.
 
     keep_ratio gives the per-stage targets rho^(s+1) for as many stages as the model has; `targets`
-    sets them explicitly instead. token_distill: 'kl' (the authors' choice for DeiT-S / DeiT-256) or
-    'mse' (DeiT-B and LV-ViT; they also use ratio_weight=5.0 for DeiT-B).
+    sets them explicitly instead. token_distill: 'mse' (the default: the authors' current main.py
+    builds every DeiT criterion with mse_token=True; they use ratio_weight=5.0 for DeiT-B) or 'kl'
+    (KL over channels, their LV-ViT setting).
 
         teacher_logits, teacher_tokens = teacher_outputs(teacher, images)
         logits = model(images)
@@ -221,7 +222,7 @@ class DynamicViTLoss(nn.Module):
         clf_weight: float = 1.0,
         ratio_weight: float = 2.0,
         distill_weight: float = 0.5,
-        token_distill: TokenDistill = "kl",
+        token_distill: TokenDistill = "mse",
         label_smoothing: float = 0.0,
     ):
         super().__init__()

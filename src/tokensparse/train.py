@@ -39,6 +39,55 @@ from .losses import AViTLoss, DynamicViTLoss, classification_loss, logits_kl, te
 
 METHODS = ("dense", "dynamicvit", "avit", "evit", "tome", "random", "static")
 BASELINES = ("evit", "tome", "random", "static")
+_PRUNING = ("dynamicvit", "evit", "random", "static")
+_FINETUNE = dict(distill_weight=0.5, backbone_lr_scale=1.0, backbone_fixed_epochs=0, freeze_embeddings=False)
+
+# Each method's defaults: the authors' recipes. DynamicViT as raoyongming/DynamicViT main.py and
+# optim_factory.py (MSE token distillation for DeiT/ViT, cls_token and pos_embed frozen, the backbone
+# at lr x 0.01 and at lr 0 for its first 5 epochs, the predictors at the full lr from the start);
+# A-ViT as NVlabs/A-ViT (no distillation, every parameter trained, the block input zeroed through
+# `.data`); the baselines fine-tune with cross-entropy plus the teacher's logits.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dense": dict(backbone_lr_scale=1.0, backbone_fixed_epochs=0, freeze_embeddings=False),
+    "dynamicvit": dict(
+        keep_ratio=0.7,
+        ratio_weight=2.0,
+        token_distill="mse",
+        distill_weight=0.5,
+        backbone_lr_scale=0.01,
+        backbone_fixed_epochs=5,
+        freeze_embeddings=True,
+    ),
+    "avit": dict(
+        gate_scale=10.0,
+        gate_center=30.0,
+        halt_eps=0.01,
+        ponder_weight=5e-4,
+        prior_weight=1e-3,
+        avit_detach_zeroing=True,
+        **(_FINETUNE | {"distill_weight": 0.0}),
+    ),
+    "evit": dict(keep_ratio=0.7, **_FINETUNE),
+    "random": dict(keep_ratio=0.7, **_FINETUNE),
+    "static": dict(keep_ratio=0.7, **_FINETUNE),
+    "tome": dict(tome_r=8, **_FINETUNE),
+}
+# The methods each method-specific setting belongs to (settings not listed apply to every method).
+SETTING_METHODS: dict[str, tuple[str, ...]] = {
+    "keep_ratio": _PRUNING,
+    "locations": _PRUNING,
+    "ratio_weight": ("dynamicvit",),
+    "token_distill": ("dynamicvit",),
+    "gate_scale": ("avit",),
+    "gate_center": ("avit",),
+    "halt_eps": ("avit",),
+    "ponder_weight": ("avit",),
+    "prior_weight": ("avit",),
+    "prior_depth": ("avit",),
+    "avit_detach_zeroing": ("avit",),
+    "tome_r": ("tome",),
+    "distill_weight": tuple(m for m in METHODS if m != "dense"),
+}
 
 
 @dataclass
@@ -69,19 +118,25 @@ class TrainConfig:
     smoothing: float = 0.0
     mixup: float = 0.0
     cutmix: float = 0.0
-    keep_ratio: float = 0.7
+    # Method settings: None takes the method's default (METHOD_DEFAULTS), which config.json records;
+    # a setting of another method is an error.
+    keep_ratio: float | None = None
     locations: list[int] | None = None
-    ratio_weight: float = 2.0
-    distill_weight: float = 0.5
-    token_distill: str = "kl"
-    gate_scale: float = 10.0
-    gate_center: float = 30.0
-    halt_eps: float = 0.01
-    ponder_weight: float = 5e-4
-    prior_weight: float = 1e-3
+    ratio_weight: float | None = None
+    token_distill: str | None = None
+    gate_scale: float | None = None
+    gate_center: float | None = None
+    halt_eps: float | None = None
+    ponder_weight: float | None = None
+    prior_weight: float | None = None
     prior_depth: int | None = None
-    tome_r: int = 8
+    avit_detach_zeroing: bool | None = None
+    tome_r: int | None = None
+    # Fine-tuning recipe, per method (None: the method's default).
+    distill_weight: float | None = None
     backbone_lr_scale: float | None = None
+    backbone_fixed_epochs: int | None = None
+    freeze_embeddings: bool | None = None
     amp: bool = False
     device: str = "auto"
     workers: int = 0
@@ -94,6 +149,21 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name, methods in SETTING_METHODS.items():
+            if getattr(self, name) is not None and self.method not in methods:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(
+                    f"{flag} applies to --method {' / '.join(methods)}, not {self.method}: "
+                    f"remove it or choose one of those methods"
+                )
+        if self.token_distill is not None and self.token_distill not in ("mse", "kl"):
+            raise ValueError(f"--token-distill must be 'mse' or 'kl', got {self.token_distill!r}")
+        if self.backbone_fixed_epochs is not None and self.backbone_fixed_epochs < 0:
+            raise ValueError(f"--backbone-fixed-epochs must be >= 0, got {self.backbone_fixed_epochs}")
+        if self.backbone_lr_scale is not None and not self.backbone_lr_scale >= 0:
+            raise ValueError(f"--backbone-lr-scale must be >= 0, got {self.backbone_lr_scale}")
+        if self.distill_weight is not None and not self.distill_weight >= 0:
+            raise ValueError(f"--distill-weight must be >= 0, got {self.distill_weight}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -103,6 +173,12 @@ class TrainConfig:
             raise ValueError(
                 f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} for {self.epochs}"
             )
+
+    def resolved(self) -> TrainConfig:
+        """A validated copy with every unset setting of this method at the method's default."""
+        self.validate()
+        defaults = {k: v for k, v in METHOD_DEFAULTS[self.method].items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **defaults)
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -179,31 +255,53 @@ def sparsify_for(cfg: TrainConfig, model: nn.Module) -> nn.Module:
 
 
 def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms and embeddings; the backbone's lr scaled.
+    """AdamW groups as DynamicViT's optim_factory builds them (`cfg` resolved).
 
-    DynamicViT's authors train the new predictors at the full lr and the pretrained backbone at 0.01x
-    (their `--lr_scale`); `backbone_lr_scale` defaults to that for DynamicViT and to 1 otherwise.
-    timm's schedulers apply a group's `lr_scale`.
+    The policy's own parameters (DynamicViT's predictors) train at the full lr from the start; the
+    backbone at lr x `backbone_lr_scale` (timm's schedulers apply a group's `lr_scale`) and at lr 0 for
+    its first `backbone_fixed_epochs` epochs (the group's `fixed_epochs`, applied by
+    `apply_fixed_epochs`); no weight decay on biases, 1-d parameters and the model's no_weight_decay();
+    with `freeze_embeddings`, cls_token and pos_embed are frozen (left out of the optimiser).
     """
-    scale = cfg.backbone_lr_scale
-    if scale is None:
-        scale = 0.01 if cfg.method == "dynamicvit" else 1.0
+    from .engine import get_policy
+
+    policy = get_policy(model)
+    new_params = {id(p) for p in policy.parameters()} if isinstance(policy, nn.Module) else set()
+    if cfg.freeze_embeddings:
+        for name in ("cls_token", "pos_embed"):
+            param = getattr(model, name, None)
+            if isinstance(param, nn.Parameter):
+                param.requires_grad_(False)
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        new = name.startswith("score_predictor.")
+        new = id(param) in new_params
         no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip
         groups.setdefault((new, no_decay), []).append(param)
     return [
         {
             "params": params,
             "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-            "lr_scale": 1.0 if new else scale,
+            "lr_scale": 1.0 if new else cfg.backbone_lr_scale,
+            "fixed_epochs": 0 if new else cfg.backbone_fixed_epochs,
+            "group": ("policy" if new else "backbone") + ("_no_decay" if no_decay else ""),
         }
         for (new, no_decay), params in groups.items()
     ]
+
+
+def apply_fixed_epochs(optimizer: torch.optim.Optimizer, epoch: int) -> None:
+    """lr 0 for the groups still in their `fixed_epochs` (DynamicViT's fix_step), after a scheduler step."""
+    for group in optimizer.param_groups:
+        if epoch < group.get("fixed_epochs", 0):
+            group["lr"] = 0.0
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current lr of each named parameter group (for the logs)."""
+    return {group.get("group", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
 
 
 def build_criterion(cfg: TrainConfig, depth: int = 12) -> nn.Module | None:
@@ -322,8 +420,11 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train as `cfg` says; return the last epoch's metrics (rank 0 also writes them to metrics.jsonl)."""
-    cfg.validate()
+    """Train as `cfg` says; return the last epoch's metrics (rank 0 also writes them to metrics.jsonl).
+
+    Settings left None take the method's defaults (`METHOD_DEFAULTS`); config.json records them.
+    """
+    cfg = cfg.resolved()
     rank, world, device = setup_distributed(cfg.device)
     is_main = rank == 0
     out = Path(cfg.output)
@@ -347,7 +448,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     model = build_model(cfg, classes, img_size)
     teacher = None
-    if cfg.method != "dense" and cfg.distill_weight > 0:
+    if cfg.method != "dense" and cfg.distill_weight > 0:  # cfg is resolved: a number here
         teacher = copy.deepcopy(model)
         if cfg.teacher:
             teacher.load_state_dict(read_state_dict(cfg.teacher))
@@ -418,6 +519,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         train_loader.sampler.set_epoch(epoch)
         if hasattr(train_set, "set_epoch"):  # fresh canvases every epoch (the clutter set)
             train_set.set_epoch(epoch)
+        apply_fixed_epochs(optimizer, epoch)
+        skipped_before = nan_skipped
         ddp_model.train()
         running, seen, tic = 0.0, 0, time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, leave=False)
@@ -458,6 +561,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 optimizer.step()
             updates += 1
             scheduler.step_update(num_updates=updates)
+            apply_fixed_epochs(optimizer, epoch)
             running += loss.item() * images.shape[0]
             seen += images.shape[0]
             bar.set_postfix(
@@ -466,13 +570,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 img_s=f"{seen * world / (time.perf_counter() - tic):.0f}",
             )
         bar.close()
+        lrs = group_lrs(optimizer)
         scheduler.step(epoch + 1)
         val = evaluate(model, val_loader, device=device, progress=False, amp=cfg.amp)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": _mean_across_ranks(running, seen, device),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": max(lrs.values()),
+            "lr_groups": lrs,
             "nan_skipped": nan_skipped,
+            "nan_skipped_epoch": nan_skipped - skipped_before,
             "epoch_seconds": round(time.perf_counter() - tic, 2),
             **{f"val_{k}": v for k, v in val.items()},
         }
@@ -540,6 +647,8 @@ def _epoch_line(m: dict[str, Any]) -> str:
     ]
     if "val_gflops" in m:
         parts.append(f"GFLOPs {m['val_gflops']:.3f}")
+    if m.get("nan_skipped_epoch"):
+        parts.append(f"skipped {m['nan_skipped_epoch']} non-finite steps")
     return "  ".join(parts)
 
 
@@ -564,7 +673,9 @@ def load_trained(
             raise FileNotFoundError(f"{path} is not a training run: no config.json inside")
         saved = json.loads(config_file.read_text())
         names = {f.name for f in dataclasses.fields(TrainConfig)}
-        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+        method = saved.get("method", "dynamicvit")
+        foreign = {k for k, methods in SETTING_METHODS.items() if method not in methods}
+        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names and k not in foreign})
         weights = path / "model.safetensors"
         if not weights.is_file():
             pointer = path / "checkpoints" / "last.json"
@@ -578,6 +689,7 @@ def load_trained(
         if cfg is None:
             raise ValueError("loading a bare checkpoint needs a TrainConfig naming the model and method")
         weights, classes, img_size = path, None, cfg.img_size
+    cfg = cfg.resolved()
     dense_cfg = dataclasses.replace(cfg, checkpoint=None, drop_path=0.0)
     if classes is None:
         state = read_state_dict(weights)

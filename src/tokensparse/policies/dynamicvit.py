@@ -29,7 +29,15 @@ def default_locations(depth: int) -> tuple[int, ...]:
 
 
 class ScorePredictor(nn.Module):
-    """One stage's keep/drop predictor, laid out as the authors' `PredictorLG` (checkpoint-compatible)."""
+    """One stage's keep/drop predictor, laid out as the authors' `PredictorLG` (checkpoint-compatible).
+
+    Initialised as the authors' model initialises it (timm's ViT init: Linear weights truncated normal
+    with std 0.02, zero biases; LayerNorm 1 and 0), so an untrained predictor scores every token alike
+    (log-probs near log 0.5) and the ranking is learned from the training signal alone. PyTorch's
+    default Linear init instead gives a strong random ranking from the start, which a short
+    fine-tune does not undo (the cause of learned pruning ranking worse than random after a few
+    hundred steps).
+    """
 
     def __init__(self, dim: int):
         super().__init__()
@@ -42,6 +50,17 @@ class ScorePredictor(nn.Module):
             nn.Linear(dim // 4, 2),
             nn.LogSoftmax(dim=-1),
         )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The authors' initialisation (timm ViT `_init_weights`): trunc_normal(std=0.02), zero bias."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def forward(self, patch_tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """(B, M, C) patch tokens and optional (B, M, 1) keep mask -> (B, M, 2) log-probs, 0 = keep."""
@@ -51,7 +70,11 @@ class ScorePredictor(nn.Module):
         if keep is None:
             image = image.mean(dim=1, keepdim=True)
         else:
-            image = (image * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True)
+            # The authors divide by keep.sum() alone: an image whose keep mask emptied (possible with
+            # few patches) gives NaN there. The clamp changes nothing while the sum is >= tiny, and
+            # gives the empty mask's mean as 0 (its numerator is 0) instead of NaN.
+            count = keep.sum(dim=1, keepdim=True)
+            image = (image * keep).sum(dim=1, keepdim=True) / count.clamp_min(torch.finfo(count.dtype).tiny)
         return self.out_conv(torch.cat([local, image.expand_as(local)], dim=-1))
 
     def keep_score(self, patch_tokens: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""Ship a finished dense training run as a package model: fp16 safetensors, metrics and a card.
+
+    .venv/bin/python scripts/ship_pretrained.py runs/teacher clutter-vit --command "make teacher"
+
+Checks before writing: the run's config matches the registry entry (architecture, classes, image size),
+and the fp16-stored weights give fp32 logits within 1e-3 of the run's fp32 weights on 256 validation
+canvases. The card states the command, machine, date, the validation curve and whether it plateaued
+(the last 20% of epochs add < 0.3 pt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tokensparse.bench import machine_description, today
+from tokensparse.data import build_dataset
+from tokensparse.models import PRETRAINED, pretrained
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run", type=Path)
+    parser.add_argument("name", choices=sorted(PRETRAINED))
+    parser.add_argument("--command", required=True, help="the command that trained the run (for the card)")
+    args = parser.parse_args()
+    entry = PRETRAINED[args.name]
+    config = json.loads((args.run / "config.json").read_text())
+    for key, want in (
+        ("model", entry.model),
+        ("num_classes", entry.num_classes),
+        ("img_size", entry.img_size),
+    ):
+        if config[key] != want:
+            raise SystemExit(f"{args.run}: {key} is {config[key]!r}, the entry {args.name!r} wants {want!r}")
+    if config["model_kwargs"] != entry.model_kwargs:
+        raise SystemExit(f"{args.run}: model_kwargs {config['model_kwargs']} != {entry.model_kwargs}")
+    weights = load_file(str(args.run / "model.safetensors"))
+    save_file({k: v.half().contiguous() for k, v in weights.items()}, str(entry.path), {"name": args.name})
+
+    shipped = pretrained(args.name)
+    reference = pretrained(args.name)
+    reference.load_state_dict(weights)
+    val = build_dataset(entry.dataset, split="val", limit=256)
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    with torch.no_grad():
+        gap = (shipped(images) - reference(images)).abs().max().item()
+    if gap > 1e-3:
+        raise SystemExit(f"fp16 storage moves the logits by {gap:.2e} > 1e-3: ship fp32 instead")
+
+    metrics = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines() if line]
+    entry.path.with_suffix(".metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    top1 = [m["val_top1"] for m in metrics]
+    tail = max(1, math.ceil(0.2 * len(top1)))
+    gain = top1[-1] - top1[-tail - 1] if len(top1) > tail else float("nan")
+    rows = "\n".join(
+        f"| {m['epoch']} | {m['train_loss']:.4f} | {m['val_top1']:.2f} | {m['val_top5']:.2f} | {m['lr']:.2e} |"
+        for m in metrics
+    )
+    entry.card.write_text(
+        f"""# {args.name}: the shipped dense model
+
+- Architecture: timm `{entry.model}` with {entry.model_kwargs}, {entry.img_size}x{entry.img_size} input,
+  {entry.num_classes} classes; weights stored in fp16 ({entry.path.name}), fp32 logits within {gap:.1e} of the
+  trained fp32 weights on 256 validation canvases.
+- Data: `{entry.dataset}` training split (55000 Fashion-MNIST training items, a fresh layout every epoch);
+  validation = the 5000 held-out training items (fixed canvases). The test split was not used.
+- Command: `{args.command}` (then `.venv/bin/python scripts/ship_pretrained.py {args.run} {args.name} --command ...`).
+- Machine: {machine_description()}. Date shipped: {today()}.
+- Final validation top-1 {top1[-1]:.2f}% (top-5 {metrics[-1]["val_top5"]:.2f}%). The last {tail} of {len(top1)} epochs
+  (20%) added {gain:+.2f} pt: {"plateaued (< 0.3 pt)" if abs(gain) < 0.3 else "NOT plateaued by the 0.3 pt rule"}.
+
+| epoch | train loss | val top-1 | val top-5 | lr |
+|---:|---:|---:|---:|---:|
+{rows}
+"""
+    )
+    print(f"wrote {entry.path}, {entry.card} (val top-1 {top1[-1]:.2f}%, last-20% gain {gain:+.2f} pt)")
+
+
+if __name__ == "__main__":
+    main()
