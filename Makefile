@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data demo bench-quick test lint format bench clean
+.PHONY: setup data demo study teacher bench-quick test lint format bench clean
 
 setup: $(STAMP)
 
@@ -21,9 +21,22 @@ data:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
 
-# The main job on the built-in data: train, fine-tune, compare, write report/ (re-runs reuse finished steps).
+# The main job on the built-in data: fine-tune DynamicViT and A-ViT from the shipped dense model, compare,
+# write report/ (re-runs reuse finished steps).
 demo: setup data
 	$(VENV)/bin/tokensparse demo
+
+# The full study committed in benchmarks/results/study (about an hour on 2 CPU cores).
+study: setup data
+	$(VENV)/bin/tokensparse demo --study
+
+# The shipped dense model: train it (resumable: re-run after an interruption), then ship it into the package.
+TEACHER_CMD = $(VENV)/bin/tokensparse train --method dense --model vit_tiny_patch16_224 \
+	--model-kwargs '{"patch_size": 8, "embed_dim": 64, "depth": 12, "num_heads": 2}' --epochs 12 \
+	--batch-size 128 --lr 2e-3 --warmup-epochs 1 --smoothing 0.1 --output runs/teacher --resume
+teacher: setup data
+	$(TEACHER_CMD)
+	$(PY) scripts/ship_pretrained.py runs/teacher clutter-vit --command "make teacher"
 
 # One minute: executed GFLOPs, img/s and speedup of DynamicViT on DeiT-S (random weights).
 bench-quick: setup

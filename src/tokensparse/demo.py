@@ -44,6 +44,9 @@ class DemoConfig:
     The recipes are the authors', scaled to the schedule: DynamicViT's backbone sits at lr 0 for the
     first `backbone_fixed_epochs` (the authors' 5 of 30) and trains at 0.01x after; A-ViT trains all
     weights without distillation; the fine-tuned baselines train with CE plus logits distillation.
+    The predictors' lr, 1e-2, was chosen on the validation split: the authors' 1e-3 is meant for
+    ~37k steps and barely moves the predictors in a few hundred (object patches kept at rho 0.7:
+    69% at 1e-3, 77% at 1e-2, static pruning 63%).
     """
 
     work: str = "runs/demo"
@@ -54,7 +57,7 @@ class DemoConfig:
     warmup_epochs: int = 0
     dynamicvit_ratios: tuple[float, ...] = (0.7,)
     dynamicvit_epochs: int = 2
-    dynamicvit_lr: float = 1e-3
+    dynamicvit_lr: float = 1e-2
     backbone_fixed_epochs: int = 1
     keep_ratio: float = 0.7  # the headline setting
     avit_epochs: int = 2
@@ -79,14 +82,13 @@ def study_config(**overrides) -> DemoConfig:
     base = dict(
         work="runs/study",
         report="benchmarks/results/study",
-        finetune_limit=16000,
-        warmup_epochs=1,
+        finetune_limit=12000,
         dynamicvit_ratios=(0.5, 0.7, 0.9),
-        dynamicvit_epochs=5,
+        dynamicvit_epochs=3,
         backbone_fixed_epochs=1,
-        avit_epochs=4,
+        avit_epochs=3,
         baseline_epochs=1,
-        curve_ratios=(0.5, 0.6, 0.7, 0.8, 0.9),
+        curve_ratios=(0.5, 0.7, 0.9),
         gate_offsets=(-4.0, -2.0, 0.0, 2.0, 4.0),
         val_limit=None,
         test_limit=None,
