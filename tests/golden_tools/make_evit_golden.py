@@ -3,15 +3,16 @@
 Command that made the committed file (CPU, torch 2.x, timm 1.0.31; the authors' repository exported
 from its git snapshot, never copied into this project):
 
-    git -C /work/.mirror/youweiliang+evit/repo archive HEAD | tar -x -C /tmp/evit_ref
-    PYTHONPATH=src python tests/golden_tools/make_evit_golden.py /tmp/evit_ref \
+    mkdir -p /tmp/evit_ref && git -C /work/.mirror/youweiliang+evit/repo archive HEAD | tar -x -C /tmp/evit_ref
+    python tests/golden_tools/make_evit_golden.py /tmp/evit_ref \
         tests/golden/evit_official.safetensors
 
 The model is the golden ViT of the other reference files (image 112, patch 8 -> 14x14 = 196 patches,
 dim 48, depth 12, 3 heads, MLP ratio 4, qkv bias, LayerNorm eps 1e-6, 10 classes), built with the
 authors' `evit.EViT` class with keep_rate r at blocks 3, 6, 9 and 1 elsewhere (their
-`deit_*_shrink_base` models), fuse_token on and off. Random weights with a fixed seed, drawn
-variance-preserving so that class attention is peaked enough for a stable ranking: the script checks
+`deit_*_shrink_base` models), fuse_token on and off. Random weights with a fixed seed (2, the default
+`--seed`; seeds 1 and 3-7 failed the gap check below), drawn variance-preserving so that class
+attention is peaked enough for a stable ranking: the script checks
 that at every stage the last kept and the first dropped class-attention value differ by more than
 `MIN_GAP`, so an implementation computing the same function picks the same tokens. Weights are
 rounded to float16 and the 4 input images are uint8 pixels (input = (pixels / 255 - 0.5) / 0.25)
