@@ -108,7 +108,8 @@ class SparseInfo:
 
     keep_decisions: per stage, (B, N) keep masks over the original patches (with gradient in training).
     keep_mask:      (B, N) final keep mask (detached), 1 for patches that reached the last block.
-    kept_index:     eval only: per stage, (B, k_s) kept original patch indices, ascending.
+    kept_index:     eval only: per stage, (B, k_s) kept original patch indices, ascending (EViT with
+                    the authors' counts: N for a kept fused token, last).
     patch_tokens:   (B, M, C) final patch tokens after the last norm (M = N in training, where every
                     token stays in the tensor; the kept tokens in eval).
     patch_index:    (B, M) original patch index of each row of `patch_tokens`.
