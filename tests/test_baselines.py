@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 from conftest import backbone_state, golden, golden_vit, tiny
+from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import tokensparse
 from tokensparse.engine import get_policy, run
 from tokensparse.flops import backbone_flops
 from tokensparse.policies.baselines import centre_rank, random_prune, static_prune
-from tokensparse.policies.evit import evit, evit_flops
+from tokensparse.policies.evit import authors_keep_counts, evit, evit_flops
 from tokensparse.policies.tome import merge_schedule, tome, tome_flops
 
 DYNAMICVIT_TOKENS = [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3  # rho 0.7 on 196 patches
@@ -120,6 +122,71 @@ def test_tome_never_merges_prefix_tokens(arch, kwargs):
 
 # --- EViT ---------------------------------------------------------------------------------------------
 
+EVIT_GOLDEN = Path(__file__).resolve().parent / "golden" / "evit_official.safetensors"
+
+
+@pytest.fixture(scope="module")
+def evit_official():
+    """Numbers from the authors' evit.py (tests/golden/README.md, tests/golden_tools/make_evit_golden.py)."""
+    tensors = load_file(str(EVIT_GOLDEN))
+    tensors["input"] = (tensors.pop("pixels").float() / 255 - 0.5) / 0.25
+    return tensors
+
+
+def evit_model(evit_official, **kw):
+    model = golden_vit()
+    model.load_state_dict({k: v.float() for k, v in backbone_state(evit_official).items()})
+    return evit(model.eval(), **kw)
+
+
+@pytest.mark.parametrize("fuse", [1, 0])
+@pytest.mark.parametrize("keep_ratio", [0.7, 0.5])
+def test_evit_matches_authors_logits_and_kept_tokens(evit_official, keep_ratio, fuse):
+    model = evit_model(evit_official, keep_ratio=keep_ratio, fuse=bool(fuse))
+    out = logits(model, evit_official["input"])
+    tag = f"rho{keep_ratio}.fuse{fuse}"
+    torch.testing.assert_close(out, evit_official[f"eval_logits.{tag}"], atol=1e-5, rtol=0)
+    kept = info(model).kept_index
+    assert len(kept) == 3
+    for stage, index in enumerate(kept):
+        assert torch.equal(index, evit_official[f"eval_kept.{tag}.stage{stage}"])
+    counts = authors_keep_counts(196, keep_ratio, 3, bool(fuse))
+    assert [k.shape[1] for k in kept] == counts
+    # Block 3's attention runs on all 197 tokens, its MLP on the class token, the kept ones (+ fused).
+    after = [1 + c + fuse for c in counts]
+    assert (
+        info(model).extra["mlp_tokens"][0].tolist()
+        == [197] * 3 + [after[0]] * 3 + [after[1]] * 3 + [after[2]] * 3
+    )
+    assert (
+        info(model).tokens_per_block[0].tolist()
+        == [197] * 4 + [after[0]] * 3 + [after[1]] * 3 + [after[2]] * 2
+    )
+
+
+def test_evit_authors_counts():
+    """ceil(rho * tokens present), the previous fused token counted: DeiT's 138, 97, 68 at 0.7."""
+    assert authors_keep_counts(196, 0.7, 3, fuse=False) == [138, 97, 68]
+    assert authors_keep_counts(196, 0.7, 3, fuse=True) == [138, 98, 70]
+    assert authors_keep_counts(196, 0.5, 3, fuse=False) == [98, 49, 25]
+    assert authors_keep_counts(196, 0.5, 3, fuse=True) == [98, 50, 26]
+    assert authors_keep_counts(196, 1.0, 3, fuse=True) == [196, 196, 196]  # no fused token added
+    assert authors_keep_counts(64, 0.7, 3, fuse=True) == [45, 33, 24]
+    assert authors_keep_counts(196, 0.1, 3, fuse=True) == [20, 3, 1]  # never none
+
+
+def test_evit_authors_fused_token_is_ranked_with_the_patches(evit_official):
+    """The previous fused token competes with the patches: kept (as index N) or fused into the new one."""
+    model = evit_model(evit_official, keep_ratio=0.5)
+    logits(model, evit_official["input"])
+    kept = info(model).kept_index
+    assert kept[0].lt(196).all()  # the first stage ranks patches only
+    assert kept[2].eq(196).sum(1).tolist() == [2, 2, 2, 1]  # images keep different numbers of patches
+    final = info(model).patch_index
+    assert final.shape == (4, 27) and final[:, -1].eq(196).all()  # the last fused token
+    assert info(model).keep_mask.sum(1).tolist() == [24.0, 24.0, 24.0, 25.0]
+    assert info(model).patch_tokens.shape == (4, 27, 48)
+
 
 def reference_evit(model, images, keep_ratio, locations=(3, 6, 9)):
     """EViT in the authors' form on timm's modules: explicit attention, kept tokens in descending
@@ -159,7 +226,7 @@ def reference_evit(model, images, keep_ratio, locations=(3, 6, 9)):
 
 @pytest.mark.parametrize("keep_ratio", [0.7, 0.5])
 def test_evit_keeps_the_most_attended_tokens_and_fuses_the_rest(official, dense, keep_ratio):
-    model = evit(copy.deepcopy(dense), keep_ratio=keep_ratio)
+    model = evit(copy.deepcopy(dense), keep_ratio=keep_ratio, counts="dynamicvit")
     out = logits(model, official["input"])
     with torch.no_grad():
         expected, kept_sets = reference_evit(dense, official["input"], keep_ratio)
@@ -181,13 +248,13 @@ def test_evit_first_stage_by_hand(official, dense):
         scores = ((q[0, :, :1] @ k[0].transpose(-2, -1)) * attn.scale).softmax(-1).mean(0)[0, 1:]
     ranked = scores.argsort(descending=True)
     assert scores[ranked[136]] - scores[ranked[137]] > 1e-6
-    model = evit(copy.deepcopy(dense), keep_ratio=0.7)
+    model = evit(copy.deepcopy(dense), keep_ratio=0.7, counts="dynamicvit")
     logits(model, image)
     assert info(model).kept_index[0][0].tolist() == sorted(ranked[:137].tolist())
 
 
 def test_evit_token_counts_are_dynamicvits_plus_the_fused_token(official, dense):
-    model = evit(copy.deepcopy(dense), keep_ratio=0.7)
+    model = evit(copy.deepcopy(dense), keep_ratio=0.7, counts="dynamicvit")
     logits(model, official["input"])
     # Block 3's attention runs on all tokens; its MLP and later blocks on the kept ones + 1 fused.
     mlp = info(model).extra["mlp_tokens"][0].tolist()
@@ -197,7 +264,7 @@ def test_evit_token_counts_are_dynamicvits_plus_the_fused_token(official, dense)
     assert info(model).patch_tokens.shape[1] == 67 and info(model).keep_mask.sum(1).eq(67).all()
     assert info(model).extra["fused_token"].shape == (4, 1, 48)
 
-    unfused = evit(copy.deepcopy(dense), keep_ratio=0.7, fuse=False)
+    unfused = evit(copy.deepcopy(dense), keep_ratio=0.7, fuse=False, counts="dynamicvit")
     logits(unfused, official["input"])
     assert info(unfused).extra["mlp_tokens"][0].tolist() == DYNAMICVIT_TOKENS[:3] + DYNAMICVIT_TOKENS[3:]
     assert info(unfused).extra["fused_token"] is None
@@ -268,6 +335,8 @@ def test_tome_and_evit_train_with_tokens_removed(official, dense):
 BUILDERS = {
     "tome": lambda m: tome(m, r=8),
     "evit": lambda m: evit(m, keep_ratio=0.7),
+    "evit-dynamicvit": lambda m: evit(m, keep_ratio=0.7, counts="dynamicvit"),
+    "evit-unfused": lambda m: evit(m, keep_ratio=0.5, fuse=False),
     "random": lambda m: random_prune(m, keep_ratio=0.7, seed=0),
     "static": lambda m: static_prune(m, keep_ratio=0.7),
 }
@@ -276,7 +345,7 @@ BUILDERS = {
 @pytest.mark.parametrize("method", list(BUILDERS))
 def test_method_state_dict_and_batch_of_one(official, dense, method):
     model = BUILDERS[method](copy.deepcopy(dense))
-    assert get_policy(model).method == method
+    assert get_policy(model).method == method.split("-")[0]
     assert model.state_dict().keys() == dense.state_dict().keys()
     model.load_state_dict(dense.state_dict())  # strict: plain timm checkpoints load
     batched = logits(model, official["input"])
@@ -290,11 +359,12 @@ def test_method_state_dict_and_batch_of_one(official, dense, method):
     "build",
     [
         lambda m: evit(m, keep_ratio=1.0),
+        lambda m: evit(m, keep_ratio=1.0, counts="dynamicvit"),
         lambda m: random_prune(m, keep_ratio=1.0),
         lambda m: static_prune(m, keep_ratio=1.0),
         lambda m: tome(m, r=0),
     ],
-    ids=["evit", "random", "static", "tome"],
+    ids=["evit", "evit-dynamicvit", "random", "static", "tome"],
 )
 def test_keeping_everything_is_the_dense_model(official, dense, build):
     model = build(copy.deepcopy(dense))
@@ -312,7 +382,15 @@ _CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu
 SDPA_MAPPING = {_CPU_SDPA: _cpu_sdpa_macs} if _CPU_SDPA is not None else {}
 
 
-@pytest.mark.parametrize("method, extra", [("tome", tome_flops), ("evit", evit_flops)])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("tome", tome_flops),
+        ("evit", evit_flops),
+        ("evit-dynamicvit", evit_flops),
+        ("evit-unfused", evit_flops),
+    ],
+)
 def test_flops_match_torch_counter(official, dense, method, extra):
     """backbone_flops on the tokens each block started with, plus the policy's term, is torch's count."""
     model = BUILDERS[method](copy.deepcopy(dense))
@@ -329,7 +407,10 @@ def test_errors_name_the_problem(dense):
     def fresh():
         return copy.deepcopy(dense)
 
-    for build in (evit, random_prune, static_prune):
+    def evit_dynamicvit(model, **kw):
+        return evit(model, counts="dynamicvit", **kw)
+
+    for build in (evit, evit_dynamicvit, random_prune, static_prune):
         with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\], got 0"):
             build(fresh(), keep_ratio=0)
         with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\], got True"):
@@ -338,8 +419,9 @@ def test_errors_name_the_problem(dense):
             build(fresh(), locations=(3, 12))
         with pytest.raises(ValueError, match="strictly increasing"):
             build(fresh(), locations=(6, 3))
-        with pytest.raises(ValueError, match="keeps no patch token of 196 after stage 2"):
-            build(fresh(), keep_ratio=0.1)
+        if build is not evit:  # the authors' ceil keeps at least one token
+            with pytest.raises(ValueError, match="keeps no patch token of 196 after stage 2"):
+                build(fresh(), keep_ratio=0.1)
         with pytest.raises(ValueError, match="needs a timm VisionTransformer"):
             build(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="r must be an int >= 0"):
@@ -350,6 +432,8 @@ def test_errors_name_the_problem(dense):
         tome(fresh(), r=[1] * 13)
     with pytest.raises(ValueError, match="prop_attn must be True or False"):
         tome(fresh(), prop_attn=1)
+    with pytest.raises(ValueError, match="counts must be one of"):
+        evit(fresh(), counts="paper")
     with pytest.raises(ValueError, match="seed must be an int or None"):
         random_prune(fresh(), seed="0")
     with pytest.raises(ValueError, match="has no class token"):

@@ -73,6 +73,32 @@ def test_matches_torch_flop_counter(config: str, method: str, fused: bool) -> No
         assert torch.equal(flops_from_info(model), ours)
 
 
+@pytest.mark.parametrize(
+    "config, counts, fuse",
+    [("distilled", "authors", True), ("distilled", "authors", False), ("vit", "dynamicvit", True)],
+    ids=["authors-fuse", "authors-no_fuse", "dynamicvit-fuse"],
+)
+def test_evit_matches_torch_flop_counter(config: str, counts: str, fuse: bool) -> None:
+    """Both EViT count rules, with and without the fused token; the class-attention row and the MLP on
+    fewer tokens than the block's attention are counted exactly."""
+    model, images = build(config)
+    model = tokensparse.evit(model, keep_ratio=0.5, fuse=fuse, counts=counts)
+    ours = model_flops(model, images)
+    assert ours.tolist() == pytest.approx(counted_macs(model, images, fused=True), rel=1e-9)
+    prefix = 2 if config == "distilled" else 1
+    kept = (
+        [98, 50, 26]
+        if counts == "authors" and fuse
+        else [98, 49, 25]
+        if counts == "authors"
+        else [98, 49, 24]
+    )
+    assert [k.shape[1] for k in tokensparse.sparsity_info(model).kept_index] == kept
+    assert tokensparse.sparsity_info(model).tokens_per_block[0, -1] == prefix + kept[-1] + fuse
+    dense = model_flops(build(config)[0], images)
+    assert (ours < dense).all()
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_avit_matches_torch_flop_counter(train: bool) -> None:
     """Images halt at different depths, so each image has its own count (eval removes halted tokens)."""

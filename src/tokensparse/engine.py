@@ -31,7 +31,8 @@ class TokenState:
     """Per-forward bookkeeping shared by the engine and a policy.
 
     x:               (B, P + M, C) tokens: P prefix tokens (never pruned) then M patch tokens.
-    patch_index:     (B, M) index in 0..N-1 (row-major) of the original patch each patch token is.
+    patch_index:     (B, M) index in 0..N-1 (row-major) of the original patch each patch token is;
+                     N marks a token that is no patch (EViT's fused token, authors' counts).
     keep:            mask regime only: (B, N) keep mask of the patch tokens (1 = kept); None = all.
     keep_decisions:  per pruning stage, (B, N) keep mask over the original patches (training: the
                      hard Gumbel decisions, with gradient; eval: 0/1 from the kept indices).
@@ -107,7 +108,8 @@ class SparseInfo:
 
     keep_decisions: per stage, (B, N) keep masks over the original patches (with gradient in training).
     keep_mask:      (B, N) final keep mask (detached), 1 for patches that reached the last block.
-    kept_index:     eval only: per stage, (B, k_s) kept original patch indices, ascending.
+    kept_index:     eval only: per stage, (B, k_s) kept original patch indices, ascending (EViT with
+                    the authors' counts: N for a kept fused token, last).
     patch_tokens:   (B, M, C) final patch tokens after the last norm (M = N in training, where every
                     token stays in the tensor; the kept tokens in eval).
     patch_index:    (B, M) original patch index of each row of `patch_tokens`.
@@ -303,7 +305,9 @@ def run(model: VisionTransformer, images: torch.Tensor, regime: Regime | None = 
     if state.keep is not None:
         keep_mask = state.keep.detach()
     else:
-        keep_mask = torch.zeros(batch, patches, device=x.device).scatter_(1, state.patch_index, 1.0)
+        # patch_index may hold `patches` for a token that is no patch (EViT's fused token): dropped here.
+        keep_mask = torch.zeros(batch, patches + 1, device=x.device).scatter_(1, state.patch_index, 1.0)
+        keep_mask = keep_mask[:, :patches]
     model.__dict__[_INFO_ATTR] = SparseInfo(
         keep_decisions=state.keep_decisions,
         keep_mask=keep_mask,

@@ -37,7 +37,7 @@ def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def _kept_overlay(image: np.ndarray, kept: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     mask = np.zeros(grid[0] * grid[1], dtype=bool)
-    mask[kept] = True
+    mask[kept[kept < mask.size]] = True  # EViT marks its fused token (no patch) with index N
     mask = _upsample(mask.reshape(grid), *image.shape[:2])[..., None]
     grey = image.mean(axis=-1, keepdims=True) * 0.35 + 0.55
     return np.where(mask, image, grey)

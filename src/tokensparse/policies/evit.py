@@ -1,23 +1,39 @@
 """EViT (Liang et al., ICLR 2022): keep the tokens the class token attends to, fuse the rest into one.
 
-At each location block, between attention and MLP (where the authors reorganise tokens), the patch
-tokens are ranked by the class token's attention in that block (softmax probabilities, mean over
-heads). The top ones stay; the others are fused into one token, sum_i a_i x_i over the dropped tokens
-i with their attention a_i (the authors' code: not renormalised), appended after the kept tokens; the
-MLP and the later blocks run on the shorter sequence. No parameters, no training needed.
+At each location block, between attention and MLP (where the authors reorganise tokens), the tokens
+after the prefix are ranked by the class token's attention in that block (softmax probabilities of
+the class-token query, mean over heads). The top ones stay; with `fuse`, the others become one token,
+sum_i a_i x_i over the dropped tokens i with their attention a_i (not renormalised, as the authors'
+code computes it), appended after the kept tokens; the MLP and the later blocks run on the shorter
+sequence. No parameters. Training runs the same forward (the authors fine-tune with tokens removed);
+their fine-tuning anneals the keep rate (1 for `shrink_start_epoch` epochs, then a cosine to the base
+rate over `shrink_epochs`, per iteration, one rate for all locations): a training loop can do the same
+by setting `get_policy(model).keep_ratio` before each step, as the count is computed every forward.
 
-Counts follow DynamicViT, not EViT's ceil(rho * (N - 1)) of the current tokens, so the baselines
-compare at equal token counts: stage s keeps int(N * keep_ratio ** (s + 1)) patch tokens, plus the
-fused token. The fused token is not a patch: it is kept outside `state.x` (in
-`state.extra['fused_token']`, joined for each block), so `patch_index`, `kept_index` and
-`sparsity_info` name real patches only. At a later stage the previous fused token is not ranked
-against patches; it is folded into the new one with its own attention weight. Training runs the same
-forward (the authors fine-tune with tokens removed).
+Two token-count rules (`counts`):
+
+- "authors" (default): the authors' evit.py, exactly. A location keeps ceil(keep_ratio * T) of the
+  T tokens present after the prefix, the current count rather than the original patch count (196 ->
+  138, 97, 68 at 0.7 without fusion; 138, 98, 70 with it), and nothing changes (no fused token either)
+  where that keeps them all. From the second location on the previous fused token is ranked together
+  with the patches: if it is among the top ones it stays as a token of its own, else it is fused into
+  the new one. A fused token is not a patch: in `patch_index`, `kept_index` and
+  `sparsity_info(model).patch_index` it appears as the index N (the number of patches), and, since
+  images can keep different numbers of real patches, `kept_index[s]` has ceil(keep_ratio * T) entries
+  per image, ascending, a kept fused token last as N. The authors' code ranks every non-class token,
+  a DeiT distillation token included; here only the tokens after all prefix tokens are ranked.
+- "dynamicvit": DynamicViT's counts, for comparisons with DynamicViT at equal token counts and FLOPs:
+  stage s keeps int(N * keep_ratio ** (s + 1)) patch tokens, plus the fused token. Here the fused token
+  is kept outside `state.x` (in `state.extra['fused_token']`, joined for each block) and never ranked;
+  a later stage folds it into the new one with its own attention weight, so `patch_index`,
+  `kept_index` and `sparsity_info` name real patches only.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -28,29 +44,57 @@ from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches
 from .baselines import mlp_macs, record_mlp_tokens, reduced_mlp_flops
 from .dynamicvit import check_keep_ratio, check_locations, keep_counts
 
+Counts = Literal["authors", "dynamicvit"]
+COUNTS = ("authors", "dynamicvit")
+
+
+def authors_keep_counts(patches: int, keep_ratio: float, stages: int, fuse: bool) -> list[int]:
+    """Tokens the authors' EViT keeps at each location, from `patches` tokens after the prefix.
+
+    math.ceil(keep_rate * (N - 1)) on Python floats, N - 1 the non-class tokens present (the previous
+    fused token included); a location that would keep them all changes nothing.
+    """
+    ranked, counts = patches, []
+    for _ in range(stages):
+        count = math.ceil(keep_ratio * ranked)
+        counts.append(count)
+        if count < ranked:
+            ranked = count + int(fuse)
+    return counts
+
 
 class EViTPolicy(TokenPolicy, nn.Module):
     """EViT's token reorganisation at `locations`. No parameters."""
 
     method = "evit"
 
-    def __init__(self, model: VisionTransformer, keep_ratio: float, locations: Sequence[int], fuse: bool):
+    def __init__(
+        self,
+        model: VisionTransformer,
+        keep_ratio: float,
+        locations: Sequence[int],
+        fuse: bool,
+        counts: Counts = "authors",
+    ):
         super().__init__()
         self.keep_ratio = float(keep_ratio)
         self.locations = tuple(int(i) for i in locations)
         self.fuse = fuse
+        self.counts = counts
         self.mlp_macs = mlp_macs(model)
         self.attn_dims = tuple(int(block.attn.num_heads * block.attn.head_dim) for block in model.blocks)
 
     def extra_repr(self) -> str:
-        return f"keep_ratio={self.keep_ratio}, locations={self.locations}, fuse={self.fuse}"
+        return f"keep_ratio={self.keep_ratio}, locations={self.locations}, fuse={self.fuse}, counts={self.counts!r}"
 
     def begin(self, model: VisionTransformer, state: TokenState) -> None:
         state.extra["fused_token"] = None
+        state.extra["class_row_tokens"] = []
 
     def before_block(self, index: int, state: TokenState) -> None:
-        tokens = state.x.shape[1] + (state.extra["fused_token"] is not None)
-        state.extra["active_tokens"] = torch.full((state.batch_size,), tokens, device=state.x.device)
+        if self.counts == "dynamicvit":
+            tokens = state.x.shape[1] + (state.extra["fused_token"] is not None)
+            state.extra["active_tokens"] = torch.full((state.batch_size,), tokens, device=state.x.device)
 
     def run_block(self, index: int, block: nn.Module, state: TokenState) -> None:
         fused = state.extra["fused_token"]
@@ -61,26 +105,80 @@ class EViTPolicy(TokenPolicy, nn.Module):
         else:
             out, q, k = attention_parts(block.attn, block.norm1(x))
             x = x + block.drop_path1(block.ls1(out))
-            class_attention = ((q[:, :, :1] * block.attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            x = self.reorganize(self.locations.index(index), state, x, class_attention.mean(dim=1)[:, 0])
+            stage = self.locations.index(index)
+            if self.counts == "authors":
+                x = self.reorganize_authors(state, x, q, k, block.attn.scale)
+            else:
+                x = self.reorganize(stage, state, x, q, k, block.attn.scale)
             record_mlp_tokens(state, x.shape[1])
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        if self.counts == "authors":
+            state.x = x
+            return
         main = state.x.shape[1]
         state.x = x[:, :main]
         if state.extra["fused_token"] is not None:
             state.extra["fused_token"] = x[:, main:]
 
-    def reorganize(
-        self, stage: int, state: TokenState, x: torch.Tensor, attention: torch.Tensor
+    def class_attention(
+        self, state: TokenState, q: torch.Tensor, k: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        """Keep the top patch tokens of `x` (B, t, C) by class attention (B, t); return the MLP's input."""
+        """(B, t): the class token's attention to every token (softmax, mean over heads); records the
+        tokens of the row computed for the FLOP count."""
+        state.extra["class_row_tokens"].append(k.shape[2])
+        return ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)[:, 0]
+
+    def reorganize_authors(
+        self, state: TokenState, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """The authors' rule on `x` (B, P + T, C), all T tokens after the prefix ranked; the MLP's input."""
+        prefix, ranked = state.num_prefix, x.shape[1] - state.num_prefix
+        count = math.ceil(self.keep_ratio * ranked)
+        if count >= ranked:
+            state.extra["class_row_tokens"].append(0)
+            self.record_stage(state, state.patch_index)
+            return x
+        attention = self.class_attention(state, q, k, scale)[:, prefix:]
+        kept = attention.topk(count, dim=1).indices.sort(dim=1).values  # the order tokens had
+        tokens = x[:, prefix:]
+        channels = x.shape[-1]
+        kept_tokens = tokens.gather(1, kept.unsqueeze(-1).expand(-1, -1, channels))
+        patch_index = state.patch_index.gather(1, kept)
+        self.record_stage(state, patch_index)
+        parts = [x[:, :prefix], kept_tokens]
+        if self.fuse:
+            dropped = attention.scatter(1, kept, 0.0)  # the dropped tokens' attention, the kept ones' 0
+            parts.append((tokens * dropped.unsqueeze(-1)).sum(dim=1, keepdim=True))
+            patch_index = torch.cat(
+                [patch_index, torch.full_like(patch_index[:, :1], state.num_patches)], dim=1
+            )
+        state.patch_index = patch_index
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def record_stage(state: TokenState, kept_index: torch.Tensor) -> None:
+        """Note a location's kept tokens (B, k) as original patch indices, N for a fused token."""
+        state.kept_index.append(kept_index)
+        decision = torch.zeros(state.batch_size, state.num_patches + 1, device=kept_index.device)
+        state.keep_decisions.append(decision.scatter_(1, kept_index, 1.0)[:, : state.num_patches])
+
+    def reorganize(
+        self, stage: int, state: TokenState, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """DynamicViT's counts: keep the top patch tokens of `x` (B, t, C); return the MLP's input."""
         prefix, present = state.num_prefix, state.patch_tokens.shape[1]
         count = keep_counts(state.num_patches, self.keep_ratio, self.locations)[stage]
         fused = state.extra["fused_token"]
+        if count >= present:
+            state.extra["class_row_tokens"].append(0)
+            state.x = x[:, : prefix + present]
+            state.keep_top(count, lambda: None)
+            return x
+        attention = self.class_attention(state, q, k, scale)
         patch_attention = attention[:, prefix : prefix + present]
         state.x = x[:, : prefix + present]
         kept = state.keep_top(count, lambda: patch_attention)
-        if self.fuse and count < present:
+        if self.fuse:
             dropped = torch.ones_like(patch_attention).scatter_(1, kept, 0.0) * patch_attention
             fused_new = (x[:, prefix : prefix + present] * dropped.unsqueeze(-1)).sum(dim=1, keepdim=True)
             if fused is not None:
@@ -96,11 +194,11 @@ class EViTPolicy(TokenPolicy, nn.Module):
 
 
 def evit_flops(policy: EViTPolicy, info: SparseInfo, num_patches: int) -> torch.Tensor:
-    """(B,) multiply-adds beyond `backbone_flops`: the class-token attention row each location block
+    """(B,) multiply-adds beyond `backbone_flops`: the class-token attention row each pruning location
     computes beside its fused attention (tokens x heads x head_dim), minus the MLP work on the tokens
     removed before that block's MLP."""
-    tokens = info.tokens_per_block.detach().to("cpu", torch.float64)
-    class_row = sum(tokens[:, i] * policy.attn_dims[i] for i in policy.locations)
+    rows = info.extra["class_row_tokens"]
+    class_row = sum(float(t) * policy.attn_dims[i] for t, i in zip(rows, policy.locations, strict=True))
     return class_row + reduced_mlp_flops(policy, info, num_patches)
 
 
@@ -109,19 +207,26 @@ def evit(
     keep_ratio: float = 0.7,
     locations: Sequence[int] | None = None,
     fuse: bool = True,
+    counts: Counts = "authors",
 ) -> VisionTransformer:
     """Make `model` an EViT in place (and return it): token reorganisation in blocks `locations`.
 
-    locations defaults to DynamicViT's, (3, 6, 9) for 12 blocks (also EViT's). Stage s keeps
-    int(N * keep_ratio ** (s + 1)) patch tokens; with fuse, the rest become one attention-weighted
-    token. Needs a class token (its attention ranks the patches).
+    locations defaults to (3, 6, 9) for 12 blocks (EViT's and DynamicViT's). With fuse, the tokens
+    not kept become one attention-weighted token. counts="authors" (default) is the authors' evit.py:
+    each location keeps ceil(keep_ratio * T) of the T tokens present, the previous fused token ranked
+    with the patches (196 patches at 0.7: 138, 98, 70 kept with fusion; 138, 97, 68 without).
+    counts="dynamicvit" keeps int(N * keep_ratio ** (s + 1)) patches at stage s (137, 96, 67),
+    DynamicViT's counts, for equal-FLOP comparisons with DynamicViT. Needs a class token.
     """
     check_vit(model)
     keep_ratio = check_keep_ratio(keep_ratio)
     locations = check_locations(locations, len(model.blocks))
-    keep_counts(num_patches(model), keep_ratio, locations)
+    if counts not in COUNTS:
+        raise ValueError(f"counts must be one of {COUNTS}, got {counts!r}")
+    if counts == "dynamicvit":
+        keep_counts(num_patches(model), keep_ratio, locations)
     if not isinstance(fuse, bool):
         raise ValueError(f"fuse must be True or False, got {fuse!r}")
     if getattr(model, "cls_token", None) is None:
         raise ValueError("EViT ranks patches by the class token's attention; this model has no class token")
-    return sparsify(model, EViTPolicy(model, keep_ratio, locations, fuse), "evit")
+    return sparsify(model, EViTPolicy(model, keep_ratio, locations, fuse, counts), "evit")
