@@ -33,7 +33,7 @@ from timm.scheduler import create_scheduler_v2
 from tqdm.auto import tqdm
 
 from .checkpoints import read_state_dict, save_checkpoint
-from .data import build_dataset, build_loader, num_classes
+from .data import build_dataset, build_loader, class_names, num_classes
 from .evaluate import evaluate
 from .losses import AViTLoss, DynamicViTLoss, classification_loss, logits_kl, teacher_outputs
 
@@ -48,6 +48,7 @@ class TrainConfig:
     method: str = "dynamicvit"
     model: str = "deit_tiny_patch16_224"
     checkpoint: str | None = None
+    pretrained: bool = False
     teacher: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     dataset: str = "fashion-mnist-clutter"
@@ -123,27 +124,49 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
 
 
 def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Module:
-    """The dense timm model at the data's image size and class count, with the starting weights."""
+    """The dense timm model at the data's image size and class count, with the starting weights.
+
+    Starting weights: `cfg.checkpoint` (a file), or timm's own pretrained weights of `cfg.model` with
+    `cfg.pretrained`. A dense run replaces a head of another class count with a new one (fine-tuning);
+    a sparsifying method refuses it (`HeadMismatchError`): fine-tune the dense model first.
+    """
     kwargs = dict(cfg.model_kwargs)
     if img_size is not None:
         kwargs.setdefault("img_size", img_size)
     if cfg.drop_path:
         kwargs["drop_path_rate"] = cfg.drop_path
+    if cfg.pretrained and cfg.checkpoint:
+        raise ValueError("give either --pretrained (timm's weights) or --checkpoint FILE, not both")
     try:
         model = timm.create_model(cfg.model, pretrained=False, num_classes=classes, **kwargs)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ValueError(str(err)) from err
+    except TypeError as err:  # a CNN given img_size=...
+        raise ValueError(
+            f"--model {cfg.model} is not a vision transformer timm can build with {kwargs} ({err}); "
+            "tokensparse needs a timm VisionTransformer (deit_*, vit_*, ...)"
+        ) from err
+    if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
+        raise ValueError(
+            f"--model {cfg.model} is a {type(model).__name__}, not a vision transformer: tokensparse "
+            "needs a timm VisionTransformer (deit_*, vit_*, ...)"
+        )
     patch = model.patch_embed.patch_size
     if img_size is not None and (img_size % patch[0] or img_size % patch[1]):
         raise ValueError(f"image size {img_size} is not a multiple of {cfg.model}'s patch size {patch[0]}")
-    if cfg.checkpoint:
-        state = read_state_dict(cfg.checkpoint)
+    if cfg.checkpoint or cfg.pretrained:
+        source = cfg.checkpoint or f"timm's pretrained {cfg.model}"
+        state = (
+            read_state_dict(cfg.checkpoint) if cfg.checkpoint else pretrained_state_dict(cfg.model, kwargs)
+        )
         state = {k: v for k, v in state.items() if not k.startswith("score_predictor.")}
         for head in ("head", "head_dist"):
             weight = state.get(f"{head}.weight")
             if weight is not None and weight.shape[0] != classes:
+                if cfg.method != "dense":
+                    raise HeadMismatchError(cfg, weight.shape[0], classes)
                 warnings.warn(
-                    f"{cfg.checkpoint}: {head} has {weight.shape[0]} classes but the data has {classes}; "
+                    f"{source}: {head} has {weight.shape[0]} classes but the data has {classes}; "
                     f"{head} is replaced by a new, randomly initialised one",
                     stacklevel=2,
                 )
@@ -152,9 +175,44 @@ def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Modu
         missing = [k for k in missing if not k.startswith(("head.", "head_dist."))]
         if missing or unexpected:
             raise ValueError(
-                f"{cfg.checkpoint} does not fit {cfg.model}: missing {missing[:6]}, unexpected {unexpected[:6]}"
+                f"{source} does not fit {cfg.model}: missing {missing[:6]}, unexpected {unexpected[:6]}"
             )
     return model
+
+
+class HeadMismatchError(ValueError):
+    """The starting weights classify other classes than the data: sparsifying them needs a dense fine-tune first."""
+
+    def __init__(self, cfg: TrainConfig, head_classes: int, data_classes: int) -> None:
+        start = f"--checkpoint {cfg.checkpoint}" if cfg.checkpoint else "--pretrained"
+        data = f"--dataset {cfg.dataset}" + (f" --data-root {cfg.data_root}" if cfg.data_root else "")
+        dense = f"{cfg.output.rstrip('/')}/dense"
+        super().__init__(
+            f"the starting weights ({start}) have a {head_classes}-class head but the data has "
+            f"{data_classes} classes; {cfg.method} needs a model already trained on these classes "
+            "(its teacher is the starting model). Fine-tune the dense model first, then sparsify it:\n"
+            f"  tokensparse train --method dense --model {cfg.model} {start} {data} --output {dense}\n"
+            f"  tokensparse train --method {cfg.method} --model {cfg.model} --checkpoint "
+            f"{dense}/model.safetensors {data} --output {cfg.output}\n"
+            "or run both in one command with --finetune-dense-epochs N."
+        )
+
+
+def pretrained_state_dict(name: str, kwargs: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """timm's pretrained weights of model `name` (from timm's cache, or downloaded if online).
+
+    Raises ValueError when they cannot be had (offline with an empty cache, or no weights for the name).
+    """
+    kwargs = {k: v for k, v in (kwargs or {}).items() if k in ("img_size",)}
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs).state_dict()
+    except Exception as err:  # hub, urllib and timm raise many types (OSError, RuntimeError, ...)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"timm's pretrained weights for {name} are not available offline or could not be fetched "
+            f"({type(err).__name__}: {first}); download them once with network access (they are "
+            "cached), or pass the weights file with --checkpoint FILE"
+        ) from err
 
 
 def sparsify_for(cfg: TrainConfig, model: nn.Module) -> nn.Module:
@@ -401,6 +459,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             ),
             out / "config.json",
         )
+        names = class_names(train_set)
+        if names is not None:  # for `tokensparse predict`
+            _atomic_write_text(json.dumps(names), out / "classes.json")
         if teacher is not None and not (out / "teacher.safetensors").exists():
             save_checkpoint(teacher, out / "teacher.safetensors")
     writer = _tensorboard(out) if is_main else None
@@ -471,7 +532,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         metrics = {
             "epoch": epoch + 1,
             "train_loss": _mean_across_ranks(running, seen, device),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": max(g["lr"] for g in optimizer.param_groups),  # the new parts' (DynamicViT's predictors)
+            "lr_groups": sorted({g["lr"] for g in optimizer.param_groups}, reverse=True),
             "nan_skipped": nan_skipped,
             "epoch_seconds": round(time.perf_counter() - tic, 2),
             **{f"val_{k}": v for k, v in val.items()},
@@ -578,7 +640,7 @@ def load_trained(
         if cfg is None:
             raise ValueError("loading a bare checkpoint needs a TrainConfig naming the model and method")
         weights, classes, img_size = path, None, cfg.img_size
-    dense_cfg = dataclasses.replace(cfg, checkpoint=None, drop_path=0.0)
+    dense_cfg = dataclasses.replace(cfg, checkpoint=None, pretrained=False, drop_path=0.0)
     if classes is None:
         state = read_state_dict(weights)
         classes = state["head.weight"].shape[0] if "head.weight" in state else 1000
