@@ -362,7 +362,11 @@ def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
     resolve_device(args.device)
-    if args.epochs > 1 and args.warmup_epochs >= args.epochs:
+    if (
+        None not in (args.epochs, args.warmup_epochs)
+        and args.epochs > 1
+        and args.warmup_epochs >= args.epochs
+    ):
         scaled = args.epochs // 6
         print(
             f"note: --warmup-epochs {args.warmup_epochs} is not shorter than --epochs {args.epochs}; "
