@@ -227,7 +227,7 @@ def test_missing_image_folder_names_the_path(tmp_path: Path) -> None:
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "val")):
         build_dataset("folder", root=tmp_path, split="val")
-    with pytest.raises(ValueError, match="needs root="):
+    with pytest.raises(ValueError, match="needs --data-root"):
         build_dataset("folder")
     with pytest.raises(ValueError, match="unknown data set 'imagenette'"):
         build_dataset("imagenette", root=tmp_path)

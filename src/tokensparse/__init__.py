@@ -1,18 +1,41 @@
 """tokensparse: faster timm vision transformers by dropping the tokens an image does not need.
 
 model = tokensparse.dynamicvit(timm.create_model("deit_small_patch16_224"), keep_ratio=0.7)
+model = tokensparse.load_run("runs/dvit")     # a trained run, in eval mode
+
+The names below are imported on first use, so `import tokensparse` (and the CLI's `--help`) does not
+import torch until something needs it.
 """
 
-from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from .engine import SparseInfo, sparsity_info
-from .flops import gflops, model_flops
-from .losses import AViTLoss, DynamicViTLoss, teacher_outputs
-from .models import pretrained
-from .policies.avit import HaltingStats, avit, avit_stats
-from .policies.baselines import random_prune, static_prune
-from .policies.dynamicvit import dynamicvit
-from .policies.evit import evit
-from .policies.tome import tome
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "CheckpointError": ".checkpoints",
+    "load_checkpoint": ".checkpoints",
+    "save_checkpoint": ".checkpoints",
+    "SparseInfo": ".engine",
+    "sparsity_info": ".engine",
+    "gflops": ".flops",
+    "model_flops": ".flops",
+    "AViTLoss": ".losses",
+    "DynamicViTLoss": ".losses",
+    "teacher_outputs": ".losses",
+    "HaltingStats": ".policies.avit",
+    "avit": ".policies.avit",
+    "avit_stats": ".policies.avit",
+    "random_prune": ".policies.baselines",
+    "static_prune": ".policies.baselines",
+    "dynamicvit": ".policies.dynamicvit",
+    "evit": ".policies.evit",
+    "tome": ".policies.tome",
+    "load_run": ".runs",
+    "pretrained": ".models",
+}
 
 __all__ = [
     "AViTLoss",
@@ -30,9 +53,36 @@ __all__ = [
     "pretrained",
     "gflops",
     "load_checkpoint",
+    "load_run",
     "model_flops",
     "save_checkpoint",
     "sparsity_info",
     "teacher_outputs",
 ]
-__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tokensparse' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
+    from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+    from .engine import SparseInfo, sparsity_info
+    from .flops import gflops, model_flops
+    from .losses import AViTLoss, DynamicViTLoss, teacher_outputs
+    from .models import pretrained
+    from .policies.avit import HaltingStats, avit, avit_stats
+    from .policies.baselines import random_prune, static_prune
+    from .policies.dynamicvit import dynamicvit
+    from .policies.evit import evit
+    from .policies.tome import tome
+    from .runs import load_run

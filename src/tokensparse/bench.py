@@ -32,6 +32,14 @@ class Timing:
     def median(self) -> float:
         return statistics.median(self.seconds)
 
+    @property
+    def spread(self) -> float:
+        """Interquartile range of the times relative to their median (0 with fewer than two)."""
+        if len(self.seconds) < 2:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.seconds, n=4, method="inclusive")
+        return (q3 - q1) / self.median
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -112,6 +120,7 @@ class BenchRow:
     images_per_s: float
     speedup: float
     bound_speedup: float | None = None
+    spread: float | None = None  # IQR / median of the contender's times
 
     @property
     def share_of_bound(self) -> float | None:
@@ -128,16 +137,22 @@ class BenchResult:
     machine: str
     date: str
     rows: list[BenchRow]
+    warnings: list[str] = field(default_factory=list)
 
     def table(self) -> str:
-        """A Markdown table of the rows."""
-        head = "| method | setting | GFLOPs/img | img/s | speedup vs dense | bound | share of bound |"
-        lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
+        """A Markdown table of the rows; GFLOPs count multiply-adds (MACs), as the papers do."""
+        head = (
+            "| method | setting | GFLOPs (MACs)/img | img/s | IQR/median | speedup vs dense | bound "
+            "| share of bound |"
+        )
+        lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in self.rows:
             bound = "" if r.bound_speedup is None else f"{r.bound_speedup:.2f}x"
             share = "" if r.share_of_bound is None else f"{r.share_of_bound:.3f}"
+            spread = "" if r.spread is None else f"{100 * r.spread:.1f}%"
             lines.append(
-                f"| {r.method} | {r.setting} | {r.gflops:.2f} | {r.images_per_s:.1f} | {r.speedup:.2f}x | {bound} | {share} |"
+                f"| {r.method} | {r.setting} | {r.gflops:.2f} | {r.images_per_s:.1f} | {spread} | {r.speedup:.2f}x "
+                f"| {bound} | {share} |"
             )
         return "\n".join(lines)
 
@@ -157,7 +172,16 @@ def _build(model: str | nn.Module, img_size: int | None, num_classes: int | None
         kwargs["img_size"] = img_size
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    return model, timm.create_model(model, pretrained=False, **kwargs)
+    try:
+        built = timm.create_model(model, pretrained=False, **kwargs)
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise ValueError(f"{err} (timm.list_models('*vit*') lists the ViTs)") from err
+    if not isinstance(built, VisionTransformer):
+        raise ValueError(
+            f"--model {model} is a {type(built).__name__}, not a vision transformer: tokensparse needs a timm "
+            "VisionTransformer such as deit_small_patch16_224 or vit_base_patch16_224"
+        )
+    return model, built
 
 
 PRUNING_METHODS = ("dynamicvit", "evit", "random", "static", "tome")
@@ -170,15 +194,15 @@ def _time_all(
     warmup: int,
     device: str,
     progress: bool,
-) -> dict[str, float]:
-    """Median seconds of each contender, interleaved, under inference mode, with a progress bar."""
+) -> dict[str, Timing]:
+    """Each contender's times, interleaved, under inference mode, with a progress bar."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=rounds, desc=label, disable=not progress, leave=False)
     with torch.inference_mode():
         timings = interleaved(contenders, rounds=rounds, warmup=warmup, device=device, progress=bar.update)
     bar.close()
-    return {name: timing.median for name, timing in timings.items()}
+    return timings
 
 
 def _gflops(model: nn.Module, images: torch.Tensor) -> float:
@@ -187,6 +211,28 @@ def _gflops(model: nn.Module, images: torch.Tensor) -> float:
     from .flops import model_flops
 
     return float(model_flops(copy.deepcopy(model).float().cpu(), images.float().cpu()).mean()) / 1e9
+
+
+def busy_warnings(rows: Sequence[BenchRow], max_spread: float = 0.10) -> list[str]:
+    """Why these timings may be unreliable: a load average above the core count, or a wide spread."""
+    notes = []
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not on every platform
+        load = 0.0
+    if load > cores:
+        notes.append(
+            f"the machine is busy (load average {load:.1f} over {cores} cores): other work inflates and "
+            "scatters these timings; measure on an idle machine"
+        )
+    wide = [f"{r.method} {r.setting}" for r in rows if r.spread is not None and r.spread > max_spread]
+    if wide:
+        notes.append(
+            f"timings spread above {100 * max_spread:.0f}% of their median (IQR) for {', '.join(wide)}: "
+            "add --rounds or measure on an idle machine"
+        )
+    return notes
 
 
 def _result(name: str, batch_size: int, device: str, dtype: torch.dtype, rounds: int, rows: list[BenchRow]):
@@ -199,6 +245,7 @@ def _result(name: str, batch_size: int, device: str, dtype: torch.dtype, rounds:
         machine=machine_description(device),
         date=today(),
         rows=rows,
+        warnings=busy_warnings(rows),
     )
 
 
@@ -256,16 +303,28 @@ def bench_dynamicvit(
             theirs = authors_dynamicvit(authors_code, copy.deepcopy(dense).float().cpu(), ratio)
             theirs = theirs.to(device=device, dtype=dtype)
             contenders[f"authors@{ratio}"] = lambda m=theirs: m(images)
-    seconds = _time_all(contenders, f"bench {name} b{batch_size}", rounds, warmup, device, progress)
+    timings = _time_all(contenders, f"bench {name} b{batch_size}", rounds, warmup, device, progress)
+    seconds = {key: timing.median for key, timing in timings.items()}
+    spread = {key: timing.spread for key, timing in timings.items()}
     dense_time = seconds["dense"]
     one_image = images[:1]  # pruning counts do not depend on the image
-    rows = [BenchRow("dense", "-", _gflops(dense, one_image), batch_size / dense_time, 1.0)]
+    rows = [
+        BenchRow("dense", "-", _gflops(dense, one_image), batch_size / dense_time, 1.0, None, spread["dense"])
+    ]
     for ratio, sparse in sparse_models.items():
         t = seconds[f"{method}@{ratio}"]
         bound = dense_time / seconds[f"bound@{ratio}"]
         label = f"r={int(ratio)}" if method == "tome" else f"keep_ratio={ratio}"
         rows.append(
-            BenchRow(method, label, _gflops(sparse, one_image), batch_size / t, dense_time / t, bound)
+            BenchRow(
+                method,
+                label,
+                _gflops(sparse, one_image),
+                batch_size / t,
+                dense_time / t,
+                bound,
+                spread[f"{method}@{ratio}"],
+            )
         )
         if f"authors@{ratio}" in seconds:
             t = seconds[f"authors@{ratio}"]
@@ -277,6 +336,7 @@ def bench_dynamicvit(
                     batch_size / t,
                     dense_time / t,
                     bound,
+                    spread[f"authors@{ratio}"],
                 )
             )
     return _result(name, batch_size, device, dtype, rounds, rows)
@@ -331,10 +391,12 @@ def bench_avit(
                 sparse(images)
             counts = [max(int(c), 1) for c in sparsity_info(sparse).tokens_per_block[0].tolist()]
             contenders[f"trunc@{center}"] = lambda c=counts: truncated_forward(dense, images, c)
-    seconds = _time_all(contenders, f"bench {name} b{batch_size}", rounds, warmup, device, progress)
+    timings = _time_all(contenders, f"bench {name} b{batch_size}", rounds, warmup, device, progress)
+    seconds = {key: timing.median for key, timing in timings.items()}
+    spread = {key: timing.spread for key, timing in timings.items()}
     dense_time = seconds["dense"]
     dense_gflops = _gflops(dense, images)
-    rows = [BenchRow("dense", "-", dense_gflops, batch_size / dense_time, 1.0)]
+    rows = [BenchRow("dense", "-", dense_gflops, batch_size / dense_time, 1.0, None, spread["dense"])]
     for center, sparse in sparse_models.items():
         gflops = _gflops(sparse, images)  # per image halting: the whole batch is counted
         timed = [("avit", f"gate_scale={gate_scale:g}, gate_center={center:g}", f"avit@{center}")]
@@ -345,7 +407,15 @@ def bench_avit(
         for method, setting, key in timed:
             t = seconds[key]
             rows.append(
-                BenchRow(method, setting, gflops, batch_size / t, dense_time / t, dense_gflops / gflops)
+                BenchRow(
+                    method,
+                    setting,
+                    gflops,
+                    batch_size / t,
+                    dense_time / t,
+                    dense_gflops / gflops,
+                    spread[key],
+                )
             )
     return _result(name, batch_size, device, dtype, rounds, rows)
 

@@ -1,4 +1,8 @@
-"""Command line: parses arguments and calls the library; every command is a function too."""
+"""Command line: parses arguments and calls the library; every command is a function too.
+
+Nothing here imports torch (or the modules that do) before a command runs, so `--help`, `--version`
+and argument errors answer at once.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,88 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-import torch
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
+METHOD_CHOICES = ("dense", "dynamicvit", "avit", "evit", "tome", "random", "static")
+
+
+def __getattr__(name: str):
+    if name == "DTYPES":  # {name: torch.dtype}, built on first use (it needs torch)
+        import torch
+
+        return {key: getattr(torch, value) for key, value in DTYPE_NAMES.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])
+
+
+def resolve_device(name: str) -> str:
+    """`auto` -> cuda when torch sees a GPU, else cpu; a device torch cannot use -> ValueError naming the flag."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(
+            f"--device {name}: not a device torch knows ({err}); use cpu, cuda, cuda:N or auto"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {name}: torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                "use --device cpu, or auto to take a GPU when there is one"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu or auto")
+    return name
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N, or auto: a GPU when torch sees one (default: auto)",
+    )
+
+
+def _add_weights(p: argparse.ArgumentParser, positional: bool) -> None:
+    """A run folder, or a weights file with --model and --method."""
+    what = "a training run folder (config.json + weights), or a weights file with --model and --method"
+    if positional:
+        p.add_argument("run", help=what)
+    else:
+        p.add_argument("--run", required=True, metavar="RUN", help=what)
+    p.add_argument("--model", default=None, help="timm model name, for a weights file")
+    p.add_argument("--method", default=None, choices=METHOD_CHOICES, help="token policy, for a weights file")
+    p.add_argument(
+        "--img-size", type=int, default=None, help="image size of a weights file (default: from it)"
+    )
+    _add_model_kwargs(p)
+
+
+def _add_model_kwargs(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default=None,
+        help="extra timm.create_model kwargs of a weights file, as JSON (a run folder has them)",
+    )
 
 
 def _ratio(text: str) -> float:
@@ -39,9 +114,11 @@ def _positive_int(text: str) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="executed GFLOPs, images/s and speedup vs dense for a timm ViT (random weights, no download)",
-        description="Time the dense model and its sparsified versions in one interleaved run; report medians, "
-        "speedups vs dense and vs the truncation bound (the same blocks fed pre-sliced token counts).",
+        help="executed GMACs, images/s and speedup vs dense for a timm ViT (random weights, no download)",
+        description="Time the dense model and its sparsified versions in one interleaved run; report medians "
+        "with their spread (IQR), speedups vs dense and vs the truncation bound (the same blocks fed "
+        "pre-sliced token counts). GFLOPs count multiply-adds (MACs), as the papers do. With --run, the "
+        "run's backbone weights and setting are timed (on random images).",
     )
     p.add_argument(
         "--model",
@@ -50,61 +127,105 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--method",
-        default="dynamicvit",
+        default=None,
         choices=["dynamicvit", "avit", "evit", "random", "static", "tome"],
-        help="token policy (default: %(default)s)",
+        help="token policy (default: the run's, else dynamicvit)",
     )
-    p.add_argument("--tome-r", type=int, nargs="+", default=[8, 13], help="ToMe: tokens merged per block")
+    p.add_argument(
+        "--run",
+        default=None,
+        help="time a trained run (folder) or weights file (with --model and --method) instead of random weights",
+    )
+    p.add_argument(
+        "--tome-r", type=int, nargs="+", default=None, help="ToMe: tokens merged per block (default: 8 13)"
+    )
     p.add_argument(
         "--keep-ratios",
         type=_ratio,
         nargs="+",
-        default=[0.5, 0.7, 0.9],
+        default=None,
         metavar="RHO",
-        help="DynamicViT keep ratios (default: %(default)s)",
+        help="keep ratios of the pruning methods (default: the run's, else 0.5 0.7 0.9)",
     )
-    p.add_argument("--gate-scale", type=float, default=10.0, help="A-ViT gate scale (default: %(default)s)")
+    p.add_argument(
+        "--gate-scale", type=float, default=None, help="A-ViT gate scale (default: the run's, else 10)"
+    )
     p.add_argument(
         "--gate-centers",
         type=float,
         nargs="+",
-        default=[3.0],
-        help="A-ViT gate centres; with random weights 2-5 make tokens halt at all depths (default: %(default)s)",
+        default=None,
+        help="A-ViT gate centres; with random weights 2-5 make tokens halt at all depths (default: the run's, "
+        "else 3)",
     )
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--rounds", type=_positive_int, default=10, help="timed rounds per contender")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--img-size", type=int, default=None, help="override the model's image size")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    _add_model_kwargs(p)
+    _add_device(p)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.set_defaults(func=_bench)
+
+
+def _bench_run(args: argparse.Namespace):
+    """(dense model with the run's backbone weights, its name, the run's TrainConfig) for `bench --run`."""
+    import dataclasses
+
+    from .runs import load_with_config
+    from .train import build_model
+
+    sparse, cfg = load_with_config(
+        args.run, model=args.model, method=args.method, img_size=args.img_size, model_kwargs=args.model_kwargs
+    )
+    dense_cfg = dataclasses.replace(cfg, method="dense", checkpoint=None, pretrained=False, drop_path=0.0)
+    dense = build_model(dense_cfg, sparse.num_classes, sparse.patch_embed.img_size[0])
+    state = {k: v for k, v in sparse.state_dict().items() if not k.startswith("score_predictor.")}
+    dense.load_state_dict(state, strict=False)
+    return dense, f"{cfg.model} ({args.run})", cfg
 
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import bench_avit, bench_dynamicvit
 
+    device = resolve_device(args.device)
+    model, name, cfg = args.model, None, None
+    if args.run is not None:
+        model, name, cfg = _bench_run(args)
+        img_size = None
+    else:
+        img_size = args.img_size
+    method = args.method or (cfg.method if cfg is not None and cfg.method != "dense" else "dynamicvit")
     common = dict(
         batch_size=args.batch_size,
         rounds=args.rounds,
         warmup=args.warmup,
-        device=args.device,
-        dtype=DTYPES[args.dtype],
-        img_size=args.img_size,
+        device=device,
+        dtype=_dtype(args.dtype),
+        img_size=img_size,
         progress=not args.json,
     )
-    if args.method == "avit":
+    run_has = cfg is not None and cfg.method == method
+    if method == "avit":
         result = bench_avit(
-            args.model or "deit_tiny_patch16_224",
-            gate_centers=args.gate_centers,
-            gate_scale=args.gate_scale,
+            model or "deit_tiny_patch16_224",
+            gate_centers=args.gate_centers or ([cfg.gate_center] if run_has else [3.0]),
+            gate_scale=args.gate_scale or (cfg.gate_scale if run_has else 10.0),
             **common,
         )
     else:
-        settings = args.tome_r if args.method == "tome" else args.keep_ratios
+        if method == "tome":
+            settings = args.tome_r or ([cfg.tome_r] if run_has else [8, 13])
+        else:
+            settings = args.keep_ratios or ([cfg.keep_ratio] if run_has else [0.5, 0.7, 0.9])
         result = bench_dynamicvit(
-            args.model or "deit_small_patch16_224", keep_ratios=settings, method=args.method, **common
+            model or "deit_small_patch16_224", keep_ratios=settings, method=method, **common
         )
+    if name is not None:
+        result.model = name
+    for warning in result.warnings:
+        print(f"tokensparse bench: warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -128,8 +249,11 @@ _HELP = {
     "teacher": "teacher weights, if not the starting model",
     "dataset": "fashion-mnist-clutter (built in), 'folder' (ImageFolder with train/ and val/) or torch/<name>",
     "data_root": "data folder (ImageFolder root or torchvision root)",
-    "train_limit": "use only the first N training images",
-    "val_limit": "use only the first N validation images",
+    "train_limit": "use N training images (a seeded sample over all classes; the clutter set: the first N)",
+    "val_limit": "use N validation images (a seeded sample over all classes; the clutter set: the first N)",
+    "pretrained": "start from timm's own pretrained weights of --model (needs them downloaded or cached)",
+    "warmup_epochs": "linear warm-up epochs; when not shorter than --epochs, the CLI scales it to epochs // 6",
+    "device": "cpu, cuda, cuda:N, or auto: a GPU when torch sees one",
     "amp": "bf16 autocast on CPU, fp16 on CUDA",
     "resume": "continue from the last checkpoint in --output",
     "output": "run folder: config.json, metrics.jsonl, checkpoints/, model.safetensors",
@@ -146,35 +270,46 @@ _HELP = {
 }
 
 
-def _add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, typed from its default."""
+def train_config_fields() -> tuple[list[tuple[str, str, object]], tuple[str, ...]]:
+    """TrainConfig's fields as (name, annotation, default), and the methods (from the torch-free config)."""
     import dataclasses
 
-    from .train import METHOD_DEFAULTS, SETTING_METHODS, TrainConfig
+    from .config import METHODS, TrainConfig
 
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = _HELP.get(f.name, "") + (
-            f" (default: {default})" if default not in (None, {}, []) else ""
-        )
-        per_method = {m: d[f.name] for m, d in METHOD_DEFAULTS.items() if f.name in d}
+    fields = [
+        (f.name, str(f.type), f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        for f in dataclasses.fields(TrainConfig)
+    ]
+    return fields, tuple(METHODS)
+
+
+def _add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, typed from its default."""
+    from .config import METHOD_DEFAULTS, SETTING_METHODS
+
+    fields, methods = train_config_fields()
+    for name, annotation, default in fields:
+        flag = "--" + name.replace("_", "-")
+        help_text = _HELP.get(name, "") + (f" (default: {default})" if default not in (None, {}, []) else "")
+        per_method = {m: d[name] for m, d in METHOD_DEFAULTS.items() if name in d}
         if per_method:
             shown = ", ".join(f"{m} {v}" for m, v in per_method.items())
             help_text += f" (default per method: {shown})"
-        elif f.name in SETTING_METHODS:
-            help_text += f" (--method {' / '.join(SETTING_METHODS[f.name])} only)"
-        if f.name == "model_kwargs":
+        elif name in SETTING_METHODS:
+            help_text += f" (--method {' / '.join(SETTING_METHODS[name])} only)"
+        if name == "model_kwargs":
             p.add_argument(flag, type=json.loads, default={}, help="extra timm.create_model kwargs as JSON")
-        elif f.name == "locations":
+        elif name == "locations":
             p.add_argument(flag, type=int, nargs="+", default=None, help="DynamicViT pruning blocks")
-        elif isinstance(default, bool) or "bool" in str(f.type):
+        elif name == "method":
+            p.add_argument(flag, default=default, choices=methods, help=f"token policy (default: {default})")
+        elif isinstance(default, bool) or "bool" in annotation:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif f.name == "token_distill":
+        elif name == "token_distill":
             p.add_argument(flag, choices=["mse", "kl"], default=None, help=help_text)
-        elif "float" in str(f.type):
+        elif "float" in annotation:
             p.add_argument(flag, type=float, default=default, help=help_text)
-        elif "int" in str(f.type):
+        elif "int" in annotation:
             p.add_argument(flag, type=int, default=default, help=help_text)
         else:
             p.add_argument(flag, default=default, help=help_text)
@@ -185,9 +320,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a dense, DynamicViT, A-ViT or baseline model (torchrun for DDP)",
         description="Train with the authors' objectives; torchrun --nproc_per_node=N -m tokensparse "
-        "train ... runs DDP. Checkpoints every epoch; --resume continues a killed run.",
+        "train ... runs DDP. Checkpoints every epoch; --resume continues a killed run. Your own data and a "
+        "model trained on other classes (--pretrained, or --checkpoint of an ImageNet model): add "
+        "--finetune-dense-epochs N to fine-tune the dense model first (into OUTPUT/dense), then sparsify it.",
     )
     _add_config_arguments(p)
+    p.add_argument(
+        "--finetune-dense-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="first fine-tune the dense model N epochs on the data (into OUTPUT/dense), then train --method "
+        "from it: for starting weights whose head has other classes than the data",
+    )
     p.set_defaults(func=_train)
 
 
@@ -196,8 +341,27 @@ def _train(args: argparse.Namespace) -> int:
 
     from .train import TrainConfig, train
 
+    resolve_device(args.device)
+    if (
+        None not in (args.epochs, args.warmup_epochs)
+        and args.epochs > 1
+        and args.warmup_epochs >= args.epochs
+    ):
+        scaled = args.epochs // 6
+        print(
+            f"note: --warmup-epochs {args.warmup_epochs} is not shorter than --epochs {args.epochs}; "
+            f"warming up {scaled} epoch(s) instead (epochs // 6)",
+            file=sys.stderr,
+        )
+        args.warmup_epochs = scaled
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    metrics = train(TrainConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    if args.finetune_dense_epochs is not None:
+        from .runs import train_dense_then_sparse
+
+        metrics = train_dense_then_sparse(cfg, args.finetune_dense_epochs)
+    else:
+        metrics = train(cfg)
     if metrics:
         print(json.dumps(metrics))
     return 0
@@ -205,9 +369,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="top-1/top-5, executed GFLOPs, img/s and keep ratio or depth of a trained model"
+        "eval",
+        help="top-1/top-5, executed GFLOPs (MACs), img/s and keep ratio or depth of a trained model",
+        description="Evaluate a trained run (or a weights file with --model and --method) on its data set's "
+        "validation split. gflops counts executed multiply-adds (MACs) per image.",
     )
-    p.add_argument("run", help="a training run folder (config.json + weights)")
+    _add_weights(p, positional=True)
     p.add_argument("--dataset", default=None, help="override the run's data set")
     p.add_argument("--data-root", default=None)
     p.add_argument("--val-limit", type=int, default=None)
@@ -216,7 +383,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--keep-ratio", type=_ratio, default=None, help="evaluate DynamicViT at another keep ratio"
     )
     p.add_argument("--gate-center", type=float, default=None, help="evaluate A-ViT with another gate centre")
-    p.add_argument("--device", default="cpu")
+    _add_device(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_eval)
 
@@ -224,13 +391,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from .data import build_dataset, build_loader
     from .evaluate import evaluate
-    from .train import load_trained
+    from .runs import load_with_config
 
-    model, cfg = load_trained(args.run)
-    if args.keep_ratio is not None and cfg.method == "dynamicvit":
-        model.score_predictor.keep_ratio = args.keep_ratio
-    if args.gate_center is not None and cfg.method == "avit":
-        model.halting.gate_center = args.gate_center
+    device = resolve_device(args.device)
+    model, cfg = load_with_config(
+        args.run,
+        model=args.model,
+        method=args.method,
+        img_size=args.img_size,
+        model_kwargs=args.model_kwargs,
+        keep_ratio=args.keep_ratio,
+        gate_center=args.gate_center,
+    )
     dataset = build_dataset(
         args.dataset or cfg.dataset,
         args.data_root or cfg.data_root,
@@ -239,7 +411,7 @@ def _eval(args: argparse.Namespace) -> int:
         limit=args.val_limit or cfg.val_limit,
     )
     loader = build_loader(dataset, args.batch_size or cfg.batch_size, is_training=False)
-    result = evaluate(model.to(args.device), loader, device=args.device, progress=not args.json)
+    result = evaluate(model.to(device), loader, device=device, progress=not args.json)
     result = {"run": args.run, "method": cfg.method, "model": cfg.model, **result}
     if args.json:
         print(json.dumps(result))
@@ -272,26 +444,97 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="the full study: DynamicViT at rho 0.5/0.7/0.9, longer fine-tunes, fine-tuned baselines, "
         "the whole test split",
     )
-    p.add_argument("--device", default="cpu")
+    _add_device(p)
     p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_study, study_config
 
-    overrides = {"device": args.device}
+    overrides = {"device": resolve_device(args.device)}
     overrides |= {k: getattr(args, k) for k in ("work", "report") if getattr(args, k) is not None}
     cfg = study_config(**overrides) if args.study else DemoConfig(**overrides)
     run_study(cfg)
     return 0
 
 
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="classify image files with a trained run; --viz draws which tokens it kept",
+        description="Read images with PIL, size and normalise them as the run's data set does, print the top "
+        "classes of each; with --viz, a picture of the kept patches per stage (DynamicViT, EViT, random, "
+        "static), the halting depth (A-ViT) or the merged groups (ToMe).",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    _add_weights(p, positional=False)
+    p.add_argument(
+        "--top", type=_positive_int, default=3, help="classes shown per image (default: %(default)s)"
+    )
+    p.add_argument("--viz", default=None, metavar="PNG", help="draw what the model kept into this PNG")
+    _add_device(p)
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.set_defaults(func=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from .runs import load_with_config, read_images, run_class_names
+
+    device = resolve_device(args.device)
+    model, cfg = load_with_config(
+        args.run, model=args.model, method=args.method, img_size=args.img_size, model_kwargs=args.model_kwargs
+    )
+    model = model.to(device).eval()
+    names = run_class_names(args.run, cfg)
+    images = read_images(args.images, model, cfg.dataset)
+    with torch.no_grad():
+        probs = model(images.to(device)).float().softmax(-1).cpu()
+    top = probs.topk(min(args.top, probs.shape[1]), dim=1)
+    results = []
+    for path, p, idx in zip(args.images, top.values.tolist(), top.indices.tolist()):
+        classes = [names[i] if names is not None and i < len(names) else str(i) for i in idx]
+        results.append(
+            {
+                "image": path,
+                "top": [{"class": c, "index": i, "p": round(q, 4)} for c, i, q in zip(classes, idx, p)],
+            }
+        )
+    if args.viz:
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        from .viz import token_maps
+
+        titles = [f"{Path(r['image']).name}: {r['top'][0]['class']}" for r in results]
+        token_maps(
+            model, images.to(device), args.viz, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, titles=titles
+        )
+    if args.json:
+        print(json.dumps(results if not args.viz else {"predictions": results, "viz": args.viz}))
+    else:
+        for r in results:
+            shown = ", ".join(f"{t['class']} {100 * t['p']:.1f}%" for t in r["top"])
+            print(f"{r['image']}: {shown}")
+        if args.viz:
+            print(f"wrote {args.viz}")
+    return 0
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokensparse", description="Token sparsification for timm ViTs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_predict(sub)
     _add_demo(sub)
     return parser
 

@@ -72,7 +72,8 @@ def _find_idx(folder: Path, stem: str) -> Path:
     raise FileNotFoundError(
         f"Fashion-MNIST file not found: {folder / (stem + '.gz')} (nor {folder / stem}). "
         f"Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; files go to "
-        f"{FASHION_MNIST_DIR}), or point root= or ${FASHION_MNIST_ENV} at a folder holding the idx files."
+        f"{FASHION_MNIST_DIR}), or point --data-root DIR (root= in Python) or ${FASHION_MNIST_ENV} at a folder "
+        "holding the idx files."
     )
 
 
@@ -344,6 +345,7 @@ def build_dataset(
     std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
     limit: int | None = None,
     download: bool = False,
+    limit_seed: int = 0,
     **kw,
 ) -> Dataset:
     """A data set by name: `fashion-mnist-clutter`, `torch/<name>` (torchvision) or an ImageFolder root.
@@ -352,7 +354,8 @@ def build_dataset(
     `split` is a training split) picks timm's train augmentation or its eval transform; the clutter set
     has no augmentation. `**kw` go to FashionMNISTClutter (num_fragments, seed, return_box, ...) or to
     `timm.data.create_transform` (auto_augment, re_prob, hflip, interpolation, crop_pct, ...). `limit`
-    keeps the first n items, for quick runs. Find the class count with `num_classes(dataset)`.
+    keeps n items, for quick runs: the clutter set's first n; of other sets a seeded sample spread evenly
+    over the classes (`limit_seed`). Find the class count with `num_classes(dataset)`.
     """
     if name == CLUTTER_NAME:
         split = "train" if _is_training_split(split) else "test" if split == "test" else "val"
@@ -363,24 +366,29 @@ def build_dataset(
     if name.startswith("torch/"):
         root = Path(root) if root is not None else None
         if root is None:
-            raise ValueError(f"{name} needs root=, the folder torchvision keeps it in")
+            raise ValueError(
+                f"{name} needs --data-root DIR (root= in Python), the folder torchvision keeps it in"
+            )
         try:
             dataset = create_dataset(
                 name, root=str(root), split=split, is_training=is_training, download=download
             )
         except RuntimeError as err:
             raise FileNotFoundError(
-                f"{name} not found under {root} ({err}); download it there with torchvision (download=True)"
+                f"{name} not found under {root} ({err}); download it into --data-root {root} with torchvision "
+                "(download=True in Python, e.g. torchvision.datasets.CIFAR10(root, download=True))"
             ) from err
         dataset.transform = _Compose(_ToRGB(), transform)
     else:
         if name not in ("", "folder", "image_folder", "imagefolder"):
             raise ValueError(
                 f"unknown data set {name!r}: use {CLUTTER_NAME!r}, 'torch/<torchvision name>' or "
-                f"'folder' with root= an ImageFolder"
+                f"'folder' with --data-root DIR (root= in Python) an ImageFolder"
             )
         if root is None:
-            raise ValueError("an ImageFolder data set needs root= (a folder with train/ and val/ inside)")
+            raise ValueError(
+                "an ImageFolder data set needs --data-root DIR (root= in Python): a folder with train/ and val/ inside"
+            )
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"ImageFolder root not found: {root}")
@@ -389,7 +397,54 @@ def build_dataset(
             "", root=str(folder), split=split, search_split=False, is_training=is_training
         )
         dataset.transform = transform
-    return dataset if limit is None else Subset(dataset, range(min(limit, len(dataset))))
+    return dataset if limit is None else Subset(dataset, spread_over_classes(dataset, limit, limit_seed))
+
+
+def _targets(dataset: Dataset) -> list[int] | None:
+    """Every item's class index without loading images (timm's ImageFolder reader, torchvision sets)."""
+    samples = getattr(getattr(dataset, "reader", None), "samples", None)
+    if samples is not None:
+        return [int(t) for _, t in samples]
+    targets = getattr(dataset, "targets", None)
+    return None if targets is None else [int(t) for t in targets]
+
+
+def spread_over_classes(dataset: Dataset, limit: int, seed: int = 0) -> list[int]:
+    """`limit` indices of `dataset` taken in turn from each class, each class's items in a seeded order.
+
+    A folder lists its items class by class, so its first n items are usually one class; this sample
+    has every class (as evenly as the class sizes allow). Returned sorted; without targets, the first n.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1 (or None for all items), got {limit}")
+    targets = _targets(dataset)
+    if targets is None or limit >= len(targets):
+        return list(range(min(limit, len(dataset))))
+    rng = np.random.default_rng([seed, 11])
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(target, []).append(index)
+    queues = [list(rng.permutation(items)) for _, items in sorted(by_class.items())]
+    chosen: list[int] = []
+    while len(chosen) < limit:
+        for queue in queues:
+            if queue and len(chosen) < limit:
+                chosen.append(int(queue.pop()))
+    return sorted(chosen)
+
+
+def class_names(dataset: Dataset) -> list[str] | None:
+    """The class names in index order (None when the data set does not know them)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    for holder in (dataset, getattr(dataset, "reader", None)):
+        mapping = getattr(holder, "class_to_idx", None)
+        if mapping:
+            return [name for name, _ in sorted(mapping.items(), key=lambda item: item[1])]
+        names = getattr(holder, "classes", None)
+        if names and all(isinstance(n, str) for n in names):
+            return list(names)
+    return None
 
 
 def num_classes(dataset: Dataset) -> int:

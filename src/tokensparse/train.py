@@ -19,7 +19,6 @@ import os
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,153 +32,10 @@ from timm.scheduler import create_scheduler_v2
 from tqdm.auto import tqdm
 
 from .checkpoints import read_state_dict, save_checkpoint
-from .data import build_dataset, build_loader, num_classes
+from .config import BASELINES, METHOD_DEFAULTS, METHODS, SETTING_METHODS, TrainConfig  # noqa: F401
+from .data import build_dataset, build_loader, class_names, num_classes
 from .evaluate import evaluate
 from .losses import AViTLoss, DynamicViTLoss, classification_loss, logits_kl, teacher_outputs
-
-METHODS = ("dense", "dynamicvit", "avit", "evit", "tome", "random", "static")
-BASELINES = ("evit", "tome", "random", "static")
-_PRUNING = ("dynamicvit", "evit", "random", "static")
-_FINETUNE = dict(distill_weight=0.5, backbone_lr_scale=1.0, backbone_fixed_epochs=0, freeze_embeddings=False)
-
-# Each method's defaults: the authors' recipes. DynamicViT as raoyongming/DynamicViT main.py and
-# optim_factory.py (MSE token distillation for DeiT/ViT, cls_token and pos_embed frozen, the backbone
-# at lr x 0.01 and at lr 0 for its first 5 epochs, the predictors at the full lr from the start);
-# A-ViT as NVlabs/A-ViT (no distillation, every parameter trained, the block input zeroed through
-# `.data`); the baselines fine-tune with cross-entropy plus the teacher's logits.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dense": dict(backbone_lr_scale=1.0, backbone_fixed_epochs=0, freeze_embeddings=False),
-    "dynamicvit": dict(
-        keep_ratio=0.7,
-        ratio_weight=2.0,
-        token_distill="mse",
-        distill_weight=0.5,
-        backbone_lr_scale=0.01,
-        backbone_fixed_epochs=5,
-        freeze_embeddings=True,
-    ),
-    "avit": dict(
-        gate_scale=10.0,
-        gate_center=30.0,
-        halt_eps=0.01,
-        ponder_weight=5e-4,
-        prior_weight=1e-3,
-        avit_detach_zeroing=True,
-        **(_FINETUNE | {"distill_weight": 0.0}),
-    ),
-    "evit": dict(keep_ratio=0.7, **_FINETUNE),
-    "random": dict(keep_ratio=0.7, **_FINETUNE),
-    "static": dict(keep_ratio=0.7, **_FINETUNE),
-    "tome": dict(tome_r=8, **_FINETUNE),
-}
-# The methods each method-specific setting belongs to (settings not listed apply to every method).
-SETTING_METHODS: dict[str, tuple[str, ...]] = {
-    "keep_ratio": _PRUNING,
-    "locations": _PRUNING,
-    "ratio_weight": ("dynamicvit",),
-    "token_distill": ("dynamicvit",),
-    "gate_scale": ("avit",),
-    "gate_center": ("avit",),
-    "halt_eps": ("avit",),
-    "ponder_weight": ("avit",),
-    "prior_weight": ("avit",),
-    "prior_depth": ("avit",),
-    "avit_detach_zeroing": ("avit",),
-    "tome_r": ("tome",),
-    "distill_weight": tuple(m for m in METHODS if m != "dense"),
-}
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; saved as config.json beside its checkpoints."""
-
-    method: str = "dynamicvit"
-    model: str = "deit_tiny_patch16_224"
-    checkpoint: str | None = None
-    teacher: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "fashion-mnist-clutter"
-    data_root: str | None = None
-    img_size: int | None = None
-    train_limit: int | None = None
-    val_limit: int | None = None
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    warmup_epochs: int = 5
-    warmup_lr: float = 1e-6
-    opt: str = "adamw"
-    sched: str = "cosine"
-    clip_grad: float | None = None
-    drop_path: float = 0.0
-    smoothing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    # Method settings: None takes the method's default (METHOD_DEFAULTS), which config.json records;
-    # a setting of another method is an error.
-    keep_ratio: float | None = None
-    locations: list[int] | None = None
-    ratio_weight: float | None = None
-    token_distill: str | None = None
-    gate_scale: float | None = None
-    gate_center: float | None = None
-    halt_eps: float | None = None
-    ponder_weight: float | None = None
-    prior_weight: float | None = None
-    prior_depth: int | None = None
-    avit_detach_zeroing: bool | None = None
-    tome_r: int | None = None
-    # Fine-tuning recipe, per method (None: the method's default).
-    distill_weight: float | None = None
-    backbone_lr_scale: float | None = None
-    backbone_fixed_epochs: int | None = None
-    freeze_embeddings: bool | None = None
-    amp: bool = False
-    device: str = "auto"
-    workers: int = 0
-    seed: int = 0
-    output: str = "runs/train"
-    resume: bool = False
-    max_nan_streak: int = 20
-    keep_checkpoints: int = 2
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name, methods in SETTING_METHODS.items():
-            if getattr(self, name) is not None and self.method not in methods:
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(
-                    f"{flag} applies to --method {' / '.join(methods)}, not {self.method}: "
-                    f"remove it or choose one of those methods"
-                )
-        if self.token_distill is not None and self.token_distill not in ("mse", "kl"):
-            raise ValueError(f"--token-distill must be 'mse' or 'kl', got {self.token_distill!r}")
-        if self.backbone_fixed_epochs is not None and self.backbone_fixed_epochs < 0:
-            raise ValueError(f"--backbone-fixed-epochs must be >= 0, got {self.backbone_fixed_epochs}")
-        if self.backbone_lr_scale is not None and not self.backbone_lr_scale >= 0:
-            raise ValueError(f"--backbone-lr-scale must be >= 0, got {self.backbone_lr_scale}")
-        if self.distill_weight is not None and not self.distill_weight >= 0:
-            raise ValueError(f"--distill-weight must be >= 0, got {self.distill_weight}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs and self.epochs > 1:
-            raise ValueError(
-                f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} for {self.epochs}"
-            )
-
-    def resolved(self) -> TrainConfig:
-        """A validated copy with every unset setting of this method at the method's default."""
-        self.validate()
-        defaults = {k: v for k, v in METHOD_DEFAULTS[self.method].items() if getattr(self, k) is None}
-        return dataclasses.replace(self, **defaults)
-
 
 # ----------------------------------------------------------------------------- set-up helpers
 
@@ -199,27 +55,49 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
 
 
 def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Module:
-    """The dense timm model at the data's image size and class count, with the starting weights."""
+    """The dense timm model at the data's image size and class count, with the starting weights.
+
+    Starting weights: `cfg.checkpoint` (a file), or timm's own pretrained weights of `cfg.model` with
+    `cfg.pretrained`. A dense run replaces a head of another class count with a new one (fine-tuning);
+    a sparsifying method refuses it (`HeadMismatchError`): fine-tune the dense model first.
+    """
     kwargs = dict(cfg.model_kwargs)
     if img_size is not None:
         kwargs.setdefault("img_size", img_size)
     if cfg.drop_path:
         kwargs["drop_path_rate"] = cfg.drop_path
+    if cfg.pretrained and cfg.checkpoint:
+        raise ValueError("give either --pretrained (timm's weights) or --checkpoint FILE, not both")
     try:
         model = timm.create_model(cfg.model, pretrained=False, num_classes=classes, **kwargs)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ValueError(str(err)) from err
+    except TypeError as err:  # a CNN given img_size=...
+        raise ValueError(
+            f"--model {cfg.model} is not a vision transformer timm can build with {kwargs} ({err}); "
+            "tokensparse needs a timm VisionTransformer (deit_*, vit_*, ...)"
+        ) from err
+    if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
+        raise ValueError(
+            f"--model {cfg.model} is a {type(model).__name__}, not a vision transformer: tokensparse "
+            "needs a timm VisionTransformer (deit_*, vit_*, ...)"
+        )
     patch = model.patch_embed.patch_size
     if img_size is not None and (img_size % patch[0] or img_size % patch[1]):
         raise ValueError(f"image size {img_size} is not a multiple of {cfg.model}'s patch size {patch[0]}")
-    if cfg.checkpoint:
-        state = read_state_dict(cfg.checkpoint)
+    if cfg.checkpoint or cfg.pretrained:
+        source = cfg.checkpoint or f"timm's pretrained {cfg.model}"
+        state = (
+            read_state_dict(cfg.checkpoint) if cfg.checkpoint else pretrained_state_dict(cfg.model, kwargs)
+        )
         state = {k: v for k, v in state.items() if not k.startswith("score_predictor.")}
         for head in ("head", "head_dist"):
             weight = state.get(f"{head}.weight")
             if weight is not None and weight.shape[0] != classes:
+                if cfg.method != "dense":
+                    raise HeadMismatchError(cfg, weight.shape[0], classes)
                 warnings.warn(
-                    f"{cfg.checkpoint}: {head} has {weight.shape[0]} classes but the data has {classes}; "
+                    f"{source}: {head} has {weight.shape[0]} classes but the data has {classes}; "
                     f"{head} is replaced by a new, randomly initialised one",
                     stacklevel=2,
                 )
@@ -228,9 +106,44 @@ def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Modu
         missing = [k for k in missing if not k.startswith(("head.", "head_dist."))]
         if missing or unexpected:
             raise ValueError(
-                f"{cfg.checkpoint} does not fit {cfg.model}: missing {missing[:6]}, unexpected {unexpected[:6]}"
+                f"{source} does not fit {cfg.model}: missing {missing[:6]}, unexpected {unexpected[:6]}"
             )
     return model
+
+
+class HeadMismatchError(ValueError):
+    """The starting weights classify other classes than the data: sparsifying them needs a dense fine-tune first."""
+
+    def __init__(self, cfg: TrainConfig, head_classes: int, data_classes: int) -> None:
+        start = f"--checkpoint {cfg.checkpoint}" if cfg.checkpoint else "--pretrained"
+        data = f"--dataset {cfg.dataset}" + (f" --data-root {cfg.data_root}" if cfg.data_root else "")
+        dense = f"{cfg.output.rstrip('/')}/dense"
+        super().__init__(
+            f"the starting weights ({start}) have a {head_classes}-class head but the data has "
+            f"{data_classes} classes; {cfg.method} needs a model already trained on these classes "
+            "(its teacher is the starting model). Fine-tune the dense model first, then sparsify it:\n"
+            f"  tokensparse train --method dense --model {cfg.model} {start} {data} --output {dense}\n"
+            f"  tokensparse train --method {cfg.method} --model {cfg.model} --checkpoint "
+            f"{dense}/model.safetensors {data} --output {cfg.output}\n"
+            "or run both in one command with --finetune-dense-epochs N."
+        )
+
+
+def pretrained_state_dict(name: str, kwargs: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """timm's pretrained weights of model `name` (from timm's cache, or downloaded if online).
+
+    Raises ValueError when they cannot be had (offline with an empty cache, or no weights for the name).
+    """
+    kwargs = {k: v for k, v in (kwargs or {}).items() if k in ("img_size",)}
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs).state_dict()
+    except Exception as err:  # hub, urllib and timm raise many types (OSError, RuntimeError, ...)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"timm's pretrained weights for {name} are not available offline or could not be fetched "
+            f"({type(err).__name__}: {first}); download them once with network access (they are "
+            "cached), or pass the weights file with --checkpoint FILE"
+        ) from err
 
 
 def sparsify_for(cfg: TrainConfig, model: nn.Module) -> nn.Module:
@@ -502,6 +415,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             ),
             out / "config.json",
         )
+        names = class_names(train_set)
+        if names is not None:  # for `tokensparse predict`
+            _atomic_write_text(json.dumps(names), out / "classes.json")
         if teacher is not None and not (out / "teacher.safetensors").exists():
             save_checkpoint(teacher, out / "teacher.safetensors")
     writer = _tensorboard(out) if is_main else None
@@ -690,7 +606,7 @@ def load_trained(
             raise ValueError("loading a bare checkpoint needs a TrainConfig naming the model and method")
         weights, classes, img_size = path, None, cfg.img_size
     cfg = cfg.resolved()
-    dense_cfg = dataclasses.replace(cfg, checkpoint=None, drop_path=0.0)
+    dense_cfg = dataclasses.replace(cfg, checkpoint=None, pretrained=False, drop_path=0.0)
     if classes is None:
         state = read_state_dict(weights)
         classes = state["head.weight"].shape[0] if "head.weight" in state else 1000

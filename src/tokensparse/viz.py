@@ -3,12 +3,14 @@
 - pruning methods (DynamicViT, EViT, random, static): the patches kept after each stage, dropped ones
   greyed;
 - A-ViT: each patch's halting depth as a heat map over the image;
-- ToMe: the merged groups, each group drawn in one colour.
+- ToMe: the merged groups, each group drawn in one colour;
+- accuracy against executed FLOPs, each point labelled with its setting.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -67,12 +69,20 @@ def token_maps(
     if method == "avit":
         columns = ["image", "halting depth"]
     elif method == "tome":
-        columns = ["image", "merged groups"]
+        r = getattr(model, "r", None)
+        columns = ["image", "merged groups" + (f" (r={r})" if r is not None else "")]
     else:
         columns = ["image"] + [f"after stage {s + 1}" for s in range(len(info.kept_index))]
     rows = len(pictures)
-    fig, axes = plt.subplots(rows, len(columns), figsize=(1.9 * len(columns), 1.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows,
+        len(columns),
+        figsize=(1.9 * len(columns) + (0.6 if method == "avit" else 0.0), 1.9 * rows),
+        squeeze=False,
+        layout="constrained",
+    )
     depth = len(model.blocks)
+    shown = None
     for i, picture in enumerate(pictures):
         axes[i, 0].imshow(picture)
         if titles:
@@ -83,8 +93,6 @@ def token_maps(
             shown = axes[i, 1].imshow(
                 _upsample(depth_map, *picture.shape[:2]), cmap="viridis", alpha=0.6, vmin=1, vmax=depth
             )
-            if i == 0:
-                fig.colorbar(shown, ax=axes[:, 1].tolist(), fraction=0.04, label="blocks computed")
         elif method == "tome":
             groups = _tome_groups(info, i, grid)
             colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))[:, :3]
@@ -93,6 +101,10 @@ def token_maps(
         else:
             for s, kept in enumerate(info.kept_index):
                 axes[i, 1 + s].imshow(_kept_overlay(picture, kept[i].cpu().numpy(), grid))
+    if shown is not None:  # one colour bar for the whole depth column
+        bar = fig.colorbar(shown, ax=axes[:, -1].tolist(), shrink=min(1.0, 0.5 + 0.1 * rows), aspect=25)
+        bar.set_label("blocks computed", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     for ax, title in zip(axes[0], columns):
         ax.set_title(title, fontsize=8)
     for ax in axes.flat:
@@ -100,7 +112,50 @@ def token_maps(
         ax.set_yticks([])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.02)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_gflops(
+    series: Mapping[str, Sequence[tuple[float, float, str]]],
+    path: str | os.PathLike,
+    dense: tuple[float, float] | None = None,
+    title: str = "accuracy vs executed FLOPs",
+) -> Path:
+    """Top-1 against executed GFLOPs (multiply-adds) per image: one line per method, each point labelled.
+
+    `series` maps a method to its points (gflops, top1, label), the label being the setting drawn beside
+    the point ("0.7", "r=8", "beta=10"); `dense` is the dense model's (gflops, top1), drawn as a star.
+    """
+    markers = "osv^DPXh*"
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    for k, (name, points) in enumerate(series.items()):
+        points = sorted(points)
+        if not points:
+            continue
+        xs, ys, labels = zip(*points)
+        (line,) = ax.plot(xs, ys, marker=markers[k % len(markers)], label=name)
+        for x, y, label in points:
+            ax.annotate(
+                str(label),
+                (x, y),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color=line.get_color(),
+            )
+    if dense is not None:
+        ax.scatter([dense[0]], [dense[1]], marker="*", s=160, c="k", label="dense", zorder=5)
+        ax.annotate("dense", dense, textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlabel("executed GFLOPs per image (multiply-adds)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 

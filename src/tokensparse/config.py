@@ -1,0 +1,152 @@
+"""Training settings: `TrainConfig` and each method's recipe defaults (no torch import, so the CLI
+parses arguments fast)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("dense", "dynamicvit", "avit", "evit", "tome", "random", "static")
+BASELINES = ("evit", "tome", "random", "static")
+_PRUNING = ("dynamicvit", "evit", "random", "static")
+_FINETUNE = dict(distill_weight=0.5, backbone_lr_scale=1.0, backbone_fixed_epochs=0, freeze_embeddings=False)
+
+# Each method's defaults: the authors' recipes. DynamicViT as raoyongming/DynamicViT main.py and
+# optim_factory.py (MSE token distillation for DeiT/ViT, cls_token and pos_embed frozen, the backbone
+# at lr x 0.01 and at lr 0 for its first 5 epochs, the predictors at the full lr from the start);
+# A-ViT as NVlabs/A-ViT (no distillation, every parameter trained, the block input zeroed through
+# `.data`); the baselines fine-tune with cross-entropy plus the teacher's logits.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dense": dict(backbone_lr_scale=1.0, backbone_fixed_epochs=0, freeze_embeddings=False),
+    "dynamicvit": dict(
+        keep_ratio=0.7,
+        ratio_weight=2.0,
+        token_distill="mse",
+        distill_weight=0.5,
+        backbone_lr_scale=0.01,
+        backbone_fixed_epochs=5,
+        freeze_embeddings=True,
+    ),
+    "avit": dict(
+        gate_scale=10.0,
+        gate_center=30.0,
+        halt_eps=0.01,
+        ponder_weight=5e-4,
+        prior_weight=1e-3,
+        avit_detach_zeroing=True,
+        **(_FINETUNE | {"distill_weight": 0.0}),
+    ),
+    "evit": dict(keep_ratio=0.7, **_FINETUNE),
+    "random": dict(keep_ratio=0.7, **_FINETUNE),
+    "static": dict(keep_ratio=0.7, **_FINETUNE),
+    "tome": dict(tome_r=8, **_FINETUNE),
+}
+# The methods each method-specific setting belongs to (settings not listed apply to every method).
+SETTING_METHODS: dict[str, tuple[str, ...]] = {
+    "keep_ratio": _PRUNING,
+    "locations": _PRUNING,
+    "ratio_weight": ("dynamicvit",),
+    "token_distill": ("dynamicvit",),
+    "gate_scale": ("avit",),
+    "gate_center": ("avit",),
+    "halt_eps": ("avit",),
+    "ponder_weight": ("avit",),
+    "prior_weight": ("avit",),
+    "prior_depth": ("avit",),
+    "avit_detach_zeroing": ("avit",),
+    "tome_r": ("tome",),
+    "distill_weight": tuple(m for m in METHODS if m != "dense"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved as config.json beside its checkpoints."""
+
+    method: str = "dynamicvit"
+    model: str = "deit_tiny_patch16_224"
+    checkpoint: str | None = None
+    pretrained: bool = False
+    teacher: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "fashion-mnist-clutter"
+    data_root: str | None = None
+    img_size: int | None = None
+    train_limit: int | None = None
+    val_limit: int | None = None
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    opt: str = "adamw"
+    sched: str = "cosine"
+    clip_grad: float | None = None
+    drop_path: float = 0.0
+    smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    # Method settings: None takes the method's default (METHOD_DEFAULTS), which config.json records;
+    # a setting of another method is an error.
+    keep_ratio: float | None = None
+    locations: list[int] | None = None
+    ratio_weight: float | None = None
+    token_distill: str | None = None
+    gate_scale: float | None = None
+    gate_center: float | None = None
+    halt_eps: float | None = None
+    ponder_weight: float | None = None
+    prior_weight: float | None = None
+    prior_depth: int | None = None
+    avit_detach_zeroing: bool | None = None
+    tome_r: int | None = None
+    # Fine-tuning recipe, per method (None: the method's default).
+    distill_weight: float | None = None
+    backbone_lr_scale: float | None = None
+    backbone_fixed_epochs: int | None = None
+    freeze_embeddings: bool | None = None
+    amp: bool = False
+    device: str = "auto"
+    workers: int = 0
+    seed: int = 0
+    output: str = "runs/train"
+    resume: bool = False
+    max_nan_streak: int = 20
+    keep_checkpoints: int = 2
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name, methods in SETTING_METHODS.items():
+            if getattr(self, name) is not None and self.method not in methods:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(
+                    f"{flag} applies to --method {' / '.join(methods)}, not {self.method}: "
+                    f"remove it or choose one of those methods"
+                )
+        if self.token_distill is not None and self.token_distill not in ("mse", "kl"):
+            raise ValueError(f"--token-distill must be 'mse' or 'kl', got {self.token_distill!r}")
+        if self.backbone_fixed_epochs is not None and self.backbone_fixed_epochs < 0:
+            raise ValueError(f"--backbone-fixed-epochs must be >= 0, got {self.backbone_fixed_epochs}")
+        if self.backbone_lr_scale is not None and not self.backbone_lr_scale >= 0:
+            raise ValueError(f"--backbone-lr-scale must be >= 0, got {self.backbone_lr_scale}")
+        if self.distill_weight is not None and not self.distill_weight >= 0:
+            raise ValueError(f"--distill-weight must be >= 0, got {self.distill_weight}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs and self.epochs > 1:
+            raise ValueError(
+                f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} for {self.epochs}"
+            )
+
+    def resolved(self) -> TrainConfig:
+        """A validated copy with every unset setting of this method at the method's default."""
+        self.validate()
+        defaults = {k: v for k, v in METHOD_DEFAULTS[self.method].items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **defaults)
