@@ -254,6 +254,7 @@ def test_token_exactly_on_threshold_halts_without_remainder():
         ({"eps": 1}, r"eps must be in \(0, 1\), got 1"),
         ({"eps": -0.5}, r"eps must be in \(0, 1\), got -0.5"),
         ({"early_exit": 1}, "early_exit must be True or False, got 1"),
+        ({"straight_through_zeroing": None}, "straight_through_zeroing must be True or False, got None"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):

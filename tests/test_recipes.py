@@ -42,7 +42,7 @@ def test_method_defaults_are_the_authors_recipes() -> None:
     assert (dvit.backbone_lr_scale, dvit.backbone_fixed_epochs, dvit.freeze_embeddings) == (0.01, 5, True)
     assert dvit.keep_ratio == 0.7 and dvit.gate_center is None and dvit.tome_r is None
     avit = TrainConfig(method="avit").resolved()
-    assert avit.distill_weight == 0.0 and avit.avit_detach_zeroing is True
+    assert avit.distill_weight == 0.0 and avit.straight_through_zeroing is True
     assert (avit.gate_scale, avit.gate_center, avit.ponder_weight, avit.prior_weight) == (
         10.0,
         30.0,

@@ -93,19 +93,31 @@ def key_masked_attention(attn: nn.Module, x: torch.Tensor, key_bias: torch.Tenso
 
 
 def halting_block(
-    block: nn.Module, x: torch.Tensor, running: torch.Tensor, key_bias: float = -1000.0
+    block: nn.Module,
+    x: torch.Tensor,
+    running: torch.Tensor,
+    key_bias: float = -1000.0,
+    straight_through_zeroing: bool = True,
 ) -> torch.Tensor:
     """A timm `Block` in A-ViT's training form: halted tokens stay in `x` but take no part.
 
     running: (B, N), 1 for tokens still computing. As in the authors' `Block_ACT.forward_act`, the
     mask multiplies each branch's input before and after its norm, and halted tokens are attention
     keys with logit bias `key_bias` (-1000, added after scaling); their own rows are still computed
-    (from zero input) because the per-block mean halting score includes them. The authors zero the
-    input through `.data`, so their gradient passes the zeroing unchanged; here it is an ordinary
-    product (same forward values; the gradient of a halted row's input is zero).
+    (from zero input) because the per-block mean halting score includes them.
+
+    The block's input is zeroed at halted tokens first. straight_through_zeroing=True (default) does
+    it as the authors' training does (`out.data = out.data * mask` in `forward_features_act_token`):
+    same values, but the gradient passes the zeroing unchanged, so the distributional prior's
+    gradient from a halted token's later halting scores reaches the blocks that token ran through
+    (via the residual path). False makes it an ordinary product: the gradient of a halted row's input
+    is zero. Only the prior's gradient differs; cross-entropy and ponder gradients are the same.
     """
     keep = running.unsqueeze(-1).to(x.dtype)
-    x = x * keep
+    if straight_through_zeroing:
+        x = x - (x * (1.0 - keep)).detach()  # exactly x where keep = 1 and 0 where keep = 0
+    else:
+        x = x * keep
     attn = key_masked_attention(block.attn, block.norm1(x) * keep, (1.0 - running) * key_bias)
     x = x + block.drop_path1(block.ls1(attn))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x * keep) * keep)))

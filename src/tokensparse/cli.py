@@ -264,8 +264,8 @@ _HELP = {
     "freeze_embeddings": "leave cls_token and pos_embed out of the optimiser (DynamicViT's optim_factory)",
     "distill_weight": "weight of the teacher's logits (and DynamicViT's token) distillation",
     "token_distill": "DynamicViT token distillation: mse (DeiT/ViT, the authors' default) or kl (their LV-ViT)",
-    "avit_detach_zeroing": "A-ViT: zero halted tokens' block input as the authors' out.data (no gradient "
-    "through the product); --no-avit-detach-zeroing for a plain product",
+    "straight_through_zeroing": "A-ViT: zero halted tokens' block input as the authors' out.data (no gradient "
+    "through the product); --no-straight-through-zeroing for a plain product",
     "prior_depth": "A-ViT prior's centre depth (default: 2/3 of the depth, 8 of 12 as the paper)",
 }
 

@@ -34,7 +34,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         halt_eps=0.01,
         ponder_weight=5e-4,
         prior_weight=1e-3,
-        avit_detach_zeroing=True,
+        straight_through_zeroing=True,
         **(_FINETUNE | {"distill_weight": 0.0}),
     ),
     "evit": dict(keep_ratio=0.7, **_FINETUNE),
@@ -54,7 +54,7 @@ SETTING_METHODS: dict[str, tuple[str, ...]] = {
     "ponder_weight": ("avit",),
     "prior_weight": ("avit",),
     "prior_depth": ("avit",),
-    "avit_detach_zeroing": ("avit",),
+    "straight_through_zeroing": ("avit",),
     "tome_r": ("tome",),
     "distill_weight": tuple(m for m in METHODS if m != "dense"),
 }
@@ -101,7 +101,7 @@ class TrainConfig:
     ponder_weight: float | None = None
     prior_weight: float | None = None
     prior_depth: int | None = None
-    avit_detach_zeroing: bool | None = None
+    straight_through_zeroing: bool | None = None
     tome_r: int | None = None
     # Fine-tuning recipe, per method (None: the method's default).
     distill_weight: float | None = None

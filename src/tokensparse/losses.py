@@ -394,6 +394,11 @@ class AViTLoss(nn.Module):
     The prior is a Gaussian over blocks centred at `target_depth` (8 for 12 blocks) with std 1 and
     the first `target_depth` entries summing to 0.98 (see `avit_prior`), built for the model's depth
     on first use. distill_weight > 0 adds the logits KL to a teacher (as in DynamicViT).
+
+    halting_score_layer averages each block's halting scores over ALL images of the batch (halted
+    tokens included). The authors' code averages `h[1:]`, dropping image 0 of every batch: a slip,
+    deliberately not reproduced. Every term's gradient equals that of their training code within 1e-4
+    (tests/test_avit_grads.py; the prior's reference computed from their pieces over all images).
     """
 
     def __init__(

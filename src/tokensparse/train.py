@@ -154,7 +154,13 @@ def sparsify_for(cfg: TrainConfig, model: nn.Module) -> nn.Module:
     if cfg.method == "avit":
         from .policies.avit import avit
 
-        return avit(model, gate_scale=cfg.gate_scale, gate_center=cfg.gate_center, eps=cfg.halt_eps)
+        return avit(
+            model,
+            gate_scale=cfg.gate_scale,
+            gate_center=cfg.gate_center,
+            eps=cfg.halt_eps,
+            straight_through_zeroing=cfg.straight_through_zeroing,
+        )
     if cfg.method == "tome":
         from .policies.tome import tome
 

@@ -8,7 +8,10 @@ used + R. The final norm and head read the class token of these sums. The class 
 
 - Training (mask regime): the authors' formulation. Every token stays in the tensor; a halted token
   is zeroed as block input and masked as an attention key (logit bias -1000). Differentiable (the
-  ponder cost through R) and as costly as the dense model.
+  ponder cost through R) and as costly as the dense model. The input zeroing passes the gradient
+  unchanged, as the authors' `.data` product does (`straight_through_zeroing`). The per-block mean
+  halting score (the distributional prior's input) averages all images; the authors' code drops
+  image 0 (`h[1:]`, a slip not reproduced).
 - Inference (gather regime): halted tokens leave the computation. The live tokens of all images form
   one pack (T, C) for norms, linears and MLP; attention runs per image on a padded copy with a key
   mask (`attention.packed_block`). The pack shrinks after blocks where tokens halted. With
@@ -102,17 +105,25 @@ class AViTPolicy(TokenPolicy, nn.Module):
 
     method = "avit"
 
-    def __init__(self, gate_scale: float, gate_center: float, eps: float, early_exit: bool = True):
+    def __init__(
+        self,
+        gate_scale: float,
+        gate_center: float,
+        eps: float,
+        early_exit: bool = True,
+        straight_through_zeroing: bool = True,
+    ):
         super().__init__()
         self.gate_scale = float(gate_scale)
         self.gate_center = float(gate_center)
         self.eps = float(eps)
         self.early_exit = bool(early_exit)
+        self.straight_through_zeroing = bool(straight_through_zeroing)
 
     def extra_repr(self) -> str:
         return (
             f"gate_scale={self.gate_scale}, gate_center={self.gate_center}, eps={self.eps}, "
-            f"early_exit={self.early_exit}"
+            f"early_exit={self.early_exit}, straight_through_zeroing={self.straight_through_zeroing}"
         )
 
     def halting_score(self, block_output: torch.Tensor) -> torch.Tensor:
@@ -173,7 +184,9 @@ class AViTPolicy(TokenPolicy, nn.Module):
     def run_block(self, index: int, block: nn.Module, state: TokenState) -> None:
         run = state.extra[_RUN]
         if isinstance(run, _MaskedRun):
-            state.x = halting_block(block, state.x, run.running, MASKED_KEY_BIAS)
+            state.x = halting_block(
+                block, state.x, run.running, MASKED_KEY_BIAS, self.straight_through_zeroing
+            )
         elif run.tokens.shape[0]:
             run.tokens = packed_block(block, run.tokens, run.layout)
 
@@ -182,8 +195,10 @@ class AViTPolicy(TokenPolicy, nn.Module):
         last = index == run.blocks - 1
         y = state.x if isinstance(run, _MaskedRun) else run.tokens
         h = self.halting_score(y)
-        # Mean over all images and tokens, halted ones included (the authors' code slices the batch
-        # dim with [1:], dropping image 0, a bug not reproduced). Gather regime: over computed tokens.
+        # Mean over all images and tokens, halted ones included. The authors' code takes
+        # torch.mean(h[1:]), dropping image 0 of every batch from the prior: a slip, not reproduced
+        # (tests/test_avit_grads.py holds the prior's gradient to theirs over all images).
+        # Gather regime: over computed tokens.
         state.extra["halting_score_layer"].append(h.mean())
         if last:
             h = torch.ones_like(h)
@@ -270,6 +285,7 @@ def avit(
     gate_center: float = 30.0,
     eps: float = 0.01,
     early_exit: bool = True,
+    straight_through_zeroing: bool = True,
 ) -> VisionTransformer:
     """Make `model` an A-ViT in place (and return it); its state dict stays exactly timm's.
 
@@ -277,6 +293,12 @@ def avit(
     halts once its summed scores exceed 1 - eps. The authors use gate_scale 10, gate_center 30 for
     DeiT-T and 75 for DeiT-S. early_exit (inference only): stop computing an image once the tokens its
     head reads have halted (the logits are unchanged; its other tokens' depths then stop there too).
+
+    straight_through_zeroing (training only): a halted token's block input is zeroed with an identity
+    gradient, as the authors' training does it (`out.data = out.data * mask`, which autograd does not
+    see); their released checkpoints were trained so. False zeroes it with an ordinary product, whose
+    gradient is zero there. Forward values are identical; only the distributional prior's gradient
+    differs (through halted tokens' halting scores, which the per-block mean includes).
     """
     check_vit(model)
     if _real("gate_scale", gate_scale) <= 0:
@@ -286,4 +308,7 @@ def avit(
         raise ValueError(f"eps must be in (0, 1), got {eps!r}")
     if not isinstance(early_exit, bool):
         raise ValueError(f"early_exit must be True or False, got {early_exit!r}")
-    return sparsify(model, AViTPolicy(gate_scale, gate_center, eps, early_exit), "halting")
+    if not isinstance(straight_through_zeroing, bool):
+        raise ValueError(f"straight_through_zeroing must be True or False, got {straight_through_zeroing!r}")
+    policy = AViTPolicy(gate_scale, gate_center, eps, early_exit, straight_through_zeroing)
+    return sparsify(model, policy, "halting")
