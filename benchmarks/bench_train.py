@@ -189,7 +189,7 @@ def bench_model(
     configs = {
         m: TrainConfig(
             method=m, model=spec["model"], model_kwargs=spec["model_kwargs"], batch_size=batch, seed=seed
-        )
+        ).resolved()
         for m in METHODS
     }
     base = build_model(configs["dense"], classes, spec["img_size"])
