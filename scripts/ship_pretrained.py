@@ -1,10 +1,10 @@
-"""Ship a finished dense training run as a package model: fp16 safetensors, metrics and a card.
+"""Ship a finished dense training run as a package model: safetensors, metrics and a card.
 
     .venv/bin/python scripts/ship_pretrained.py runs/teacher clutter-vit --command "make teacher"
 
-Checks before writing: the run's config matches the registry entry (architecture, classes, image size),
-and the fp16-stored weights give fp32 logits within 1e-3 of the run's fp32 weights on 256 validation
-canvases. The card states the command, machine, date, the validation curve and whether it plateaued
+Checks before writing: the run's config matches the registry entry (architecture, classes, image size);
+the weights are stored in fp16 if that keeps the fp32 logits within 1e-3 of the run's on 256 validation
+canvases, else in fp32. The card states the command, machine, date, the validation curve and whether it plateaued
 (the last 20% of epochs add < 0.3 pt).
 """
 
@@ -43,17 +43,19 @@ def main() -> None:
     if config["model_kwargs"] != entry.model_kwargs:
         raise SystemExit(f"{args.run}: model_kwargs {config['model_kwargs']} != {entry.model_kwargs}")
     weights = load_file(str(args.run / "model.safetensors"))
-    save_file({k: v.half().contiguous() for k, v in weights.items()}, str(entry.path), {"name": args.name})
-
-    shipped = pretrained(args.name)
-    reference = pretrained(args.name)
-    reference.load_state_dict(weights)
     val = build_dataset(entry.dataset, split="val", limit=256)
     images = torch.stack([val[i][0] for i in range(len(val))])
-    with torch.no_grad():
-        gap = (shipped(images) - reference(images)).abs().max().item()
-    if gap > 1e-3:
-        raise SystemExit(f"fp16 storage moves the logits by {gap:.2e} > 1e-3: ship fp32 instead")
+    for storage in (torch.float16, torch.float32):  # fp16 when the fp32 logits stay within 1e-3
+        stored = {k: v.to(storage).contiguous() for k, v in weights.items()}
+        save_file(stored, str(entry.path), {"name": args.name})
+        shipped = pretrained(args.name)
+        reference = pretrained(args.name)
+        reference.load_state_dict(weights)
+        with torch.no_grad():
+            gap = (shipped(images) - reference(images)).abs().max().item()
+        print(f"{storage}: fp32 logits move by {gap:.2e}")
+        if gap <= 1e-3:
+            break
 
     metrics = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines() if line]
     entry.path.with_suffix(".metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -68,8 +70,8 @@ def main() -> None:
         f"""# {args.name}: the shipped dense model
 
 - Architecture: timm `{entry.model}` with {entry.model_kwargs}, {entry.img_size}x{entry.img_size} input,
-  {entry.num_classes} classes; weights stored in fp16 ({entry.path.name}), fp32 logits within {gap:.1e} of the
-  trained fp32 weights on 256 validation canvases.
+  {entry.num_classes} classes; weights stored in {str(storage).removeprefix("torch.")} ({entry.path.name}, fp16 is used only
+  when the fp32 logits stay within 1e-3), logits within {gap:.1e} of the trained weights on 256 validation canvases.
 - Data: `{entry.dataset}` training split (55000 Fashion-MNIST training items, a fresh layout every epoch);
   validation = the 5000 held-out training items (fixed canvases). The test split was not used.
 - Command: `{args.command}` (then `.venv/bin/python scripts/ship_pretrained.py {args.run} {args.name} --command ...`).

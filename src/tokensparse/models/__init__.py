@@ -4,7 +4,7 @@
     model = tokensparse.dynamicvit(model, keep_ratio=0.7)    # then fine-tune the predictors
 
 Each entry names its timm architecture, the data it was trained on, the weights file beside this
-module (safetensors, fp16 storage) and the card (`<name>.md`: command, machine, date, metrics).
+module (safetensors) and the card (`<name>.md`: command, machine, date, metrics).
 """
 
 from __future__ import annotations
