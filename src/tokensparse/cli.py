@@ -185,7 +185,9 @@ def _train(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     metrics = train(TrainConfig(**{k: v for k, v in vars(args).items() if k in names}))
     if metrics:
-        print(json.dumps(metrics))
+        from .train import json_safe
+
+        print(json.dumps(json_safe(metrics)))
     return 0
 
 
@@ -196,8 +198,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="a training run folder (config.json + weights)")
     p.add_argument("--dataset", default=None, help="override the run's data set")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--val-limit", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--val-limit", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=None)
     p.add_argument(
         "--keep-ratio", type=_ratio, default=None, help="evaluate DynamicViT at another keep ratio"
     )
@@ -228,7 +230,9 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate(model.to(args.device), loader, device=args.device, progress=not args.json)
     result = {"run": args.run, "method": cfg.method, "model": cfg.model, **result}
     if args.json:
-        print(json.dumps(result))
+        from .train import json_safe
+
+        print(json.dumps(json_safe(result)))
     else:
         for key, value in result.items():
             print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
@@ -289,6 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"tokensparse {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only folder, no permission: say which file
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"tokensparse {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
 
 

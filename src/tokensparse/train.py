@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 import torch.distributed as dist
@@ -32,7 +34,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from tqdm.auto import tqdm
 
-from .checkpoints import read_state_dict, save_checkpoint
+from .checkpoints import atomic_write_bytes, read_state_dict, save_checkpoint
 from .data import build_dataset, build_loader, num_classes
 from .evaluate import evaluate
 from .losses import AViTLoss, DynamicViTLoss, classification_loss, logits_kl, teacher_outputs
@@ -88,6 +90,7 @@ class TrainConfig:
     seed: int = 0
     output: str = "runs/train"
     resume: bool = False
+    overwrite: bool = False
     max_nan_streak: int = 20
     keep_checkpoints: int = 2
 
@@ -103,6 +106,62 @@ class TrainConfig:
             raise ValueError(
                 f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} for {self.epochs}"
             )
+        _check_ranges(self)
+
+
+# name -> (lowest, highest, whether the bounds are included); None values mean "not set" and pass
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "img_size": (1, None, True, True),
+    "train_limit": (1, None, True, True),
+    "val_limit": (1, None, True, True),
+    "min_lr": (0, None, True, True),
+    "warmup_lr": (0, None, True, True),
+    "weight_decay": (0, None, True, True),
+    "clip_grad": (0, None, False, True),
+    "drop_path": (0, 1, True, False),
+    "smoothing": (0, 1, True, False),
+    "mixup": (0, None, True, True),
+    "cutmix": (0, None, True, True),
+    "keep_ratio": (0, 1, False, True),
+    "ratio_weight": (0, None, True, True),
+    "distill_weight": (0, None, True, True),
+    "gate_scale": (0, None, False, True),
+    "halt_eps": (0, 1, False, False),
+    "ponder_weight": (0, None, True, True),
+    "prior_weight": (0, None, True, True),
+    "prior_depth": (1, None, True, True),
+    "tome_r": (0, None, True, True),
+    "backbone_lr_scale": (0, None, True, True),
+    "workers": (0, None, True, True),
+    "max_nan_streak": (1, None, True, True),
+    "keep_checkpoints": (1, None, True, True),
+}
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """Reject out-of-range settings by name (a silent replacement would train something else)."""
+    for name, (low, high, low_in, high_in) in _RANGES.items():
+        value = getattr(cfg, name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} ({flag}) must be a finite number, got {value!r}")
+        too_low = low is not None and (value < low if low_in else value <= low)
+        too_high = high is not None and (value > high if high_in else value >= high)
+        if too_low or too_high:
+            bounds = (
+                f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+                if high is not None
+                else f"{'>=' if low_in else '>'} {low}"
+            )
+            bounds = "in " + bounds if high is not None else bounds
+            hint = " (leave it unset to turn clipping off)" if name == "clip_grad" else ""
+            raise ValueError(f"{name} ({flag}) must be {bounds}, got {value}{hint}")
+    if cfg.locations is not None and not cfg.locations:
+        raise ValueError("locations (--locations) must name at least one block")
+    if not isinstance(cfg.model_kwargs, dict):
+        raise ValueError(f"model_kwargs (--model-kwargs) must be a JSON object, got {cfg.model_kwargs!r}")
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -112,6 +171,8 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """Join the torchrun process group if launched by torchrun; return (rank, world, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available here (use --device cpu or auto)")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -133,6 +194,8 @@ def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Modu
         model = timm.create_model(cfg.model, pretrained=False, num_classes=classes, **kwargs)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ValueError(str(err)) from err
+    except TypeError as err:  # an argument the model does not take
+        raise ValueError(f"--model-kwargs {cfg.model_kwargs} do not fit {cfg.model}: {err}") from err
     patch = model.patch_embed.patch_size
     if img_size is not None and (img_size % patch[0] or img_size % patch[1]):
         raise ValueError(f"image size {img_size} is not a multiple of {cfg.model}'s patch size {patch[0]}")
@@ -148,6 +211,7 @@ def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Modu
                     stacklevel=2,
                 )
                 state.pop(f"{head}.weight"), state.pop(f"{head}.bias", None)
+        _check_shapes(model, state, f"--checkpoint {cfg.checkpoint}", cfg.model)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(("head.", "head_dist."))]
         if missing or unexpected:
@@ -155,6 +219,28 @@ def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Modu
                 f"{cfg.checkpoint} does not fit {cfg.model}: missing {missing[:6]}, unexpected {unexpected[:6]}"
             )
     return model
+
+
+def _check_shapes(model: nn.Module, state: dict[str, torch.Tensor], what: str, name: str) -> None:
+    own = model.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if wrong:
+        raise ValueError(f"{what} does not fit {name}: shape mismatch in {'; '.join(wrong[:4])}")
+
+
+def _load_teacher(teacher: nn.Module, path: str, model_name: str) -> None:
+    """The teacher's weights: the dense model's keys and shapes exactly (a DynamicViT's predictors dropped)."""
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("score_predictor.")}
+    _check_shapes(teacher, state, f"--teacher {path}", model_name)
+    missing, unexpected = teacher.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"--teacher {path} does not fit {model_name}: missing {missing[:6]}, unexpected {unexpected[:6]}"
+        )
 
 
 def sparsify_for(cfg: TrainConfig, model: nn.Module) -> nn.Module:
@@ -248,41 +334,102 @@ def compute_loss(cfg, model, criterion, teacher, images, targets) -> tuple[torch
     return criterion(logits, targets, model, teacher_logits)
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(loader: torch.utils.data.DataLoader | None = None) -> dict[str, Any]:
+    """This process's random state: torch (CPU, CUDA), Python, NumPy (Mixup) and the loader's generator."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
+        "python": list(py_state),
+        "python_version": py_version,
+        "python_gauss": py_gauss,
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
     }
+    if loader is not None and loader.generator is not None:
+        state["loader"] = loader.generator.get_state()
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], loader: torch.utils.data.DataLoader | None = None) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "loader" in state and loader is not None and loader.generator is not None:
+        loader.generator.set_state(state["loader"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _all_rng_states(world: int, loader: torch.utils.data.DataLoader) -> list[dict[str, Any]]:
+    """Every rank's random state, on every rank (a collective: all ranks call it)."""
+    mine = _rng_state(loader)
+    if world == 1:
+        return [mine]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(buffer.getvalue(), path)
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(text.encode(), path)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None: JSON has no NaN (json.dumps would write it)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl, rewritten whole from the history (which the checkpoint state also holds)."""
+    lines = (json.dumps(json_safe(m), allow_nan=False) + "\n" for m in history)
+    _atomic_write_text("".join(lines), path)
+
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    digits = path.name.removeprefix("epoch")[:4]
+    return int(digits) if path.name.startswith("epoch") and digits.isdigit() else None
+
+
+def _clean_checkpoints(ckpt: Path, last: int | None, keep: int) -> None:
+    """Delete temporary files of interrupted writes, files of epochs after `last` (a killed epoch's)
+    and all but the `keep` newest complete epochs."""
+    for tmp in ckpt.parent.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    if not ckpt.is_dir():
+        return
+    for tmp in ckpt.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    epochs = sorted({e for f in ckpt.glob("epoch*") if (e := _checkpoint_epoch(f)) is not None})
+    kept = [e for e in epochs if last is not None and e <= last][-keep:]
+    for f in ckpt.glob("epoch*"):
+        if _checkpoint_epoch(f) is not None and _checkpoint_epoch(f) not in kept:
+            f.unlink(missing_ok=True)
 
 
 def save_training_state(
     out: Path, epoch: int, model, optimizer, scheduler, scaler, extra: dict, keep: int
 ) -> None:
-    """Weights (safetensors) and state (tensors and plain values only), then the `last.json` pointer."""
+    """Weights (safetensors) and state (tensors and plain values only), then the `last.json` pointer.
+
+    `extra` holds what resuming needs beyond the modules: the update count, the metrics history and
+    every rank's random state. A kill at any moment leaves `last.json` naming a complete pair.
+    """
     ckpt = out / "checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, ckpt / f"epoch{epoch:04d}.safetensors", {"epoch": epoch})
@@ -296,21 +443,90 @@ def save_training_state(
     }
     _atomic_torch_save(state, ckpt / f"epoch{epoch:04d}.state.pt")
     _atomic_write_text(json.dumps({"epoch": epoch}), ckpt / "last.json")
-    for old in sorted(ckpt.glob("epoch*.safetensors"))[:-keep]:
-        old.unlink(missing_ok=True)
-        old.with_name(old.name.replace(".safetensors", ".state.pt")).unlink(missing_ok=True)
+    _clean_checkpoints(ckpt, epoch, keep)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupt (not JSON: {err}); delete it or the run folder") from err
 
 
 def load_training_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     pointer = out / "checkpoints" / "last.json"
     if not pointer.is_file():
         return None
-    epoch = json.loads(pointer.read_text())["epoch"]
-    weights = read_state_dict(out / "checkpoints" / f"epoch{epoch:04d}.safetensors")
-    state = torch.load(
-        out / "checkpoints" / f"epoch{epoch:04d}.state.pt", map_location="cpu", weights_only=True
-    )
+    saved = _read_json(pointer)
+    if not isinstance(saved, dict) or not isinstance(saved.get("epoch"), int):
+        raise ValueError(f'{pointer} is corrupt: expected {{"epoch": <int>}}, got {saved!r}')
+    epoch = saved["epoch"]
+    weights_file = out / "checkpoints" / f"epoch{epoch:04d}.safetensors"
+    state_file = out / "checkpoints" / f"epoch{epoch:04d}.state.pt"
+    for f in (weights_file, state_file):
+        if not f.is_file():
+            raise ValueError(f"cannot resume: {pointer} names epoch {epoch} but {f} is missing")
+    weights = read_state_dict(weights_file)
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged file
+        raise ValueError(f"cannot resume: {state_file} is not a readable training state ({err})") from err
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
+        raise ValueError(f"cannot resume: {state_file} is not a training state of tokensparse")
     return weights, state
+
+
+# fields a resumed run may change: they do not change what is computed (epochs extends the schedule)
+_RESUME_MAY_CHANGE = ("epochs", "resume", "overwrite", "output", "device")
+_RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "model.safetensors")
+
+
+def _claim_output(cfg: TrainConfig, out: Path, extra: dict[str, Any], is_main: bool) -> dict | None:
+    """Make sure the run folder belongs to this run; return the saved config when resuming one.
+
+    A new run refuses a folder holding another run (unless `overwrite`, which deletes that run's
+    files); `resume` refuses a run whose configuration differs in anything but `_RESUME_MAY_CHANGE`.
+    """
+    used = [name for name in _RUN_FILES if (out / name).exists()]
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run or replace it")
+    if not used:
+        return None
+    if not cfg.resume:
+        if not cfg.overwrite:
+            raise ValueError(
+                f"{out} already holds a run ({', '.join(used)}): continue it with --resume, replace it "
+                "with --overwrite, or choose another --output"
+            )
+        if is_main:
+            import shutil
+
+            for name in (*_RUN_FILES, "teacher.safetensors", "tensorboard"):
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        return None
+    config_file = out / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"cannot resume: {out} holds {', '.join(used)} but no config.json")
+    saved = _read_json(config_file)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_file} is corrupt: expected a JSON object")
+    now = json.loads(json.dumps(dataclasses.asdict(cfg) | extra))
+    defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
+    differences = [
+        f"{key}: {saved.get(key, defaults.get(key))!r} -> {value!r}"
+        for key, value in now.items()
+        if key not in _RESUME_MAY_CHANGE and saved.get(key, defaults.get(key)) != value
+    ]
+    if differences:
+        raise ValueError(
+            f"cannot resume {out}: its run has another configuration ({'; '.join(differences)}); only "
+            "--epochs may change on resume. Use another --output, or --overwrite to start afresh"
+        )
+    return saved
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -329,6 +545,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.output)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
 
     train_set = build_dataset(cfg.dataset, cfg.data_root, "train", cfg.img_size, limit=cfg.train_limit)
     val_set = build_dataset(cfg.dataset, cfg.data_root, "val", cfg.img_size, limit=cfg.val_limit)
@@ -350,7 +567,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.method != "dense" and cfg.distill_weight > 0:
         teacher = copy.deepcopy(model)
         if cfg.teacher:
-            teacher.load_state_dict(read_state_dict(cfg.teacher))
+            _load_teacher(teacher, cfg.teacher, cfg.model)
         teacher.requires_grad_(False).eval().to(device)
     model = sparsify_for(cfg, model).to(device)
     criterion = build_criterion(cfg, len(model.blocks))
@@ -375,32 +592,41 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=classes
         )
 
+    run_facts = {"num_classes": classes, "img_size": img_size, "world_size": world}
+    saved_cfg = _claim_output(cfg, out, run_facts, is_main)
+    if world > 1:  # no rank may look at the folder after rank 0 starts writing to it
+        dist.barrier()
     start_epoch, history, nan_skipped = 0, [], 0
-    if cfg.resume:
-        loaded = load_training_state(out)
-        if loaded is not None:
-            weights, state = loaded
+    updates = 0
+    loaded = load_training_state(out) if saved_cfg is not None else None
+    if loaded is not None:
+        weights, state = loaded
+        try:
             model.load_state_dict(weights)
             optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            if saved_cfg.get("epochs") == cfg.epochs:
+                scheduler.load_state_dict(state["scheduler"])
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"])
-            start_epoch, nan_skipped = state["epoch"] + 1, state.get("nan_skipped", 0)
             if teacher is not None:
                 teacher.load_state_dict(read_state_dict(out / "teacher.safetensors"))
-            if is_main:
-                _truncate_metrics(out / "metrics.jsonl", start_epoch)
-                print(f"resumed from {out}/checkpoints after epoch {start_epoch}")
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise ValueError(f"cannot resume from {out}/checkpoints: {str(err).splitlines()[0]}") from err
+        per_rank = state.get("rng_per_rank", [state["rng"]])
+        _set_rng_state(per_rank[rank] if rank < len(per_rank) else state["rng"], train_loader)
+        start_epoch, nan_skipped = state["epoch"] + 1, state.get("nan_skipped", 0)
+        # the update count, not epochs x batches: skipped non-finite steps do not advance the schedule
+        updates = state.get("updates", start_epoch * len(train_loader))
+        if saved_cfg.get("epochs") != cfg.epochs:  # the schedule of the new length, from this update on
+            scheduler.step_update(num_updates=updates)
+        history = state.get("history") or _read_metrics(out / "metrics.jsonl", start_epoch)
+        if is_main:
+            _write_metrics(out / "metrics.jsonl", history)  # lines a kill lost come back
+            print(f"resumed from {out}/checkpoints after epoch {start_epoch}")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(
-            json.dumps(
-                dataclasses.asdict(cfg) | {"num_classes": classes, "img_size": img_size, "world_size": world},
-                indent=2,
-            ),
-            out / "config.json",
-        )
+        _clean_checkpoints(out / "checkpoints", start_epoch - 1 if loaded else None, cfg.keep_checkpoints)
+        _atomic_write_text(json.dumps(dataclasses.asdict(cfg) | run_facts, indent=2), out / "config.json")
         if teacher is not None and not (out / "teacher.safetensors").exists():
             save_checkpoint(teacher, out / "teacher.safetensors")
     writer = _tensorboard(out) if is_main else None
@@ -413,7 +639,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {}
     streak = 0
-    updates = start_epoch * len(train_loader)
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)
         if hasattr(train_set, "set_epoch"):  # fresh canvases every epoch (the clutter set)
@@ -477,6 +702,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             **{f"val_{k}": v for k, v in val.items()},
         }
         history.append(metrics)
+        rng_states = _all_rng_states(world, train_loader)  # a collective: every rank takes part
         if is_main:
             save_training_state(
                 out,
@@ -485,11 +711,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 optimizer,
                 scheduler,
                 scaler,
-                {"nan_skipped": nan_skipped},
+                {
+                    "nan_skipped": nan_skipped,
+                    "updates": updates,
+                    "history": history,
+                    "rng_per_rank": rng_states,
+                },
                 cfg.keep_checkpoints,
             )
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            _write_metrics(out / "metrics.jsonl", history)
             if writer is not None:
                 for key, value in metrics.items():
                     if isinstance(value, (int, float)):
@@ -504,12 +734,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return metrics
 
 
-def _truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Drop metric lines of epochs after the checkpoint we resume from (they will be redone)."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
-        _atomic_write_text("".join(line + "\n" for line in kept), path)
+def _read_metrics(path: Path, last_epoch: int) -> list[dict[str, Any]]:
+    """The metric lines up to `last_epoch` (checkpoints of older versions hold no history)."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return [m for m in map(json.loads, lines) if m["epoch"] <= last_epoch]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is corrupt ({err})") from err
 
 
 def _sparsity_postfix(model: nn.Module) -> dict[str, str]:
