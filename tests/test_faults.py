@@ -11,9 +11,6 @@ import io
 import json
 import math
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -208,11 +205,70 @@ def test_3_more_epochs_on_resume_follow_the_longer_schedule(tmp_path, capsys):
     assert extended[1]["lr"] == pytest.approx(fresh[1]["lr"], rel=1e-12) and extended[1]["lr"] > 1e-4
 
 
+def _ddp_rank(rank: int, world: int, port: int, settings: dict, die_after_epoch: int | None) -> None:
+    """One rank of a 2-process gloo group, forked from the test (no torch import per rank)."""
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    if die_after_epoch is not None:
+        real = train_module._write_metrics
+
+        def write(path, history):  # rank 0 dies after last.json, before metrics.jsonl
+            if len(history) == die_after_epoch:
+                os._exit(9)
+            real(path, history)
+
+        train_module._write_metrics = write
+    try:
+        train(TrainConfig(**settings))
+        torch.distributed.destroy_process_group()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def run_ddp(settings: dict, die_after_epoch: int | None = None, timeout: float = 180) -> None:
+    import multiprocessing
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    ranks = [
+        context.Process(target=_ddp_rank, args=(rank, 2, port, settings, die_after_epoch))
+        for rank in range(2)
+    ]
+    for process in ranks:
+        process.start()
+    try:
+        ranks[0].join(timeout)
+        if die_after_epoch is not None:
+            assert ranks[0].exitcode == 9, ranks[0].exitcode
+            return  # rank 1 waits for rank 0 forever: the finally below ends it, as torchrun would
+        ranks[1].join(max(10.0, timeout / 4))
+        assert [p.exitcode for p in ranks] == [0, 0], "a rank failed or hung"
+    finally:
+        for process in ranks:
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
 @needs_data
 def test_3_4_ddp_dynamicvit_kill_resume_is_exact_and_an_empty_val_shard_does_not_hang(tmp_path):
     """Two ranks, DynamicViT with drop path (so every rank's RNG matters), one validation image (rank 1
     has none: it must still join every collective). Rank 0 dies right after `last.json` of epoch 1."""
     common = dict(
+        BASE,
         method="dynamicvit",
         locations=[1],
         keep_ratio=0.5,
@@ -222,41 +278,14 @@ def test_3_4_ddp_dynamicvit_kill_resume_is_exact_and_an_empty_val_shard_does_not
         train_limit=32,
         lr=5e-3,
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    src = str(Path(train_module.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    dying = tmp_path / "dying.py"
-    dying.write_text(
-        textwrap.dedent(
-            """
-            import os, sys
-            import tokensparse.train as t
-            real = t._write_metrics
-            def write(path, history):
-                if len(history) == 1:
-                    os._exit(9)  # killed after last.json, before metrics.jsonl
-                real(path, history)
-            t._write_metrics = write
-            from tokensparse.cli import main
-            sys.exit(main(sys.argv[1:]))
-            """
-        )
-    )
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-
-    def launch(out: Path, *head: str, **kw) -> subprocess.CompletedProcess:
-        command = [*torchrun, *head, "train", *args(out, **common, **kw)]
-        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    done = launch(whole, "-m", "tokensparse")
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_ddp(dict(common, output=str(whole)))
+    assert json.loads((whole / "config.json").read_text())["world_size"] == 2
     assert strict_lines(whole / "metrics.jsonl")[-1]["val_images"] == 1
-    assert launch(killed, str(dying)).returncode != 0
+    run_ddp(dict(common, output=str(killed)), die_after_epoch=1)
     assert json.loads((killed / "checkpoints" / "last.json").read_text())["epoch"] == 0
     assert not (killed / "metrics.jsonl").exists()
-    done = launch(killed, "-m", "tokensparse", resume=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_ddp(dict(common, output=str(killed), resume=True))
     same_metrics(strict_lines(whole / "metrics.jsonl"), strict_lines(killed / "metrics.jsonl"))
     same_weights(whole / "model.safetensors", killed / "model.safetensors")
 

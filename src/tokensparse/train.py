@@ -364,6 +364,12 @@ def _set_rng_state(state: dict[str, Any], loader: torch.utils.data.DataLoader | 
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def _all_rng_states(world: int, loader: torch.utils.data.DataLoader) -> list[dict[str, Any]]:
     """Every rank's random state, on every rank (a collective: all ranks call it)."""
     mine = _rng_state(loader)
@@ -543,9 +549,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     rank, world, device = setup_distributed(cfg.device)
     is_main = rank == 0
     out = Path(cfg.output)
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
+    _seed_everything(cfg.seed)  # every rank builds the same model (and the same teacher from it)
 
     train_set = build_dataset(cfg.dataset, cfg.data_root, "train", cfg.img_size, limit=cfg.train_limit)
     val_set = build_dataset(cfg.dataset, cfg.data_root, "val", cfg.img_size, limit=cfg.val_limit)
@@ -623,6 +627,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if is_main:
             _write_metrics(out / "metrics.jsonl", history)  # lines a kill lost come back
             print(f"resumed from {out}/checkpoints after epoch {start_epoch}")
+    else:
+        _seed_everything(cfg.seed + rank)  # each rank its own noise (drop path, Gumbel, augmentation)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         _clean_checkpoints(out / "checkpoints", start_epoch - 1 if loaded else None, cfg.keep_checkpoints)
