@@ -801,7 +801,7 @@ def load_trained(
         config_file = path / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} is not a training run: no config.json inside")
-        saved = json.loads(config_file.read_text())
+        saved = _read_json(config_file)
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
         weights = path / "model.safetensors"
@@ -809,9 +809,7 @@ def load_trained(
             pointer = path / "checkpoints" / "last.json"
             if not pointer.is_file():
                 raise FileNotFoundError(f"{path} has no model.safetensors and no checkpoint yet")
-            weights = (
-                path / "checkpoints" / f"epoch{json.loads(pointer.read_text())['epoch']:04d}.safetensors"
-            )
+            weights = path / "checkpoints" / f"epoch{_read_json(pointer)['epoch']:04d}.safetensors"
         classes, img_size = saved["num_classes"], saved["img_size"]
     else:
         if cfg is None:
