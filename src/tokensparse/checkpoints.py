@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 _STATE_KEYS = ("model", "state_dict", "model_state_dict")
 
@@ -102,10 +103,30 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict | 
     model = getattr(model, "module", model)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    atomic_write_bytes(safetensors_bytes(tensors, metadata=meta), path)
+    return path
+
+
+def _write_file(f, data: bytes) -> None:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write `data` to a temporary file beside `path`, then rename it over `path`.
+
+    A reader sees the old file or the new one, never a part; a failed write (disk full, read-only
+    folder) raises an OSError naming the file and leaves no temporary file behind.
+    """
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        with os.fdopen(fd, "wb") as f:
+            try:
+                _write_file(f, data)
+            except OSError as err:  # name the file the user knows, not the temporary one
+                raise OSError(err.errno, err.strerror or str(err), str(path)) from err
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -363,7 +363,9 @@ def _train(args: argparse.Namespace) -> int:
     else:
         metrics = train(cfg)
     if metrics:
-        print(json.dumps(metrics))
+        from .train import json_safe
+
+        print(json.dumps(json_safe(metrics)))
     return 0
 
 
@@ -377,8 +379,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     _add_weights(p, positional=True)
     p.add_argument("--dataset", default=None, help="override the run's data set")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--val-limit", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--val-limit", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=None)
     p.add_argument(
         "--keep-ratio", type=_ratio, default=None, help="evaluate DynamicViT at another keep ratio"
     )
@@ -414,7 +416,9 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate(model.to(device), loader, device=device, progress=not args.json)
     result = {"run": args.run, "method": cfg.method, "model": cfg.model, **result}
     if args.json:
-        print(json.dumps(result))
+        from .train import json_safe
+
+        print(json.dumps(json_safe(result)))
     else:
         for key, value in result.items():
             print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
@@ -546,6 +550,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"tokensparse {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only folder, no permission: say which file
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"tokensparse {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
 
 

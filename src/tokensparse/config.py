@@ -4,6 +4,7 @@ parses arguments fast)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +115,7 @@ class TrainConfig:
     seed: int = 0
     output: str = "runs/train"
     resume: bool = False
+    overwrite: bool = False
     max_nan_streak: int = 20
     keep_checkpoints: int = 2
 
@@ -144,9 +146,65 @@ class TrainConfig:
             raise ValueError(
                 f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} for {self.epochs}"
             )
+        _check_ranges(self)
 
     def resolved(self) -> TrainConfig:
         """A validated copy with every unset setting of this method at the method's default."""
         self.validate()
         defaults = {k: v for k, v in METHOD_DEFAULTS[self.method].items() if getattr(self, k) is None}
         return dataclasses.replace(self, **defaults)
+
+
+# name -> (lowest, highest, whether the bounds are included); None values mean "not set" and pass
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "img_size": (1, None, True, True),
+    "train_limit": (1, None, True, True),
+    "val_limit": (1, None, True, True),
+    "min_lr": (0, None, True, True),
+    "warmup_lr": (0, None, True, True),
+    "weight_decay": (0, None, True, True),
+    "clip_grad": (0, None, False, True),
+    "drop_path": (0, 1, True, False),
+    "smoothing": (0, 1, True, False),
+    "mixup": (0, None, True, True),
+    "cutmix": (0, None, True, True),
+    "keep_ratio": (0, 1, False, True),
+    "ratio_weight": (0, None, True, True),
+    "distill_weight": (0, None, True, True),
+    "gate_scale": (0, None, False, True),
+    "halt_eps": (0, 1, False, False),
+    "ponder_weight": (0, None, True, True),
+    "prior_weight": (0, None, True, True),
+    "prior_depth": (1, None, True, True),
+    "tome_r": (0, None, True, True),
+    "backbone_lr_scale": (0, None, True, True),
+    "workers": (0, None, True, True),
+    "max_nan_streak": (1, None, True, True),
+    "keep_checkpoints": (1, None, True, True),
+}
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """Reject out-of-range settings by name (a silent replacement would train something else)."""
+    for name, (low, high, low_in, high_in) in _RANGES.items():
+        value = getattr(cfg, name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} ({flag}) must be a finite number, got {value!r}")
+        too_low = low is not None and (value < low if low_in else value <= low)
+        too_high = high is not None and (value > high if high_in else value >= high)
+        if too_low or too_high:
+            bounds = (
+                f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+                if high is not None
+                else f"{'>=' if low_in else '>'} {low}"
+            )
+            bounds = "in " + bounds if high is not None else bounds
+            hint = " (leave it unset to turn clipping off)" if name == "clip_grad" else ""
+            raise ValueError(f"{name} ({flag}) must be {bounds}, got {value}{hint}")
+    if cfg.locations is not None and not cfg.locations:
+        raise ValueError("locations (--locations) must name at least one block")
+    if not isinstance(cfg.model_kwargs, dict):
+        raise ValueError(f"model_kwargs (--model-kwargs) must be a JSON object, got {cfg.model_kwargs!r}")

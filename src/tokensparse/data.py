@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -335,6 +336,49 @@ def _split_folder(root: Path, split: str) -> Path:
     )
 
 
+def _image_labels(folder: Path) -> dict[str, int]:
+    """Class folder name -> number of images in it, as timm's ImageFolder reader finds them."""
+    from timm.data.readers.reader_image_folder import find_images_and_targets
+
+    found, class_to_idx = find_images_and_targets(str(folder))
+    counts = dict.fromkeys(class_to_idx, 0)
+    names = {i: c for c, i in class_to_idx.items()}
+    for _, target in found:
+        counts[names[target]] += 1
+    return counts
+
+
+def _folder_classes(root: Path, folder: Path) -> dict[str, int]:
+    """One class list for every split: the training split's (the class folders holding images, in
+    timm's natural order); other splits are mapped onto it by folder name, so a class missing from one
+    split cannot shift the labels of the others. A class with images in `folder` but none in training
+    is an error; a training class without images in `folder` is a warning that names it."""
+    counts = _image_labels(folder)
+    if not counts:
+        raise ValueError(f"empty ImageFolder: no images in class subfolders of {folder}")
+    try:
+        train_folder = _split_folder(root, "train")
+    except FileNotFoundError:
+        train_folder = folder  # evaluation-only data: its own classes are the only list there is
+    train_counts = counts if train_folder == folder else _image_labels(train_folder)
+    if not train_counts:
+        raise ValueError(f"empty ImageFolder: no images in class subfolders of {train_folder}")
+    extra = sorted(set(counts) - set(train_counts))
+    if extra:
+        raise ValueError(
+            f"{folder} has classes with no training images in {train_folder}: {', '.join(extra[:10])}; "
+            "the class list comes from the training split, so every class needs training images"
+        )
+    absent = [c for c in train_counts if c not in counts]
+    if absent:
+        warnings.warn(
+            f"{folder} has no images of {len(absent)} training classes: {', '.join(absent[:10])} "
+            "(labels still follow the training class list)",
+            stacklevel=3,
+        )
+    return {c: i for i, c in enumerate(train_counts)}
+
+
 def build_dataset(
     name: str = CLUTTER_NAME,
     root: str | os.PathLike | None = None,
@@ -394,7 +438,12 @@ def build_dataset(
             raise FileNotFoundError(f"ImageFolder root not found: {root}")
         folder = _split_folder(root, split)
         dataset = create_dataset(
-            "", root=str(folder), split=split, search_split=False, is_training=is_training
+            "",
+            root=str(folder),
+            split=split,
+            search_split=False,
+            is_training=is_training,
+            class_map=_folder_classes(root, folder),
         )
         dataset.transform = transform
     return dataset if limit is None else Subset(dataset, spread_over_classes(dataset, limit, limit_seed))

@@ -9,6 +9,7 @@ key, `forward_head`, distillation heads and `timm.create_model(..., checkpoint_p
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -247,12 +248,28 @@ class _SparseViT:
         state.pop(_INFO_ATTR, None)
         return state
 
+    def __reduce_ex__(self, protocol):
+        # The class made by `sparsify` has no importable name: pickle (torch.save(model)) rebuilds it
+        # from the model's own timm class instead.
+        return _rebuild_sparse, (type(self).__bases__[1],), self.__getstate__()
+
+
+@functools.cache
+def _sparse_class(base: type) -> type:
+    return type(f"Sparse{base.__name__}", (_SparseViT, base), {})
+
+
+def _rebuild_sparse(base: type) -> nn.Module:
+    model = base.__new__(base)
+    model.__class__ = _sparse_class(base)
+    return model
+
 
 def sparsify(model: VisionTransformer, policy: TokenPolicy, attr: str) -> VisionTransformer:
     """Attach `policy` to `model` under `attr` and route the forward through the engine (in place)."""
     check_vit(model)
     base = type(model)
-    model.__class__ = type(f"Sparse{base.__name__}", (_SparseViT, base), {})
+    model.__class__ = _sparse_class(base)
     model.add_module(attr, policy)
     setattr(model, _POLICY_ATTR, attr)
     return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     policy = get_policy(model)
-    totals = torch.zeros(4, dtype=torch.float64)  # items, top1, top5, flops
+    totals = torch.zeros(5, dtype=torch.float64)  # items, top1, top5, flops, non-finite outputs
     stage_kept: torch.Tensor | None = None
     depth_sum = 0.0
     seconds = 0.0
@@ -54,11 +55,18 @@ def evaluate(
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - tic
         logits = logits.float()
+        finite = torch.isfinite(logits).all(1)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct = top5 == labels.unsqueeze(1)
+        correct = (top5 == labels.unsqueeze(1)) & finite.unsqueeze(1)  # a NaN output is never right
         flops = flops_from_info(model) if policy is not None else model_flops(model, images)
         totals += torch.tensor(
-            [len(labels), correct[:, 0].sum().item(), correct.any(1).sum().item(), flops.sum().item()],
+            [
+                len(labels),
+                correct[:, 0].sum().item(),
+                correct.any(1).sum().item(),
+                flops.sum().item(),
+                (~finite).sum().item(),
+            ],
             dtype=torch.float64,
         )
         if policy is not None:
@@ -72,13 +80,21 @@ def evaluate(
                 cover += _object_cover(model, info, batch[2])
     extra = torch.cat([torch.tensor([depth_sum, seconds], dtype=torch.float64), cover])
     if dist.is_available() and dist.is_initialized():
+        # Every rank joins every collective, also a rank whose shard is empty (it has no stage counts
+        # yet): first agree on the number of stages, then sum.
         backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        stages = torch.tensor([0 if stage_kept is None else len(stage_kept)], device=backend_device)
+        dist.all_reduce(stages, op=dist.ReduceOp.MAX)
+        if stages.item() > 0 and stage_kept is None:
+            stage_kept = torch.zeros(int(stages.item()), dtype=torch.float64)
         for t in [totals, extra] + ([stage_kept] if stage_kept is not None else []):
             moved = t.to(backend_device)
             dist.all_reduce(moved)
             t.copy_(moved.cpu())
         extra[1] /= dist.get_world_size()
-    items = max(totals[0].item(), 1.0)
+    if totals[0] == 0:
+        raise ValueError("evaluation saw no images: the validation set (or --val-limit) is empty")
+    items = totals[0].item()
     result: dict[str, Any] = {
         "top1": 100.0 * totals[1].item() / items,
         "top5": 100.0 * totals[2].item() / items,
@@ -86,6 +102,13 @@ def evaluate(
         "img_s": totals[0].item() / extra[1].item() if extra[1] > 0 else float("nan"),
         "images": int(totals[0].item()),
     }
+    if totals[4] > 0:
+        result["nonfinite_outputs"] = int(totals[4].item())
+        warnings.warn(
+            f"{result['nonfinite_outputs']} of {result['images']} images got non-finite logits (NaN/inf "
+            "weights?); they count as wrong",
+            stacklevel=2,
+        )
     if stage_kept is not None:
         result["keep_ratio_per_stage"] = [round(v / items, 4) for v in stage_kept.tolist()]
     if policy is not None and getattr(policy, "method", "") == "avit":

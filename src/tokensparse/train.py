@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 import torch.distributed as dist
@@ -31,7 +33,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from tqdm.auto import tqdm
 
-from .checkpoints import read_state_dict, save_checkpoint
+from .checkpoints import atomic_write_bytes, read_state_dict, save_checkpoint
 from .config import BASELINES, METHOD_DEFAULTS, METHODS, SETTING_METHODS, TrainConfig  # noqa: F401
 from .data import build_dataset, build_loader, class_names, num_classes
 from .evaluate import evaluate
@@ -44,6 +46,8 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """Join the torchrun process group if launched by torchrun; return (rank, world, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available here (use --device cpu or auto)")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -102,6 +106,7 @@ def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Modu
                     stacklevel=2,
                 )
                 state.pop(f"{head}.weight"), state.pop(f"{head}.bias", None)
+        _check_shapes(model, state, f"--checkpoint {cfg.checkpoint}", cfg.model)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(("head.", "head_dist."))]
         if missing or unexpected:
@@ -144,6 +149,28 @@ def pretrained_state_dict(name: str, kwargs: dict[str, Any] | None = None) -> di
             f"({type(err).__name__}: {first}); download them once with network access (they are "
             "cached), or pass the weights file with --checkpoint FILE"
         ) from err
+
+
+def _check_shapes(model: nn.Module, state: dict[str, torch.Tensor], what: str, name: str) -> None:
+    own = model.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if wrong:
+        raise ValueError(f"{what} does not fit {name}: shape mismatch in {'; '.join(wrong[:4])}")
+
+
+def _load_teacher(teacher: nn.Module, path: str, model_name: str) -> None:
+    """The teacher's weights: the dense model's keys and shapes exactly (a DynamicViT's predictors dropped)."""
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("score_predictor.")}
+    _check_shapes(teacher, state, f"--teacher {path}", model_name)
+    missing, unexpected = teacher.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"--teacher {path} does not fit {model_name}: missing {missing[:6]}, unexpected {unexpected[:6]}"
+        )
 
 
 def sparsify_for(cfg: TrainConfig, model: nn.Module) -> nn.Module:
@@ -265,41 +292,108 @@ def compute_loss(cfg, model, criterion, teacher, images, targets) -> tuple[torch
     return criterion(logits, targets, model, teacher_logits)
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(loader: torch.utils.data.DataLoader | None = None) -> dict[str, Any]:
+    """This process's random state: torch (CPU, CUDA), Python, NumPy (Mixup) and the loader's generator."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
+        "python": list(py_state),
+        "python_version": py_version,
+        "python_gauss": py_gauss,
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
     }
+    if loader is not None and loader.generator is not None:
+        state["loader"] = loader.generator.get_state()
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], loader: torch.utils.data.DataLoader | None = None) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "loader" in state and loader is not None and loader.generator is not None:
+        loader.generator.set_state(state["loader"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _all_rng_states(world: int, loader: torch.utils.data.DataLoader) -> list[dict[str, Any]]:
+    """Every rank's random state, on every rank (a collective: all ranks call it)."""
+    mine = _rng_state(loader)
+    if world == 1:
+        return [mine]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(buffer.getvalue(), path)
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(text.encode(), path)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None: JSON has no NaN (json.dumps would write it)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl, rewritten whole from the history (which the checkpoint state also holds)."""
+    lines = (json.dumps(json_safe(m), allow_nan=False) + "\n" for m in history)
+    _atomic_write_text("".join(lines), path)
+
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    digits = path.name.removeprefix("epoch")[:4]
+    return int(digits) if path.name.startswith("epoch") and digits.isdigit() else None
+
+
+def _clean_checkpoints(ckpt: Path, last: int | None, keep: int) -> None:
+    """Delete temporary files of interrupted writes, files of epochs after `last` (a killed epoch's)
+    and all but the `keep` newest complete epochs."""
+    for tmp in ckpt.parent.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    if not ckpt.is_dir():
+        return
+    for tmp in ckpt.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    epochs = sorted({e for f in ckpt.glob("epoch*") if (e := _checkpoint_epoch(f)) is not None})
+    kept = [e for e in epochs if last is not None and e <= last][-keep:]
+    for f in ckpt.glob("epoch*"):
+        if _checkpoint_epoch(f) is not None and _checkpoint_epoch(f) not in kept:
+            f.unlink(missing_ok=True)
 
 
 def save_training_state(
     out: Path, epoch: int, model, optimizer, scheduler, scaler, extra: dict, keep: int
 ) -> None:
-    """Weights (safetensors) and state (tensors and plain values only), then the `last.json` pointer."""
+    """Weights (safetensors) and state (tensors and plain values only), then the `last.json` pointer.
+
+    `extra` holds what resuming needs beyond the modules: the update count, the metrics history and
+    every rank's random state. A kill at any moment leaves `last.json` naming a complete pair.
+    """
     ckpt = out / "checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, ckpt / f"epoch{epoch:04d}.safetensors", {"epoch": epoch})
@@ -313,21 +407,90 @@ def save_training_state(
     }
     _atomic_torch_save(state, ckpt / f"epoch{epoch:04d}.state.pt")
     _atomic_write_text(json.dumps({"epoch": epoch}), ckpt / "last.json")
-    for old in sorted(ckpt.glob("epoch*.safetensors"))[:-keep]:
-        old.unlink(missing_ok=True)
-        old.with_name(old.name.replace(".safetensors", ".state.pt")).unlink(missing_ok=True)
+    _clean_checkpoints(ckpt, epoch, keep)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupt (not JSON: {err}); delete it or the run folder") from err
 
 
 def load_training_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     pointer = out / "checkpoints" / "last.json"
     if not pointer.is_file():
         return None
-    epoch = json.loads(pointer.read_text())["epoch"]
-    weights = read_state_dict(out / "checkpoints" / f"epoch{epoch:04d}.safetensors")
-    state = torch.load(
-        out / "checkpoints" / f"epoch{epoch:04d}.state.pt", map_location="cpu", weights_only=True
-    )
+    saved = _read_json(pointer)
+    if not isinstance(saved, dict) or not isinstance(saved.get("epoch"), int):
+        raise ValueError(f'{pointer} is corrupt: expected {{"epoch": <int>}}, got {saved!r}')
+    epoch = saved["epoch"]
+    weights_file = out / "checkpoints" / f"epoch{epoch:04d}.safetensors"
+    state_file = out / "checkpoints" / f"epoch{epoch:04d}.state.pt"
+    for f in (weights_file, state_file):
+        if not f.is_file():
+            raise ValueError(f"cannot resume: {pointer} names epoch {epoch} but {f} is missing")
+    weights = read_state_dict(weights_file)
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged file
+        raise ValueError(f"cannot resume: {state_file} is not a readable training state ({err})") from err
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
+        raise ValueError(f"cannot resume: {state_file} is not a training state of tokensparse")
     return weights, state
+
+
+# fields a resumed run may change: they do not change what is computed (epochs extends the schedule)
+_RESUME_MAY_CHANGE = ("epochs", "resume", "overwrite", "output", "device")
+_RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "model.safetensors")
+
+
+def _claim_output(cfg: TrainConfig, out: Path, extra: dict[str, Any], is_main: bool) -> dict | None:
+    """Make sure the run folder belongs to this run; return the saved config when resuming one.
+
+    A new run refuses a folder holding another run (unless `overwrite`, which deletes that run's
+    files); `resume` refuses a run whose configuration differs in anything but `_RESUME_MAY_CHANGE`.
+    """
+    used = [name for name in _RUN_FILES if (out / name).exists()]
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run or replace it")
+    if not used:
+        return None
+    if not cfg.resume:
+        if not cfg.overwrite:
+            raise ValueError(
+                f"{out} already holds a run ({', '.join(used)}): continue it with --resume, replace it "
+                "with --overwrite, or choose another --output"
+            )
+        if is_main:
+            import shutil
+
+            for name in (*_RUN_FILES, "teacher.safetensors", "tensorboard"):
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        return None
+    config_file = out / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"cannot resume: {out} holds {', '.join(used)} but no config.json")
+    saved = _read_json(config_file)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_file} is corrupt: expected a JSON object")
+    now = json.loads(json.dumps(dataclasses.asdict(cfg) | extra))
+    defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
+    differences = [
+        f"{key}: {saved.get(key, defaults.get(key))!r} -> {value!r}"
+        for key, value in now.items()
+        if key not in _RESUME_MAY_CHANGE and saved.get(key, defaults.get(key)) != value
+    ]
+    if differences:
+        raise ValueError(
+            f"cannot resume {out}: its run has another configuration ({'; '.join(differences)}); only "
+            "--epochs may change on resume. Use another --output, or --overwrite to start afresh"
+        )
+    return saved
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -347,8 +510,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     rank, world, device = setup_distributed(cfg.device)
     is_main = rank == 0
     out = Path(cfg.output)
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
+    _seed_everything(cfg.seed)  # every rank builds the same model (and the same teacher from it)
 
     train_set = build_dataset(cfg.dataset, cfg.data_root, "train", cfg.img_size, limit=cfg.train_limit)
     val_set = build_dataset(cfg.dataset, cfg.data_root, "val", cfg.img_size, limit=cfg.val_limit)
@@ -370,7 +532,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.method != "dense" and cfg.distill_weight > 0:  # cfg is resolved: a number here
         teacher = copy.deepcopy(model)
         if cfg.teacher:
-            teacher.load_state_dict(read_state_dict(cfg.teacher))
+            _load_teacher(teacher, cfg.teacher, cfg.model)
         teacher.requires_grad_(False).eval().to(device)
     model = sparsify_for(cfg, model).to(device)
     criterion = build_criterion(cfg, len(model.blocks))
@@ -395,32 +557,43 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=classes
         )
 
+    run_facts = {"num_classes": classes, "img_size": img_size, "world_size": world}
+    saved_cfg = _claim_output(cfg, out, run_facts, is_main)
+    if world > 1:  # no rank may look at the folder after rank 0 starts writing to it
+        dist.barrier()
     start_epoch, history, nan_skipped = 0, [], 0
-    if cfg.resume:
-        loaded = load_training_state(out)
-        if loaded is not None:
-            weights, state = loaded
+    updates = 0
+    loaded = load_training_state(out) if saved_cfg is not None else None
+    if loaded is not None:
+        weights, state = loaded
+        try:
             model.load_state_dict(weights)
             optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            if saved_cfg.get("epochs") == cfg.epochs:
+                scheduler.load_state_dict(state["scheduler"])
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"])
-            start_epoch, nan_skipped = state["epoch"] + 1, state.get("nan_skipped", 0)
             if teacher is not None:
                 teacher.load_state_dict(read_state_dict(out / "teacher.safetensors"))
-            if is_main:
-                _truncate_metrics(out / "metrics.jsonl", start_epoch)
-                print(f"resumed from {out}/checkpoints after epoch {start_epoch}")
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise ValueError(f"cannot resume from {out}/checkpoints: {str(err).splitlines()[0]}") from err
+        per_rank = state.get("rng_per_rank", [state["rng"]])
+        _set_rng_state(per_rank[rank] if rank < len(per_rank) else state["rng"], train_loader)
+        start_epoch, nan_skipped = state["epoch"] + 1, state.get("nan_skipped", 0)
+        # the update count, not epochs x batches: skipped non-finite steps do not advance the schedule
+        updates = state.get("updates", start_epoch * len(train_loader))
+        if saved_cfg.get("epochs") != cfg.epochs:  # the schedule of the new length, from this update on
+            scheduler.step_update(num_updates=updates)
+        history = state.get("history") or _read_metrics(out / "metrics.jsonl", start_epoch)
+        if is_main:
+            _write_metrics(out / "metrics.jsonl", history)  # lines a kill lost come back
+            print(f"resumed from {out}/checkpoints after epoch {start_epoch}")
+    else:
+        _seed_everything(cfg.seed + rank)  # each rank its own noise (drop path, Gumbel, augmentation)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(
-            json.dumps(
-                dataclasses.asdict(cfg) | {"num_classes": classes, "img_size": img_size, "world_size": world},
-                indent=2,
-            ),
-            out / "config.json",
-        )
+        _clean_checkpoints(out / "checkpoints", start_epoch - 1 if loaded else None, cfg.keep_checkpoints)
+        _atomic_write_text(json.dumps(dataclasses.asdict(cfg) | run_facts, indent=2), out / "config.json")
         names = class_names(train_set)
         if names is not None:  # for `tokensparse predict`
             _atomic_write_text(json.dumps(names), out / "classes.json")
@@ -436,7 +609,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {}
     streak = 0
-    updates = start_epoch * len(train_loader)
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)
         if hasattr(train_set, "set_epoch"):  # fresh canvases every epoch (the clutter set)
@@ -506,6 +678,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             **{f"val_{k}": v for k, v in val.items()},
         }
         history.append(metrics)
+        rng_states = _all_rng_states(world, train_loader)  # a collective: every rank takes part
         if is_main:
             save_training_state(
                 out,
@@ -514,11 +687,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 optimizer,
                 scheduler,
                 scaler,
-                {"nan_skipped": nan_skipped},
+                {
+                    "nan_skipped": nan_skipped,
+                    "updates": updates,
+                    "history": history,
+                    "rng_per_rank": rng_states,
+                },
                 cfg.keep_checkpoints,
             )
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            _write_metrics(out / "metrics.jsonl", history)
             if writer is not None:
                 for key, value in metrics.items():
                     if isinstance(value, (int, float)):
@@ -533,12 +710,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return metrics
 
 
-def _truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Drop metric lines of epochs after the checkpoint we resume from (they will be redone)."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
-        _atomic_write_text("".join(line + "\n" for line in kept), path)
+def _read_metrics(path: Path, last_epoch: int) -> list[dict[str, Any]]:
+    """The metric lines up to `last_epoch` (checkpoints of older versions hold no history)."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return [m for m in map(json.loads, lines) if m["epoch"] <= last_epoch]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is corrupt ({err})") from err
 
 
 def _sparsity_postfix(model: nn.Module) -> dict[str, str]:
@@ -593,7 +773,7 @@ def load_trained(
         config_file = path / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} is not a training run: no config.json inside")
-        saved = json.loads(config_file.read_text())
+        saved = _read_json(config_file)
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         method = saved.get("method", "dynamicvit")
         foreign = {k for k, methods in SETTING_METHODS.items() if method not in methods}
@@ -603,9 +783,7 @@ def load_trained(
             pointer = path / "checkpoints" / "last.json"
             if not pointer.is_file():
                 raise FileNotFoundError(f"{path} has no model.safetensors and no checkpoint yet")
-            weights = (
-                path / "checkpoints" / f"epoch{json.loads(pointer.read_text())['epoch']:04d}.safetensors"
-            )
+            weights = path / "checkpoints" / f"epoch{_read_json(pointer)['epoch']:04d}.safetensors"
         classes, img_size = saved["num_classes"], saved["img_size"]
     else:
         if cfg is None:
