@@ -76,10 +76,11 @@ def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Modu
         model = timm.create_model(cfg.model, pretrained=False, num_classes=classes, **kwargs)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ValueError(str(err)) from err
-    except TypeError as err:  # a CNN given img_size=...
+    except TypeError as err:  # an argument the model does not take (--model-kwargs, or a CNN's img_size)
         raise ValueError(
-            f"--model {cfg.model} is not a vision transformer timm can build with {kwargs} ({err}); "
-            "tokensparse needs a timm VisionTransformer (deit_*, vit_*, ...)"
+            f"--model {cfg.model} cannot be built with these arguments (--model-kwargs {cfg.model_kwargs}, "
+            f"image size {img_size}): {err}; if it is not a vision transformer: tokensparse needs a timm "
+            "VisionTransformer (deit_*, vit_*, ...)"
         ) from err
     if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
         raise ValueError(
@@ -441,7 +442,15 @@ def load_training_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 
 
 # fields a resumed run may change: they do not change what is computed (epochs extends the schedule)
-_RESUME_MAY_CHANGE = ("epochs", "resume", "overwrite", "output", "device")
+_RESUME_MAY_CHANGE = (
+    "epochs",
+    "resume",
+    "overwrite",
+    "output",
+    "device",
+    "keep_checkpoints",
+    "max_nan_streak",
+)
 _RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "model.safetensors")
 
 
