@@ -10,6 +10,9 @@ from .losses import AViTLoss, DynamicViTLoss, teacher_outputs
 from .policies.avit import HaltingStats, avit, avit_stats
 from .policies.baselines import random_prune, static_prune
 from .policies.dynamicvit import dynamicvit
+from .policies.dynconvnext import dynamic_convnext
+from .policies.dynspatial import SpatialInfo, dynamic_spatial_info
+from .policies.dynswin import dynamic_swin
 from .policies.evit import evit
 from .policies.tome import tome
 
@@ -22,6 +25,10 @@ __all__ = [
     "DynamicViTLoss",
     "SparseInfo",
     "dynamicvit",
+    "dynamic_convnext",
+    "dynamic_spatial_info",
+    "dynamic_swin",
+    "SpatialInfo",
     "evit",
     "random_prune",
     "static_prune",
