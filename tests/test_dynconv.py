@@ -225,3 +225,97 @@ def test_default_locations_follow_the_authors() -> None:
     assert default_locations(27) == (3, 6, 9)  # ConvNeXt-S/B
     assert default_locations(6) == (1, 2, 3)  # Swin-T
     assert default_locations(18) == (2, 4, 6)  # Swin-S/B
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+
+
+def torch_macs(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """torch's own count for one image, in multiply-adds (it reports 2 FLOPs per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False  # FlopCounterMode has no formula for the CPU SDPA kernel
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(images)
+    return counter.get_total_flops() / 2
+
+
+@pytest.mark.parametrize("mode", ["dense", "eval", "train"])
+@pytest.mark.parametrize("arch", ["convnext", "swin"])
+def test_flops_match_torch_flop_counter(arch: str, mode: str) -> None:
+    from tokensparse.policies.dynspatial import spatial_flops
+
+    torch.manual_seed(0)
+    if arch == "convnext":
+        model, size = atto(depths=(1, 1, 9, 1)), (64, 48)
+    else:  # 40x36 at patch 2: stage grids 20x18, 10x9, 5x5 (windows padded), 3x3
+        cfg = dict(
+            img_size=(40, 36),
+            patch_size=2,
+            embed_dim=8,
+            depths=[1, 1, 6, 1],
+            num_heads=[1, 2, 2, 4],
+            window_size=4,
+            num_classes=5,
+        )
+        model, size = tiny_swin(cfg), (40, 36)
+    dense = spatial_flops(model, size)
+    if mode != "dense":
+        model = (tokensparse.dynamic_convnext if arch == "convnext" else tokensparse.dynamic_swin)(model, 0.7)
+    model.train(mode == "train")
+    images = torch.randn(1, 3, *size)
+    ours = spatial_flops(model, size)
+    assert ours == torch_macs(model, images)
+    assert (ours == dense) if mode == "dense" else (ours < dense if mode == "eval" else ours > dense)
+
+
+# ------------------------------------------------------------------------------------ loss
+
+
+@pytest.mark.parametrize("arch", ["convnext", "swin"])
+def test_loss_matches_authors(arch: str, golden) -> None:
+    """Their ConvNextDistillDiffPruningLoss (ratio weight 10, MSE feature distillation) on the seeded
+    training forward, with the dense timm model of the same weights as teacher."""
+    from tokensparse.losses import DynamicSpatialLoss, spatial_teacher_outputs
+
+    model, ref = authors_model(arch, golden)
+    cfg = json.loads(golden[1][arch])
+    teacher = tiny_convnext(cfg) if arch == "convnext" else tiny_swin(cfg)
+    teacher.load_state_dict(model.state_dict(), strict=False)
+    teacher_logits, teacher_features = spatial_teacher_outputs(teacher, ref["images"])
+    model.train()
+    torch.manual_seed(int(golden[1]["train_seed"]))
+    logits = model(ref["images"])
+    criterion = DynamicSpatialLoss(float(golden[1]["keep_ratio"]))
+    loss, parts = criterion(logits, ref["labels"], model, teacher_logits, teacher_features)
+    theirs = ref["train_loss_parts"].tolist()
+    assert [parts[k] for k in ("cls", "ratio", "distill", "token")] == pytest.approx(
+        theirs, rel=1e-4, abs=1e-5
+    )
+    assert loss.item() == pytest.approx(ref["train_loss"].item(), rel=1e-4)
+    loss.backward()
+    stage = model.stages[2] if arch == "convnext" else model.layers[2]
+    assert stage.score_predictor[0].in_conv[1].weight.grad.abs().sum() > 0  # the ratio term reaches it
+    with pytest.raises(ValueError, match="training-mode forward"):
+        with torch.no_grad():
+            model.eval()(ref["images"])
+        criterion(logits, ref["labels"], model, teacher_logits, teacher_features)
+
+
+def test_param_groups_follow_the_authors() -> None:
+    from tokensparse.policies.dynspatial import dynamic_spatial_param_groups
+
+    model = tokensparse.dynamic_convnext(atto())
+    groups = dynamic_spatial_param_groups(model, weight_decay=0.05)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    new = by_id[id(named["stages.2.score_predictor.0.in_conv.1.weight"])]
+    assert (new["lr_scale"], new["fix_epochs"], new["weight_decay"]) == (1.0, 0, 0.05)
+    gamma = by_id[id(named["stages.2.blocks.3.fast_path_gamma"])]
+    assert (gamma["lr_scale"], gamma["weight_decay"]) == (1.0, 0.0)
+    backbone = by_id[id(named["stages.2.blocks.3.mlp.fc1.weight"])]
+    assert (backbone["lr_scale"], backbone["fix_epochs"], backbone["weight_decay"]) == (0.2, 5, 0.05)
+    assert by_id[id(named["stem.0.bias"])]["weight_decay"] == 0.0

@@ -252,3 +252,54 @@ def from_authors_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> dic
     if isinstance(model, SwinTransformer) and is_authors_swin_state(state):
         return authors_swin_state_dict(state, model)
     return state
+
+
+def spatial_flops(model: nn.Module, img_size: tuple[int, int]) -> int:
+    """Executed multiply-adds per image of a timm ConvNeXt or SwinTransformer (dense or dynamic) at
+    `img_size`, in the model's current mode (see `dynamic_convnext_flops`, `dynamic_swin_flops`)."""
+    from timm.models.convnext import ConvNeXt
+    from timm.models.swin_transformer import SwinTransformer
+
+    from .dynconvnext import dynamic_convnext_flops
+    from .dynswin import dynamic_swin_flops
+
+    model = getattr(model, "module", model)
+    if isinstance(model, ConvNeXt):
+        return dynamic_convnext_flops(model, img_size)
+    if isinstance(model, SwinTransformer):
+        return dynamic_swin_flops(model, img_size)
+    raise ValueError(
+        f"spatial_flops counts timm ConvNeXt and SwinTransformer models, got {type(model).__name__}"
+    )
+
+
+def dynamic_spatial_param_groups(
+    model: nn.Module, weight_decay: float = 0.05, backbone_lr_scale: float = 0.2, fix_epochs: int = 5
+) -> list[dict]:
+    """The authors' optimiser groups (optim_factory.get_parameter_groups) for a dynamic ConvNeXt / Swin.
+
+    New parameters (predictors, fast paths) train at the full lr from the start; the pretrained
+    backbone at lr x `backbone_lr_scale` (their README runs use --lr_scale 0.2) and at lr 0 for the first
+    `fix_epochs` epochs (their fix_step = 5). No weight decay on biases, 1-d parameters and the model's
+    `no_weight_decay()` names. Each group carries "lr_scale" (timm's schedulers apply it) and
+    "fix_epochs" (the training loop zeroes the group's lr while epoch < fix_epochs).
+    """
+    sparse_stage(model)
+    inner = getattr(model, "module", model)
+    skip = set(getattr(inner, "no_weight_decay", lambda: set())())
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in inner.named_parameters():
+        if not param.requires_grad:
+            continue
+        new = ".score_predictor." in name or ".fast_path" in name
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip
+        groups.setdefault((new, no_decay), []).append(param)
+    return [
+        {
+            "params": params,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr_scale": 1.0 if new else backbone_lr_scale,
+            "fix_epochs": 0 if new else fix_epochs,
+        }
+        for (new, no_decay), params in sorted(groups.items())
+    ]
