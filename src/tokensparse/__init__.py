@@ -35,6 +35,10 @@ _EXPORTS = {
     "tome": ".policies.tome",
     "load_run": ".runs",
     "pretrained": ".models",
+    "dynamic_convnext": ".policies.dynconvnext",
+    "dynamic_swin": ".policies.dynswin",
+    "SpatialInfo": ".policies.dynspatial",
+    "dynamic_spatial_info": ".policies.dynspatial",
 }
 
 __all__ = [
@@ -46,6 +50,10 @@ __all__ = [
     "DynamicViTLoss",
     "SparseInfo",
     "dynamicvit",
+    "dynamic_convnext",
+    "dynamic_spatial_info",
+    "dynamic_swin",
+    "SpatialInfo",
     "evit",
     "random_prune",
     "static_prune",
@@ -80,6 +88,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from .flops import gflops, model_flops
     from .losses import AViTLoss, DynamicViTLoss, teacher_outputs
     from .models import pretrained
+    from .policies.dynconvnext import dynamic_convnext
+    from .policies.dynspatial import SpatialInfo, dynamic_spatial_info
+    from .policies.dynswin import dynamic_swin
     from .policies.avit import HaltingStats, avit, avit_stats
     from .policies.baselines import random_prune, static_prune
     from .policies.dynamicvit import dynamicvit

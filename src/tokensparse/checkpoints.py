@@ -1,6 +1,7 @@
 """Load and save weights without ever running code from a file.
 
-Reads the authors' releases (.pth with the state dict under "model"), timm checkpoints (a plain state
+Reads the authors' releases (.pth with the state dict under "model"; their dynamic ConvNeXt / Swin
+layouts are renamed to timm's keys), timm checkpoints (a plain state
 dict, or under "state_dict") and the project's own safetensors files. Pickled files are opened with
 `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
 """
@@ -17,6 +18,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
+
+from .policies.dynspatial import from_authors_layout
 
 _STATE_KEYS = ("model", "state_dict", "model_state_dict")
 
@@ -62,7 +65,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     CheckpointError that lists them; with strict=False missing and unexpected keys are allowed
     (e.g. a dense timm checkpoint into a DynamicViT, whose predictors then keep their weights).
     """
-    state = read_state_dict(path)
+    state = from_authors_layout(model, read_state_dict(path))
     own = model.state_dict()
     wrong_shape = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"

@@ -1,0 +1,305 @@
+"""Dynamic spatial sparsification (Rao et al., T-PAMI 2023): the parts ConvNeXt and Swin share.
+
+Hierarchical backbones cannot drop positions (convolutions, windows and patch merging need the full
+grid), so in one stage (the third) every block from the first pruning location on has two paths: the
+block's own MLP ("full path") for the positions a predictor marks important, and a cheap fast path
+(LayerNorm + Linear) for the rest. Three predictors, at blocks `locations` of that stage, each rank
+all positions of the stage afresh; predictor s sends the top int(N * keep_ratios[s]) positions to
+the full path, with keep_ratios = (rho, rho - 0.2, rho - 0.4) as the authors' main.py sets them.
+
+- Training (two streams): every block computes both paths on every position; a hard Gumbel-softmax
+  decision per position mixes them (straight-through), so gradients reach the predictors and the fast
+  paths. Unlike DynamicViT, a decision does not depend on the previous one.
+- Inference (gather): positions are gathered by the ranking, the full path runs on the kept ones and
+  the fast path on the rest, and both are scattered back into the grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KEEP_RATIO_STEPS = (0.0, 0.2, 0.4)
+"""The authors' SPARSE_RATIO = [rho, rho - 0.2, rho - 0.4] (main.py), one per predictor."""
+
+SPARSE_STAGE = 2
+"""The stage (0-based) that gets predictors and fast paths, as in the authors' ConvNeXt and Swin."""
+
+
+def stage_keep_ratios(keep_ratio: float) -> tuple[float, ...]:
+    """(rho, rho - 0.2, rho - 0.4), computed as the authors do (so int(N * ratio) agrees bit for bit)."""
+    if (
+        isinstance(keep_ratio, bool)
+        or not isinstance(keep_ratio, (int, float))
+        or not KEEP_RATIO_STEPS[-1] < keep_ratio <= 1.0
+    ):
+        raise ValueError(
+            f"keep_ratio must be in (0.4, 1] (the three predictors keep rho, rho - 0.2 and rho - 0.4 of "
+            f"the positions), got {keep_ratio!r}"
+        )
+    return tuple(float(keep_ratio) - step for step in KEEP_RATIO_STEPS)
+
+
+def default_locations(depth: int) -> tuple[int, int, int]:
+    """The authors' placement: (1, 2, 3) for a 9-block (ConvNeXt-T) or 6-block (Swin-T) stage,
+    (3, 6, 9) for ConvNeXt-S/B's 27 blocks, (2, 4, 6) for Swin-S/B's 18."""
+    step = max(1, depth // 9)
+    return (step, 2 * step, 3 * step)
+
+
+def check_locations(locations: Sequence[int] | None, depth: int, what: str) -> tuple[int, ...]:
+    locations = default_locations(depth) if locations is None else tuple(locations)
+    if len(locations) != len(KEEP_RATIO_STEPS):
+        raise ValueError(
+            f"locations must name {len(KEEP_RATIO_STEPS)} blocks (one per predictor), got {locations!r}"
+        )
+    if any(not isinstance(i, int) or isinstance(i, bool) for i in locations):
+        raise ValueError(f"locations must be block indices (ints), got {locations!r}")
+    if any(b <= a for a, b in zip(locations, locations[1:])) or locations[0] < 0 or locations[-1] >= depth:
+        raise ValueError(
+            f"locations {locations!r} must be strictly increasing block indices inside {what}'s stage "
+            f"{SPARSE_STAGE}, which has {depth} blocks"
+        )
+    return locations
+
+
+class SpatialScorePredictor(nn.Module):
+    """The authors' `PredictorLG` of dyconvnext.py / dyswin.py on (B, N, C) positions, index 0 = keep.
+
+    LayerNorm -> Linear(C, C) -> GELU; the first half of the channels stays per position, the second is
+    averaged over all positions of the image; then Linear(C, C/2) -> GELU -> Linear(C/2, C/4) -> GELU ->
+    Linear(C/4, 2) -> LogSoftmax. (Their ConvNeXt version writes the Linears as 1x1 convolutions.)
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim, eps=eps), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(dim, dim // 2),
+            nn.GELU(),
+            nn.Linear(dim // 2, dim // 4),
+            nn.GELU(),
+            nn.Linear(dim // 4, 2),
+            nn.LogSoftmax(dim=-1),
+        )
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, N, 2) log-probabilities."""
+        x = self.in_conv(positions)
+        half = x.shape[-1] // 2
+        local = x[..., :half]
+        image = x[..., half:].mean(dim=1, keepdim=True)
+        return self.out_conv(torch.cat([local, image.expand_as(local)], dim=-1))
+
+
+def gumbel_keep(log_probs: torch.Tensor, channels_first: bool) -> torch.Tensor:
+    """(B, N, 2) -> (B, N) hard Gumbel-softmax keep decisions, straight-through.
+
+    channels_first draws the noise in the (B, 2, N) layout of the authors' ConvNeXt predictor (a 1x1
+    conv output), so a seeded run reproduces their decisions; their Swin draws in (B, N, 2).
+    """
+    if channels_first:
+        return F.gumbel_softmax(log_probs.transpose(1, 2).contiguous(), hard=True, dim=1)[:, 0]
+    return F.gumbel_softmax(log_probs, hard=True, dim=-1)[..., 0]
+
+
+def rank_positions(keep_log_prob: torch.Tensor, keep_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) keep scores -> (kept (B, k), rest (B, N - k)) position indices, k = int(N * keep_ratio)."""
+    order = torch.argsort(keep_log_prob, dim=1, descending=True)
+    count = int(keep_log_prob.shape[1] * keep_ratio)
+    return order[:, :count], order[:, count:]
+
+
+def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C) at index (B, k) -> (B, k, C)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_positions(
+    kept_out: torch.Tensor, rest_out: torch.Tensor, kept: torch.Tensor, rest: torch.Tensor
+) -> torch.Tensor:
+    """The two paths' outputs put back on the grid: (B, N, C) with row kept[b, i] = kept_out[b, i] etc."""
+    values = torch.cat([kept_out, rest_out], dim=1)
+    index = torch.cat([kept, rest], dim=1).unsqueeze(-1).expand(-1, -1, values.shape[-1])
+    return torch.empty_like(values).scatter_(1, index, values)
+
+
+@dataclass
+class SpatialInfo:
+    """What the last forward of a dynamic ConvNeXt / Swin decided (`dynamic_spatial_info(model)`).
+
+    keep_decisions: per predictor, (B, N) in {0, 1}: the hard Gumbel decisions in training (with their
+        straight-through gradient, for the ratio loss), the ranking's top-k in eval.
+    kept_index: per predictor in eval, (B, k) positions (row-major over `grid`) given the full path;
+        empty in training.
+    features: training only, (B, M, C) the final-norm features per position of the last stage (what the
+        authors distil against the teacher's); None in eval.
+    """
+
+    grid: tuple[int, int]
+    keep_decisions: list[torch.Tensor] = field(default_factory=list)
+    kept_index: list[torch.Tensor] = field(default_factory=list)
+    features: torch.Tensor | None = None
+
+
+class DynamicStageMixin:
+    """The block loop of the sparse stage: predictors, then two streams (train) or gathered paths (eval).
+
+    The host class provides `blocks`, `score_predictor`, `locations`, `keep_ratios`, and the layout
+    hooks `_positions(x) -> (B, N, C)`, `_grid(x) -> (H, W)`, `_mask(keep (B, N), x)` (broadcastable
+    to x) and `_channels_first_noise`.
+    """
+
+    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        info = SpatialInfo(grid=self._grid(x))
+        stream: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = x
+        mask = None
+        split = None
+        for j, block in enumerate(self.blocks):
+            if j in self.locations:
+                s = self.locations.index(j)
+                mixed = stream if mask is None else stream[0] * mask + stream[1] * (1 - mask)
+                log_probs = self.score_predictor[s](self._positions(mixed))
+                if self.training:
+                    keep = gumbel_keep(log_probs, self._channels_first_noise)
+                    info.keep_decisions.append(keep)
+                    mask = self._mask(keep, x)
+                    if not isinstance(stream, tuple):
+                        stream = (stream, stream)
+                else:
+                    split = rank_positions(log_probs[..., 0], self.keep_ratios[s])
+                    info.kept_index.append(split[0])
+                    info.keep_decisions.append(
+                        log_probs.new_zeros(log_probs.shape[:2]).scatter_(1, split[0], 1.0)
+                    )
+            if j < self.locations[0]:
+                stream = block(stream)
+            elif self.training:
+                stream = block.forward_two_stream(stream, mask)
+            else:
+                stream = block.forward_split(stream, split)
+        self.last_info = info
+        if isinstance(stream, tuple):
+            stream = stream[0] * mask + stream[1] * (1 - mask)
+        return stream
+
+
+def linear_macs(module: nn.Module | None) -> int:
+    """Multiply-adds of every nn.Linear inside `module`, for one position."""
+    if module is None:
+        return 0
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def mlp_position_counts(
+    positions: int, depth: int, locations: Sequence[int] | None, keep_ratios: Sequence[float], training: bool
+) -> list[tuple[int, int]]:
+    """(full-path, fast-path) positions per block of a stage with `positions` positions.
+
+    Dense blocks (before the first location, or no locations): all on the full path. Training: both
+    paths on all positions. Eval: int(N * ratio) of the latest predictor on the full path.
+    """
+    counts = []
+    ratio = None
+    for j in range(depth):
+        if locations is not None and j in locations:
+            ratio = keep_ratios[list(locations).index(j)]
+        if ratio is None:
+            counts.append((positions, 0))
+        elif training:
+            counts.append((positions, positions))
+        else:
+            kept = int(positions * ratio)
+            counts.append((kept, positions - kept))
+    return counts
+
+
+def sparse_stage(model: nn.Module) -> DynamicStageMixin:
+    """The stage holding the predictors of a dynamic ConvNeXt / Swin; ValueError for any other model."""
+    model = getattr(model, "module", model)  # DDP / DataParallel
+    for module in model.modules():
+        if isinstance(module, DynamicStageMixin):
+            return module
+    raise ValueError(
+        f"{type(model).__name__} is not a dynamic ConvNeXt / Swin (use tokensparse.dynamic_convnext or dynamic_swin)"
+    )
+
+
+def dynamic_spatial_info(model: nn.Module) -> SpatialInfo:
+    """What the last forward of a dynamic ConvNeXt / Swin decided (see `SpatialInfo`)."""
+    info = sparse_stage(model).last_info
+    if info is None:
+        raise ValueError("the model has not run a forward since it was made dynamic")
+    return info
+
+
+def from_authors_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` renamed to timm's keys if it is a checkpoint of the authors' AdaConvNeXt / AdaSwinTransformer
+    and `model` the matching timm model (dense or dynamic); otherwise `state` unchanged."""
+    from timm.models.convnext import ConvNeXt
+    from timm.models.swin_transformer import SwinTransformer
+
+    from .dynconvnext import authors_convnext_state_dict, is_authors_convnext_state
+    from .dynswin import authors_swin_state_dict, is_authors_swin_state
+
+    model = getattr(model, "module", model)
+    if isinstance(model, ConvNeXt) and is_authors_convnext_state(state):
+        return authors_convnext_state_dict(state, model)
+    if isinstance(model, SwinTransformer) and is_authors_swin_state(state):
+        return authors_swin_state_dict(state, model)
+    return state
+
+
+def spatial_flops(model: nn.Module, img_size: tuple[int, int]) -> int:
+    """Executed multiply-adds per image of a timm ConvNeXt or SwinTransformer (dense or dynamic) at
+    `img_size`, in the model's current mode (see `dynamic_convnext_flops`, `dynamic_swin_flops`)."""
+    from timm.models.convnext import ConvNeXt
+    from timm.models.swin_transformer import SwinTransformer
+
+    from .dynconvnext import dynamic_convnext_flops
+    from .dynswin import dynamic_swin_flops
+
+    model = getattr(model, "module", model)
+    if isinstance(model, ConvNeXt):
+        return dynamic_convnext_flops(model, img_size)
+    if isinstance(model, SwinTransformer):
+        return dynamic_swin_flops(model, img_size)
+    raise ValueError(
+        f"spatial_flops counts timm ConvNeXt and SwinTransformer models, got {type(model).__name__}"
+    )
+
+
+def dynamic_spatial_param_groups(
+    model: nn.Module, weight_decay: float = 0.05, backbone_lr_scale: float = 0.2, fix_epochs: int = 5
+) -> list[dict]:
+    """The authors' optimiser groups (optim_factory.get_parameter_groups) for a dynamic ConvNeXt / Swin.
+
+    New parameters (predictors, fast paths) train at the full lr from the start; the pretrained
+    backbone at lr x `backbone_lr_scale` (their README runs use --lr_scale 0.2) and at lr 0 for the first
+    `fix_epochs` epochs (their fix_step = 5). No weight decay on biases, 1-d parameters and the model's
+    `no_weight_decay()` names. Each group carries "lr_scale" (timm's schedulers apply it) and
+    "fix_epochs" (the training loop zeroes the group's lr while epoch < fix_epochs).
+    """
+    sparse_stage(model)
+    inner = getattr(model, "module", model)
+    skip = set(getattr(inner, "no_weight_decay", lambda: set())())
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in inner.named_parameters():
+        if not param.requires_grad:
+            continue
+        new = ".score_predictor." in name or ".fast_path" in name
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip
+        groups.setdefault((new, no_decay), []).append(param)
+    return [
+        {
+            "params": params,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr_scale": 1.0 if new else backbone_lr_scale,
+            "fix_epochs": 0 if new else fix_epochs,
+        }
+        for (new, no_decay), params in sorted(groups.items())
+    ]
