@@ -5,6 +5,7 @@ model = tokensparse.dynamicvit(timm.create_model("deit_small_patch16_224"), keep
 
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .engine import SparseInfo, sparsity_info
+from .export import export_onnx
 from .flops import gflops, model_flops
 from .losses import AViTLoss, DynamicViTLoss, teacher_outputs
 from .policies.avit import HaltingStats, avit, avit_stats
@@ -23,6 +24,7 @@ __all__ = [
     "SparseInfo",
     "dynamicvit",
     "evit",
+    "export_onnx",
     "random_prune",
     "static_prune",
     "tome",

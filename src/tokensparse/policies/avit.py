@@ -226,10 +226,12 @@ class AViTPolicy(TokenPolicy, nn.Module):
         run = state.extra.pop(_RUN)
         state.extra.pop("active_tokens", None)
         batch, tokens = state.batch_size, state.num_prefix + state.num_patches
+        # The halting-weighted sums accumulate in float32; the final norm runs in the model's dtype.
+        dtype = state.x.dtype if isinstance(run, _MaskedRun) else run.tokens.dtype
         if isinstance(run, _MaskedRun):
-            state.x, depth, ponder = run.output, run.depth.long(), run.ponder
+            state.x, depth, ponder = run.output.to(dtype), run.depth.long(), run.ponder
         else:
-            state.x = run.output.view(batch, tokens, -1)
+            state.x = run.output.view(batch, tokens, -1).to(dtype)
             depth, ponder = run.depth.view(batch, tokens), run.ponder.view(batch, tokens)
         grid = run.grid
         patches = depth[:, state.num_prefix :]
