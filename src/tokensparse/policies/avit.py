@@ -211,8 +211,11 @@ class AViTPolicy(TokenPolicy, nn.Module):
         keep = runs_on
         if self.early_exit:
             head_running = runs_on & run.head_token[run.flat % run.head_token.numel()]
-            live = torch.zeros(batch, device=keep.device).index_add_(0, run.image, head_running.float())
-            keep = keep & (live[run.image] > 0)
+            if batch == 1:  # one image: it stays while any of its head tokens runs
+                keep = keep & head_running.any()
+            else:
+                live = torch.zeros(batch, device=keep.device).index_add_(0, run.image, head_running.float())
+                keep = keep & (live[run.image] > 0)
         index = keep.nonzero().squeeze(1)
         if index.numel() == keep.numel():
             return
@@ -220,7 +223,10 @@ class AViTPolicy(TokenPolicy, nn.Module):
             t.index_select(0, index) for t in (run.tokens, run.flat, run.image)
         )
         run.cumulative, run.remainder = run.cumulative[index], run.remainder[index]
-        run.layout = PackedLayout.from_image_ids(run.image, batch)
+        if batch == 1 and index.numel():  # one image is one bucket without padding: skip the bucketing
+            run.layout = PackedLayout.full(1, index.numel(), index.device)
+        else:
+            run.layout = PackedLayout.from_image_ids(run.image, batch)
 
     def end(self, state: TokenState) -> None:
         run = state.extra.pop(_RUN)
