@@ -134,8 +134,8 @@ def export_onnx(
     module = model if method == "dense" else _WithPatchIndex(model)
     output_names = OUTPUT_NAMES[:1] if method == "dense" else OUTPUT_NAMES
     with _export_mode(model, batch_size, image_size), torch.no_grad():
-        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            warnings.simplefilter("ignore")  # the exporter's progress lines and deprecation notes
             program = torch.onnx.export(
                 module,
                 (images,),
