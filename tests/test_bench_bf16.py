@@ -22,8 +22,8 @@ def test_predictor_bound_runs_the_predictors_and_returns_the_truncated_logits():
     for predictor in model.score_predictor:
         predictor.keep_score = (lambda f: lambda x: seen.append(x.shape[1]) or f(x))(predictor.keep_score)
     logits = predictor_bound_forward(model, model.score_predictor, images, counts)
-    # The predictors see the tokens present before each pruning location: 16, then each stage's kept count.
-    assert seen == [16, counts[1], counts[2]]
+    # Each predictor sees the patch tokens present before its location: all 16, then the last stage's kept.
+    assert seen == [16, counts[1] - 1, counts[2] - 1] and counts[1] - 1 == int(16 * 0.7)
     assert torch.allclose(logits, truncated_forward(model, images, counts))
 
 
