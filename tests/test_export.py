@@ -62,8 +62,8 @@ def test_onnxruntime_matches_eager(method, tmp_path):
 @pytest.mark.compile
 def test_export_cli_writes_a_checked_file(tmp_path, capsys):
     out = tmp_path / "m.onnx"
-    argv = ["export", str(out), "--model", "deit_tiny_patch16_224", "--method", "static", "--img-size", "32"]
-    assert main([*argv, "--keep-ratio", "0.5", "--num-classes", "5"]) == 0
+    argv = ["export", str(out), "--model", "deit_tiny_patch16_224", "--method", "static", "--img-size", "64"]
+    assert main([*argv, "--keep-ratio", "0.7", "--num-classes", "5"]) == 0
     assert out.is_file()
     printed = capsys.readouterr().out
     assert "same kept patches: True" in printed and "static" in printed
