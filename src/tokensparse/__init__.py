@@ -35,6 +35,7 @@ _EXPORTS = {
     "tome": ".policies.tome",
     "load_run": ".runs",
     "pretrained": ".models",
+    "export_onnx": ".export",
     "dynamic_convnext": ".policies.dynconvnext",
     "dynamic_swin": ".policies.dynswin",
     "SpatialInfo": ".policies.dynspatial",
@@ -55,6 +56,7 @@ __all__ = [
     "dynamic_swin",
     "SpatialInfo",
     "evit",
+    "export_onnx",
     "random_prune",
     "static_prune",
     "tome",
@@ -85,15 +87,16 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
     from .engine import SparseInfo, sparsity_info
+    from .export import export_onnx
     from .flops import gflops, model_flops
     from .losses import AViTLoss, DynamicViTLoss, teacher_outputs
     from .models import pretrained
-    from .policies.dynconvnext import dynamic_convnext
-    from .policies.dynspatial import SpatialInfo, dynamic_spatial_info
-    from .policies.dynswin import dynamic_swin
     from .policies.avit import HaltingStats, avit, avit_stats
     from .policies.baselines import random_prune, static_prune
     from .policies.dynamicvit import dynamicvit
+    from .policies.dynconvnext import dynamic_convnext
+    from .policies.dynspatial import SpatialInfo, dynamic_spatial_info
+    from .policies.dynswin import dynamic_swin
     from .policies.evit import evit
     from .policies.tome import tome
     from .runs import load_run

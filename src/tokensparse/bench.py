@@ -90,6 +90,27 @@ def truncated_forward(
     return model.forward_head(model.norm(x))
 
 
+@torch.no_grad()
+def predictor_bound_forward(
+    model: VisionTransformer, predictors: nn.ModuleList, images: torch.Tensor, tokens_per_block: Sequence[int]
+) -> torch.Tensor:
+    """`truncated_forward` plus DynamicViT's predictor MLPs, run on the patch tokens before each location.
+
+    The predictors' own matmuls but no top-k, sort or gather: the bound of a DynamicViT whose token
+    selection costs nothing. `predictors` is a DynamicViT policy (`model.score_predictor` of a
+    DynamicViT), read for its `locations` and per-stage `keep_score`.
+    """
+    prefix = model.num_prefix_tokens
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    for index, (block, tokens) in enumerate(zip(model.blocks, tokens_per_block)):
+        if index in predictors.locations:
+            predictors[predictors.locations.index(index)].keep_score(x[:, prefix:])
+        if tokens < x.shape[1]:
+            x = x[:, :tokens]
+        x = block(x)
+    return model.forward_head(model.norm(x))
+
+
 def machine_description(device: torch.device | str = "cpu") -> str:
     """One line naming the machine: CPU model and cores (or the GPU), torch version and threads."""
     device = torch.device(device)
@@ -121,10 +142,16 @@ class BenchRow:
     speedup: float
     bound_speedup: float | None = None
     spread: float | None = None  # IQR / median of the contender's times
+    predictor_bound_speedup: float | None = None
 
     @property
     def share_of_bound(self) -> float | None:
         return None if self.bound_speedup is None else self.speedup / self.bound_speedup
+
+    @property
+    def share_of_predictor_bound(self) -> float | None:
+        bound = self.predictor_bound_speedup
+        return None if bound is None else self.speedup / bound
 
 
 @dataclass
@@ -141,24 +168,40 @@ class BenchResult:
 
     def table(self) -> str:
         """A Markdown table of the rows; GFLOPs count multiply-adds (MACs), as the papers do."""
+        predictor = any(r.predictor_bound_speedup is not None for r in self.rows)
         head = (
             "| method | setting | GFLOPs (MACs)/img | img/s | IQR/median | speedup vs dense | bound "
             "| share of bound |"
         )
-        lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
+        rule = "|---|---|---:|---:|---:|---:|---:|---:|"
+        if predictor:
+            head, rule = head + " predictor bound | share of predictor bound |", rule + "---:|---:|"
+        lines = [head, rule]
         for r in self.rows:
             bound = "" if r.bound_speedup is None else f"{r.bound_speedup:.2f}x"
             share = "" if r.share_of_bound is None else f"{r.share_of_bound:.3f}"
             spread = "" if r.spread is None else f"{100 * r.spread:.1f}%"
-            lines.append(
+            line = (
                 f"| {r.method} | {r.setting} | {r.gflops:.2f} | {r.images_per_s:.1f} | {spread} | {r.speedup:.2f}x "
                 f"| {bound} | {share} |"
             )
+            if predictor:
+                pbound = "" if r.predictor_bound_speedup is None else f"{r.predictor_bound_speedup:.2f}x"
+                pshare = "" if r.share_of_predictor_bound is None else f"{r.share_of_predictor_bound:.3f}"
+                line += f" {pbound} | {pshare} |"
+            lines.append(line)
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "rows"}
-        out["rows"] = [dict(r.__dict__, share_of_bound=r.share_of_bound) for r in self.rows]
+        out["rows"] = [
+            dict(
+                r.__dict__,
+                share_of_bound=r.share_of_bound,
+                share_of_predictor_bound=r.share_of_predictor_bound,
+            )
+            for r in self.rows
+        ]
         return out
 
 
@@ -281,7 +324,8 @@ def bench_dynamicvit(
     them; no download). With `authors_code` (a checkout of the authors' DynamicViT repository), their
     implementation is timed in the same run. The truncation bound runs the dense blocks on the token
     counts each block's attention saw (ToMe and EViT also shrink the MLP inside a block, so for them
-    it is only indicative).
+    it is only indicative). For DynamicViT a second bound adds the predictors' own matmuls to it
+    (`predictor_bound_forward`: no top-k, no gather), reported as share of predictor bound.
     """
     from .engine import sparsity_info
 
@@ -299,6 +343,10 @@ def bench_dynamicvit(
         sparse_models[ratio] = sparse
         contenders[f"{method}@{ratio}"] = lambda m=sparse: m(images)
         contenders[f"bound@{ratio}"] = lambda c=counts: truncated_forward(dense, images, c)
+        if method == "dynamicvit":
+            contenders[f"predictor_bound@{ratio}"] = lambda c=counts, p=sparse.score_predictor: (
+                predictor_bound_forward(dense, p, images, c)
+            )
         if authors_code and method == "dynamicvit":
             theirs = authors_dynamicvit(authors_code, copy.deepcopy(dense).float().cpu(), ratio)
             theirs = theirs.to(device=device, dtype=dtype)
@@ -315,6 +363,8 @@ def bench_dynamicvit(
         t = seconds[f"{method}@{ratio}"]
         bound = dense_time / seconds[f"bound@{ratio}"]
         label = f"r={int(ratio)}" if method == "tome" else f"keep_ratio={ratio}"
+        predictor_key = f"predictor_bound@{ratio}"
+        predictor_bound = dense_time / seconds[predictor_key] if predictor_key in seconds else None
         rows.append(
             BenchRow(
                 method,
@@ -323,7 +373,8 @@ def bench_dynamicvit(
                 batch_size / t,
                 dense_time / t,
                 bound,
-                spread[f"{method}@{ratio}"],
+                spread=spread[f"{method}@{ratio}"],
+                predictor_bound_speedup=predictor_bound,
             )
         )
         if f"authors@{ratio}" in seconds:

@@ -531,6 +531,83 @@ def _version() -> str:
     return __version__
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a dense or sparsified ViT to ONNX (fixed batch and image size), checked with onnxruntime",
+        description="Export the inference form to ONNX (outputs: logits, and patch_index, the original patch "
+        "of each final patch token, for a sparsified model) and check onnxruntime against PyTorch. A-ViT "
+        "cannot be exported (data-dependent token counts).",
+    )
+    p.add_argument("output", help="the .onnx file to write")
+    p.add_argument("--run", default=None, help="a training run folder (config.json + weights); else --model")
+    p.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: %(default)s)")
+    p.add_argument(
+        "--method",
+        default="dynamicvit",
+        choices=["dense", "dynamicvit", "evit", "random", "static", "tome"],
+        help="token policy (default: %(default)s)",
+    )
+    p.add_argument("--checkpoint", default=None, help="weights of the sparsified model (else random weights)")
+    p.add_argument("--num-classes", type=_positive_int, default=None, help="classes of the head")
+    p.add_argument("--keep-ratio", type=_ratio, default=0.7, help="keep ratio (default: %(default)s)")
+    p.add_argument(
+        "--tome-r", type=int, default=13, help="ToMe: tokens merged per block (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random pruning's seed (default: %(default)s)")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=1, help="fixed batch size (default: %(default)s)"
+    )
+    p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from . import random_prune, tome
+    from .bench import make_policy
+    from .checkpoints import load_checkpoint
+    from .export import export_onnx
+
+    if args.run is not None:
+        from .train import load_trained
+
+        model = load_trained(args.run)[0]
+    else:
+        import timm
+
+        kwargs = {} if args.img_size is None else {"img_size": args.img_size}
+        if args.num_classes is not None:
+            kwargs["num_classes"] = args.num_classes
+        model = timm.create_model(args.model, pretrained=False, **kwargs)
+        if args.method == "random":
+            model = random_prune(model, keep_ratio=args.keep_ratio, seed=args.seed)
+        elif args.method == "tome":
+            model = tome(model, r=args.tome_r)
+        elif args.method != "dense":
+            model = make_policy(args.method, args.keep_ratio)(model)
+        if args.checkpoint is not None:
+            load_checkpoint(model, args.checkpoint)
+    result = export_onnx(
+        model.eval(),
+        args.output,
+        batch_size=args.batch_size,
+        image_size=args.img_size,
+        verify=not args.no_verify,
+    )
+    check = (
+        "not verified"
+        if result.max_abs_diff is None
+        else f"onnxruntime vs PyTorch: max |logit diff| {result.max_abs_diff:.2g}"
+        + ("" if result.same_patches is None else f", same kept patches: {result.same_patches}")
+    )
+    print(
+        f"wrote {result.path} ({result.method}, batch {result.batch_size}, "
+        f"{result.image_size[0]}x{result.image_size[1]}, outputs {', '.join(result.output_names)}); {check}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokensparse", description="Token sparsification for timm ViTs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -540,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_predict(sub)
     _add_demo(sub)
+    _add_export(sub)
     return parser
 
 

@@ -226,8 +226,11 @@ class AViTPolicy(TokenPolicy, nn.Module):
         keep = runs_on
         if self.early_exit:
             head_running = runs_on & run.head_token[run.flat % run.head_token.numel()]
-            live = torch.zeros(batch, device=keep.device).index_add_(0, run.image, head_running.float())
-            keep = keep & (live[run.image] > 0)
+            if batch == 1:  # one image: it stays while any of its head tokens runs
+                keep = keep & head_running.any()
+            else:
+                live = torch.zeros(batch, device=keep.device).index_add_(0, run.image, head_running.float())
+                keep = keep & (live[run.image] > 0)
         index = keep.nonzero().squeeze(1)
         if index.numel() == keep.numel():
             return
@@ -235,16 +238,21 @@ class AViTPolicy(TokenPolicy, nn.Module):
             t.index_select(0, index) for t in (run.tokens, run.flat, run.image)
         )
         run.cumulative, run.remainder = run.cumulative[index], run.remainder[index]
-        run.layout = PackedLayout.from_image_ids(run.image, batch)
+        if batch == 1 and index.numel():  # one image is one bucket without padding: skip the bucketing
+            run.layout = PackedLayout.full(1, index.numel(), index.device)
+        else:
+            run.layout = PackedLayout.from_image_ids(run.image, batch)
 
     def end(self, state: TokenState) -> None:
         run = state.extra.pop(_RUN)
         state.extra.pop("active_tokens", None)
         batch, tokens = state.batch_size, state.num_prefix + state.num_patches
+        # The halting-weighted sums accumulate in float32; the final norm runs in the model's dtype.
+        dtype = state.x.dtype if isinstance(run, _MaskedRun) else run.tokens.dtype
         if isinstance(run, _MaskedRun):
-            state.x, depth, ponder = run.output, run.depth.long(), run.ponder
+            state.x, depth, ponder = run.output.to(dtype), run.depth.long(), run.ponder
         else:
-            state.x = run.output.view(batch, tokens, -1)
+            state.x = run.output.view(batch, tokens, -1).to(dtype)
             depth, ponder = run.depth.view(batch, tokens), run.ponder.view(batch, tokens)
         grid = run.grid
         patches = depth[:, state.num_prefix :]

@@ -90,16 +90,40 @@ class RandomPruningPolicy(StagePruningPolicy):
     def __init__(self, keep_ratio: float, locations: Sequence[int], seed: int | None = None):
         super().__init__(keep_ratio, locations)
         self.seed = seed
+        self.fixed_draws: list[torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", seed={self.seed}"
 
+    def fix_draws(
+        self, batch_size: int | None, num_patches: int = 0, device: torch.device | str = "cpu"
+    ) -> None:
+        """Precompute the seeded draws of a forward on `batch_size` images of `num_patches`; None drops them.
+
+        With a seed the draws depend on the seed and the input's shape only; fixed, they become
+        constants of a traced graph (ONNX export), since torch's generator cannot be exported.
+        """
+        if batch_size is None:
+            self.fixed_draws = None
+            return
+        if self.seed is None:
+            raise ValueError("only seeded random pruning has draws that can be fixed; pass seed=...")
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        self.fixed_draws = [
+            torch.rand(batch_size, num_patches, generator=generator, device=device) for _ in self.locations
+        ]
+
     def begin(self, model: VisionTransformer, state: TokenState) -> None:
-        if self.seed is not None:
+        if self.fixed_draws is not None:
+            state.extra["fixed_draws"] = list(self.fixed_draws)
+        elif self.seed is not None:
             state.extra["generator"] = torch.Generator(device=state.x.device).manual_seed(self.seed)
 
     def patch_score(self, state: TokenState, patch_index: torch.Tensor) -> torch.Tensor:
         # One draw per original patch, so training's masked form and inference pick the same tokens.
+        fixed = state.extra.get("fixed_draws")
+        if fixed is not None:
+            return fixed.pop(0).gather(1, patch_index)
         generator = state.extra.get("generator")
         score = torch.rand(
             state.batch_size, state.num_patches, generator=generator, device=patch_index.device
@@ -108,6 +132,7 @@ class RandomPruningPolicy(StagePruningPolicy):
 
     def end(self, state: TokenState) -> None:
         state.extra.pop("generator", None)
+        state.extra.pop("fixed_draws", None)
 
 
 def centre_rank(grid: tuple[int, int]) -> torch.Tensor:
