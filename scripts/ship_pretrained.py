@@ -74,7 +74,7 @@ def main() -> None:
   when the fp32 logits stay within 1e-3), logits within {gap:.1e} of the trained weights on 256 validation canvases.
 - Data: `{entry.dataset}` training split (55000 Fashion-MNIST training items, a fresh layout every epoch);
   validation = the 5000 held-out training items (fixed canvases). The test split was not used.
-- Command: `{args.command}` (then `.venv/bin/python scripts/ship_pretrained.py {args.run} {args.name} --command ...`).
+- Command: `{args.command}` (it trains `{args.run}`, then ships it with `scripts/ship_pretrained.py`).
 - Machine: {machine_description()}. Date shipped: {today()}.
 - Final validation top-1 {top1[-1]:.2f}% (top-5 {metrics[-1]["val_top5"]:.2f}%). The last {tail} of {len(top1)} epochs
   (20%) added {gain:+.2f} pt: {"plateaued (< 0.3 pt)" if abs(gain) < 0.3 else "NOT plateaued by the 0.3 pt rule"}.
