@@ -22,7 +22,7 @@ torch.Tensor.cuda / nn.Module.cuda return self (their code moves new tensors to 
 namespace (act_mode 4, gate_scale, gate_center, distr_prior_alpha), and, when scipy is missing, a
 `scipy.stats.norm.pdf` in numpy (their `utils.get_distribution_target` imports it).
 
-    git -C /work/.mirror/NVlabs+A-ViT/repo archive HEAD | tar -x -C /tmp/avit_ref
+    git clone -q https://github.com/NVlabs/A-ViT /tmp/avit_ref
     python tests/golden_tools/make_avit_grad_golden.py /tmp/avit_ref
 
 Run it without tokensparse or the installed timm imported: their repository ships its own `timm`.

@@ -3,7 +3,7 @@
 Command that made the committed file (CPU, torch 2.x, timm 1.0.31; the authors' repository exported
 from its git snapshot, never copied into this project):
 
-    mkdir -p /tmp/evit_ref && git -C /work/.mirror/youweiliang+evit/repo archive HEAD | tar -x -C /tmp/evit_ref
+    mkdir -p /tmp/evit_ref && git clone -q https://github.com/youweiliang/evit /tmp/evit_ref
     python tests/golden_tools/make_evit_golden.py /tmp/evit_ref \
         tests/golden/evit_official.safetensors
 
