@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from tokensparse.bench import machine_description, today
 from tokensparse.data import build_dataset
+from tokensparse.demo import plateau_gain
 from tokensparse.models import PRETRAINED, pretrained
 
 
@@ -60,8 +61,8 @@ def main() -> None:
     metrics = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines() if line]
     entry.path.with_suffix(".metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     top1 = [m["val_top1"] for m in metrics]
-    tail = max(1, math.ceil(0.2 * len(top1)))
-    gain = top1[-1] - top1[-tail - 1] if len(top1) > tail else float("nan")
+    tail = max(1, math.ceil(0.2 * len(top1)))  # the epochs the card names
+    gain = plateau_gain(top1)
     rows = "\n".join(
         f"| {m['epoch']} | {m['train_loss']:.4f} | {m['val_top1']:.2f} | {m['val_top5']:.2f} | {m['lr']:.2e} |"
         for m in metrics

@@ -430,14 +430,8 @@ def _figures(cfg, builders, results, curves, headline, report: Path) -> dict[str
         [dense["gflops"]], [dense["top1"]], marker="*", s=160, c="k", label="dense (shipped)", zorder=5
     )
     ax.axhline(dense["top1"] - 0.5, color="k", lw=0.6, ls=":", label="dense - 0.5 pt")
-    ax.set_xlabel("executed GMACs per image (multiply-adds)")
-    ax.set_ylabel("top-1 on the test split (%)")
-    ax.set_title("accuracy vs executed compute (cluttered Fashion-MNIST)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(report / "accuracy_vs_gflops.png", dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, "executed GMACs per image (multiply-adds)", "top-1 on the test split (%)",
+            "accuracy vs executed compute (cluttered Fashion-MNIST)", report / "accuracy_vs_gflops.png")  # fmt: skip
     figures = {"accuracy": "accuracy_vs_gflops.png"}
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -445,14 +439,8 @@ def _figures(cfg, builders, results, curves, headline, report: Path) -> dict[str
         if points:
             ax.plot([p["epoch"] for p in points], [p["val_top1"] for p in points], marker=".", label=name)
     ax.axhline(results["dense"]["top1"], color="k", lw=0.6, ls=":")
-    ax.set_xlabel("fine-tuning epoch")
-    ax.set_ylabel("validation top-1 (%)")
-    ax.set_title("fine-tuning curves (validation split)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(report / "finetune_curves.png", dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, "fine-tuning epoch", "validation top-1 (%)", "fine-tuning curves (validation split)",
+            report / "finetune_curves.png")  # fmt: skip
     figures["curves"] = "finetune_curves.png"
 
     test = build_dataset("fashion-mnist-clutter", split="test", limit=6)
@@ -475,6 +463,26 @@ def _figures(cfg, builders, results, curves, headline, report: Path) -> dict[str
     )
     figures["tome"] = "token_maps_tome.png"
     return figures
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """Label, grid and legend a study figure, save it at `path` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plateau_gain(top1: list[float]) -> float:
+    """What the last 20% of epochs added to validation top-1 (nan with too few epochs): < 0.3 pt = plateau."""
+    tail = max(1, math.ceil(0.2 * len(top1)))
+    return top1[-1] - top1[-tail - 1] if len(top1) > tail else float("nan")
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -545,8 +553,7 @@ def _write_report(
     ]
     for name, points in curves.items():
         tops = [p["val_top1"] for p in points]
-        tail = max(1, math.ceil(0.2 * len(tops)))
-        gain = tops[-1] - tops[-tail - 1] if len(tops) > tail else float("nan")
+        gain = plateau_gain(tops)
         state = f"{'yes' if abs(gain) < 0.3 else 'no'} ({gain:+.2f} pt)" if math.isfinite(gain) else "-"
         lines.append(f"| {name} | " + " | ".join(f"{t:.2f}" for t in tops) + f" | {state} |")
     lines += [
