@@ -55,7 +55,7 @@ def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys, tiny_t
         bench_rounds=2,
         bench_batch=8,
         curve_ratios=(0.5, 0.7),
-        gate_offsets=(0.0, 2.0),
+        avit_cuts=(0.3,),
     )
     index = run_study(cfg)
     text = index.read_text()
@@ -76,6 +76,8 @@ def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys, tiny_t
     assert results["dynamicvit@0.7"]["gflops"] < results["dense"]["gflops"]
     assert results["dense"]["images"] == 64  # the test split's first 64 items
     assert [p["epoch"] for p in saved["curves"]["dynamicvit@0.7"]] == [1, 2]
+    assert list(saved["gate_centers"]) == ["0.3"]  # one evaluation centre per FLOP cut, chosen on val
+    assert f"| avit@{saved['gate_centers']['0.3']:g} |" in text
     out = capsys.readouterr().out
     assert "| dynamicvit@0.7 |" in out and "report:" in out  # the headline table is printed
     run_study(cfg)
@@ -92,6 +94,22 @@ def test_gate_centre_calibration_hits_the_target_depth() -> None:
     with torch.no_grad():
         probe(images)
     assert abs(float(tokensparse.avit_stats(probe).mean_depth.mean()) - 4.0) < 0.5
+
+
+def test_gate_centre_for_a_flop_cut_hits_it_and_restores_the_model() -> None:
+    from tokensparse.demo import gate_center_for_cut
+
+    torch.manual_seed(0)
+    model = tokensparse.avit(tiny("vit_tiny_patch16_224", depth=6), gate_scale=10.0, gate_center=0.0).eval()
+    images = torch.randn(8, 3, 64, 64)
+    dense = tokensparse.gflops(tiny("vit_tiny_patch16_224", depth=6), images)
+    center = gate_center_for_cut(model, images, 0.3, dense)
+    assert model.halting.gate_center == 0.0
+    model.halting.gate_center = center
+    ratio = tokensparse.gflops(model, images) / dense
+    assert 0.6 < ratio <= 0.7 + 1e-3, ratio
+    with pytest.raises(ValueError, match="cut"):
+        gate_center_for_cut(model, images, 1.5, dense)
 
 
 def test_bench_cli_prints_a_table_and_json(capsys):
