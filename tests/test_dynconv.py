@@ -319,3 +319,69 @@ def test_param_groups_follow_the_authors() -> None:
     backbone = by_id[id(named["stages.2.blocks.3.mlp.fc1.weight"])]
     assert (backbone["lr_scale"], backbone["fix_epochs"], backbone["weight_decay"]) == (0.2, 5, 0.05)
     assert by_id[id(named["stem.0.bias"])]["weight_decay"] == 0.0
+
+
+TRAINABLE = {
+    "convnext": dict(model="convnext_tiny", model_kwargs={"depths": [1, 1, 4, 1], "dims": [8, 16, 24, 32]}),
+    "swin": dict(
+        model="swin_tiny_patch4_window7_224",
+        model_kwargs={
+            "patch_size": 4,
+            "window_size": 4,
+            "embed_dim": 8,
+            "depths": [1, 1, 4, 1],
+            "num_heads": [1, 1, 2, 2],
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(TRAINABLE))
+def test_tokensparse_train_runs_dynamic_spatial_with_the_authors_recipe(arch: str, tmp_path: Path) -> None:
+    """`tokensparse train --method dynamicspatial` on a ConvNeXt / Swin: the authors' loss and groups,
+    fewer executed FLOPs than the dense model, and a run folder that loads back to the same logits."""
+    from tokensparse.data import fashion_mnist_dir
+
+    if not any((fashion_mnist_dir() / f"t10k-labels-idx1-ubyte{s}").exists() for s in ("", ".gz")):
+        pytest.skip("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist")
+    from tokensparse.cli import main as cli_main
+    from tokensparse.train import TrainConfig, build_criterion, load_trained, train
+
+    common = dict(epochs=2, warmup_epochs=0, batch_size=16, train_limit=32, val_limit=16, **TRAINABLE[arch])
+    dense = train(TrainConfig(method="dense", output=str(tmp_path / "dense"), **common))
+    cfg = TrainConfig(
+        method="dynamicspatial",
+        checkpoint=str(tmp_path / "dense" / "model.safetensors"),
+        backbone_fixed_epochs=1,
+        output=str(tmp_path / "dyn"),
+        **common,
+    )
+    sparse = train(cfg)
+    assert sparse["val_gflops"] < dense["val_gflops"]
+    lines = [json.loads(x) for x in (tmp_path / "dyn" / "metrics.jsonl").read_text().splitlines()]
+    first = lines[0]["lr_groups"]
+    assert first["backbone"] == 0.0 and first["policy"] > 0  # backbone fixed for its first epoch
+    second = lines[1]["lr_groups"]
+    assert second["backbone"] == pytest.approx(0.2 * second["policy"])  # the authors' --lr_scale 0.2
+    criterion = build_criterion(cfg.resolved())
+    assert isinstance(criterion, tokensparse.losses.DynamicSpatialLoss) and criterion.ratio_weight == 10.0
+    model, saved = load_trained(tmp_path / "dyn")
+    assert saved.method == "dynamicspatial" and type(model).__name__.startswith("Dynamic")
+    images = torch.randn(2, 3, 64, 64)
+    again = load_trained(tmp_path / "dyn")[0].eval()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images), again(images))
+    assert cli_main(["eval", str(tmp_path / "dyn"), "--val-limit", "16", "--json"]) == 0
+
+
+def test_token_methods_refuse_convnext_and_dynamicspatial_refuses_vits(tmp_path: Path) -> None:
+    from tokensparse.train import TrainConfig, build_model
+
+    with pytest.raises(ValueError, match="cannot drop tokens.*dynamicspatial"):
+        build_model(TrainConfig(method="avit", **TRAINABLE["convnext"]), 10, 64)
+    with pytest.raises(ValueError, match="needs a timm ConvNeXt or Swin.*dynamicvit"):
+        build_model(
+            TrainConfig(method="dynamicspatial", model="vit_tiny_patch16_224", model_kwargs={"depth": 1}),
+            10,
+            64,
+        )

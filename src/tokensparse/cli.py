@@ -20,7 +20,7 @@ DTYPE_NAMES = {
     "float16": "float16",
     "fp16": "float16",
 }
-METHOD_CHOICES = ("dense", "dynamicvit", "avit", "evit", "tome", "random", "static")
+METHOD_CHOICES = ("dense", "dynamicvit", "avit", "evit", "tome", "random", "static", "dynamicspatial")
 
 
 def __getattr__(name: str):
@@ -409,7 +409,8 @@ def _eval(args: argparse.Namespace) -> int:
         args.dataset or cfg.dataset,
         args.data_root or cfg.data_root,
         "val",
-        model.patch_embed.img_size[0],
+        # a ViT / Swin runs at its built size; a ConvNeXt at the run's (None: the data's own)
+        model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else cfg.img_size,
         limit=args.val_limit or cfg.val_limit,
     )
     loader = build_loader(dataset, args.batch_size or cfg.batch_size, is_training=False)

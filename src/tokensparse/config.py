@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("dense", "dynamicvit", "avit", "evit", "tome", "random", "static")
+METHODS = ("dense", "dynamicvit", "avit", "evit", "tome", "random", "static", "dynamicspatial")
 BASELINES = ("evit", "tome", "random", "static")
 _PRUNING = ("dynamicvit", "evit", "random", "static")
 _FINETUNE = dict(distill_weight=0.5, backbone_lr_scale=1.0, backbone_fixed_epochs=0, freeze_embeddings=False)
@@ -17,7 +17,9 @@ _FINETUNE = dict(distill_weight=0.5, backbone_lr_scale=1.0, backbone_fixed_epoch
 # optim_factory.py (MSE token distillation for DeiT/ViT, cls_token and pos_embed frozen, the backbone
 # at lr x 0.01 and at lr 0 for its first 5 epochs, the predictors at the full lr from the start);
 # A-ViT as NVlabs/A-ViT (no distillation, every parameter trained, the block input zeroed through
-# `.data`); the baselines fine-tune with cross-entropy plus the teacher's logits.
+# `.data`); the baselines fine-tune with cross-entropy plus the teacher's logits; dynamic spatial
+# sparsification (timm ConvNeXt / Swin, the DynamicViT authors' T-PAMI extension) as their main.py
+# and README runs (ConvNextDistillDiffPruningLoss with ratio weight 10, --lr_scale 0.2, fix_step 5).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "dense": dict(backbone_lr_scale=1.0, backbone_fixed_epochs=0, freeze_embeddings=False),
     "dynamicvit": dict(
@@ -42,12 +44,20 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "random": dict(keep_ratio=0.7, **_FINETUNE),
     "static": dict(keep_ratio=0.7, **_FINETUNE),
     "tome": dict(tome_r=8, **_FINETUNE),
+    "dynamicspatial": dict(
+        keep_ratio=0.7,
+        ratio_weight=10.0,
+        distill_weight=0.5,
+        backbone_lr_scale=0.2,
+        backbone_fixed_epochs=5,
+        freeze_embeddings=False,
+    ),
 }
 # The methods each method-specific setting belongs to (settings not listed apply to every method).
 SETTING_METHODS: dict[str, tuple[str, ...]] = {
-    "keep_ratio": _PRUNING,
-    "locations": _PRUNING,
-    "ratio_weight": ("dynamicvit",),
+    "keep_ratio": (*_PRUNING, "dynamicspatial"),
+    "locations": (*_PRUNING, "dynamicspatial"),
+    "ratio_weight": ("dynamicvit", "dynamicspatial"),
     "token_distill": ("dynamicvit",),
     "gate_scale": ("avit",),
     "gate_center": ("avit",),

@@ -37,7 +37,15 @@ from .checkpoints import atomic_write_bytes, read_state_dict, save_checkpoint
 from .config import BASELINES, METHOD_DEFAULTS, METHODS, SETTING_METHODS, TrainConfig  # noqa: F401
 from .data import build_dataset, build_loader, class_names, num_classes
 from .evaluate import evaluate
-from .losses import AViTLoss, DynamicViTLoss, classification_loss, logits_kl, teacher_outputs
+from .losses import (
+    AViTLoss,
+    DynamicSpatialLoss,
+    DynamicViTLoss,
+    classification_loss,
+    logits_kl,
+    spatial_teacher_outputs,
+    teacher_outputs,
+)
 
 # ----------------------------------------------------------------------------- set-up helpers
 
@@ -73,22 +81,24 @@ def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Modu
     if cfg.pretrained and cfg.checkpoint:
         raise ValueError("give either --pretrained (timm's weights) or --checkpoint FILE, not both")
     try:
-        model = timm.create_model(cfg.model, pretrained=False, num_classes=classes, **kwargs)
+        try:
+            model = timm.create_model(cfg.model, pretrained=False, num_classes=classes, **kwargs)
+        except TypeError as err:  # a CNN (ConvNeXt) takes no img_size: it runs at any size
+            if "img_size" not in str(err) or "img_size" in cfg.model_kwargs:
+                raise
+            kwargs.pop("img_size")
+            model = timm.create_model(cfg.model, pretrained=False, num_classes=classes, **kwargs)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ValueError(str(err)) from err
-    except TypeError as err:  # an argument the model does not take (--model-kwargs, or a CNN's img_size)
+    except TypeError as err:  # an argument the model does not take (--model-kwargs)
         raise ValueError(
             f"--model {cfg.model} cannot be built with these arguments (--model-kwargs {cfg.model_kwargs}, "
             f"image size {img_size}): {err}; if it is not a vision transformer: tokensparse needs a timm "
-            "VisionTransformer (deit_*, vit_*, ...)"
+            "VisionTransformer (deit_*, vit_*, ...), or a ConvNeXt / Swin for --method dynamicspatial"
         ) from err
-    if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
-        raise ValueError(
-            f"--model {cfg.model} is a {type(model).__name__}, not a vision transformer: tokensparse "
-            "needs a timm VisionTransformer (deit_*, vit_*, ...)"
-        )
-    patch = model.patch_embed.patch_size
-    if img_size is not None and (img_size % patch[0] or img_size % patch[1]):
+    _check_architecture(cfg, model)
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if img_size is not None and patch is not None and (img_size % patch[0] or img_size % patch[1]):
         raise ValueError(f"image size {img_size} is not a multiple of {cfg.model}'s patch size {patch[0]}")
     if cfg.checkpoint or cfg.pretrained:
         source = cfg.checkpoint or f"timm's pretrained {cfg.model}"
@@ -115,6 +125,37 @@ def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Modu
                 f"{source} does not fit {cfg.model}: missing {missing[:6]}, unexpected {unexpected[:6]}"
             )
     return model
+
+
+def is_spatial_model(model: nn.Module) -> bool:
+    """A timm ConvNeXt or SwinTransformer (the backbones of --method dynamicspatial)."""
+    from timm.models.convnext import ConvNeXt
+    from timm.models.swin_transformer import SwinTransformer
+
+    return isinstance(getattr(model, "module", model), (ConvNeXt, SwinTransformer))
+
+
+def _check_architecture(cfg: TrainConfig, model: nn.Module) -> None:
+    """ViTs for the token methods, ConvNeXt / Swin for dynamicspatial (and either for dense)."""
+    spatial = is_spatial_model(model)
+    if cfg.method == "dynamicspatial" and not spatial:
+        raise ValueError(
+            f"--method dynamicspatial needs a timm ConvNeXt or Swin Transformer (convnext_*, swin_*), "
+            f"--model {cfg.model} is a {type(model).__name__}"
+            + ("; for a vision transformer use --method dynamicvit" if hasattr(model, "patch_embed") else "")
+        )
+    if spatial and cfg.method not in ("dense", "dynamicspatial"):
+        raise ValueError(
+            f"--model {cfg.model} is a {type(model).__name__}: it cannot drop tokens (convolutions and "
+            f"windows need the full grid), so --method {cfg.method} does not apply; use --method "
+            "dynamicspatial (a cheap path for unimportant positions) or dense"
+        )
+    if not spatial and (not hasattr(model, "patch_embed") or not hasattr(model, "blocks")):
+        raise ValueError(
+            f"--model {cfg.model} is a {type(model).__name__}, not a vision transformer: tokensparse "
+            "needs a timm VisionTransformer (deit_*, vit_*, ...), or a ConvNeXt / Swin for "
+            "--method dynamicspatial"
+        )
 
 
 class HeadMismatchError(ValueError):
@@ -198,6 +239,14 @@ def sparsify_for(cfg: TrainConfig, model: nn.Module) -> nn.Module:
 
         make = {"evit": evit, "random": random_prune, "static": static_prune}[cfg.method]
         return make(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
+    if cfg.method == "dynamicspatial":
+        from timm.models.convnext import ConvNeXt
+
+        from .policies.dynconvnext import dynamic_convnext
+        from .policies.dynswin import dynamic_swin
+
+        make = dynamic_convnext if isinstance(model, ConvNeXt) else dynamic_swin
+        return make(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
     return model
 
 
@@ -214,6 +263,10 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]
 
     policy = get_policy(model)
     new_params = {id(p) for p in policy.parameters()} if isinstance(policy, nn.Module) else set()
+    if cfg.method == "dynamicspatial":  # predictors and fast paths, as the authors' optim_factory splits
+        new_params = {
+            id(p) for n, p in model.named_parameters() if ".score_predictor." in n or ".fast_path" in n
+        }
     if cfg.freeze_embeddings:
         for name in ("cls_token", "pos_embed"):
             param = getattr(model, name, None)
@@ -260,6 +313,13 @@ def build_criterion(cfg: TrainConfig, depth: int = 12) -> nn.Module | None:
             token_distill=cfg.token_distill,
             label_smoothing=cfg.smoothing,
         )
+    if cfg.method == "dynamicspatial":
+        return DynamicSpatialLoss(
+            cfg.keep_ratio,
+            ratio_weight=cfg.ratio_weight,
+            distill_weight=cfg.distill_weight,
+            label_smoothing=cfg.smoothing,
+        )
     if cfg.method == "avit":
         return AViTLoss(
             ponder_weight=cfg.ponder_weight,
@@ -289,6 +349,11 @@ def compute_loss(cfg, model, criterion, teacher, images, targets) -> tuple[torch
             teacher_outputs(teacher, images) if cfg.distill_weight else (None, None)
         )
         return criterion(logits, targets, model, teacher_logits, teacher_tokens)
+    if cfg.method == "dynamicspatial":
+        teacher_logits, teacher_features = (
+            spatial_teacher_outputs(teacher, images) if cfg.distill_weight else (None, None)
+        )
+        return criterion(logits, targets, model, teacher_logits, teacher_features)
     teacher_logits = teacher_outputs(teacher, images)[0] if cfg.distill_weight else None
     return criterion(logits, targets, model, teacher_logits)
 
@@ -544,7 +609,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             _load_teacher(teacher, cfg.teacher, cfg.model)
         teacher.requires_grad_(False).eval().to(device)
     model = sparsify_for(cfg, model).to(device)
-    criterion = build_criterion(cfg, len(model.blocks))
+    criterion = build_criterion(cfg, len(getattr(model, "blocks", ())))
 
     optimizer = create_optimizer_v2(
         parameter_groups(model, cfg), opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay
