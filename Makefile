@@ -30,13 +30,17 @@ demo: setup data
 study: setup data
 	$(VENV)/bin/tokensparse demo --study
 
-# The shipped dense model: train it (resumable: re-run after an interruption), then ship it into the package.
-TEACHER_CMD = $(VENV)/bin/tokensparse train --method dense --model vit_tiny_patch16_224 \
-	--model-kwargs '{"patch_size": 8, "embed_dim": 64, "depth": 12, "num_heads": 2}' --epochs 12 \
-	--batch-size 128 --lr 2e-3 --warmup-epochs 1 --smoothing 0.1 --output runs/teacher --resume
+# The shipped dense model, in two stages (resumable: re-run after an interruption), then shipped into the
+# package: 12 epochs at peak lr 2e-3, then 10 more from those weights at peak lr 1e-3 (cosine, 1 warm-up epoch
+# each); about 5 min per epoch on 2 CPU cores.
+TEACHER_ARGS = --method dense --model vit_tiny_patch16_224 \
+	--model-kwargs '{"patch_size": 8, "embed_dim": 64, "depth": 12, "num_heads": 2}' \
+	--batch-size 128 --warmup-epochs 1 --smoothing 0.1 --resume
 teacher: setup data
-	$(TEACHER_CMD)
-	$(PY) scripts/ship_pretrained.py runs/teacher clutter-vit --command "make teacher"
+	$(VENV)/bin/tokensparse train $(TEACHER_ARGS) --epochs 12 --lr 2e-3 --output runs/teacher-stage1
+	$(VENV)/bin/tokensparse train $(TEACHER_ARGS) --epochs 10 --lr 1e-3 --output runs/teacher \
+	  --checkpoint runs/teacher-stage1/model.safetensors
+	$(PY) scripts/ship_pretrained.py runs/teacher clutter-vit --command "make teacher" --previous runs/teacher-stage1
 
 # One minute: executed GFLOPs, img/s and speedup of DynamicViT on DeiT-S (random weights).
 bench-quick: setup

@@ -1,6 +1,11 @@
 """Ship a finished dense training run as a package model: safetensors, metrics and a card.
 
-    .venv/bin/python scripts/ship_pretrained.py runs/teacher clutter-vit --command "make teacher"
+    .venv/bin/python scripts/ship_pretrained.py runs/teacher clutter-vit --command "make teacher" \
+        --previous runs/teacher-stage1
+
+--previous names the run(s) the shipped run started from (its --checkpoint), in order: their
+validation curves come first in the shipped metrics and the card (one curve over all stages, each
+line with its stage), and the plateau rule reads the whole curve.
 
 Checks before writing: the run's config matches the registry entry (architecture, classes, image size);
 the weights are stored in fp16 if that keeps the fp32 logits within 1e-3 of the run's on 256 validation
@@ -31,6 +36,10 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("name", choices=sorted(PRETRAINED))
     parser.add_argument("--command", required=True, help="the command that trained the run (for the card)")
+    parser.add_argument(
+        "--previous", type=Path, nargs="*", default=[], help="earlier stages the run started from, in order"
+    )
+    parser.add_argument("--note", default="", help="a sentence for the card (how the stages were run)")
     args = parser.parse_args()
     entry = PRETRAINED[args.name]
     config = json.loads((args.run / "config.json").read_text())
@@ -58,13 +67,19 @@ def main() -> None:
         if gap <= 1e-3:
             break
 
-    metrics = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines() if line]
+    metrics = []
+    for stage, run in enumerate([*args.previous, args.run], start=1):
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            if line.strip():
+                m = json.loads(line)
+                m["stage_epoch"], m["epoch"], m["stage"] = m["epoch"], len(metrics) + 1, stage
+                metrics.append(m)
     entry.path.with_suffix(".metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     top1 = [m["val_top1"] for m in metrics]
     tail = max(1, math.ceil(0.2 * len(top1)))  # the epochs the card names
     gain = plateau_gain(top1)
     rows = "\n".join(
-        f"| {m['epoch']} | {m['train_loss']:.4f} | {m['val_top1']:.2f} | {m['val_top5']:.2f} | {m['lr']:.2e} |"
+        f"| {m['epoch']} | {m['stage']} | {m['train_loss']:.4f} | {m['val_top1']:.2f} | {m['val_top5']:.2f} | {m['lr']:.2e} |"
         for m in metrics
     )
     entry.card.write_text(
@@ -75,13 +90,14 @@ def main() -> None:
   when the fp32 logits stay within 1e-3), logits within {gap:.1e} of the trained weights on 256 validation canvases.
 - Data: `{entry.dataset}` training split (55000 Fashion-MNIST training items, a fresh layout every epoch);
   validation = the 5000 held-out training items (fixed canvases). The test split was not used.
-- Command: `{args.command}` (it trains `{args.run}`, then ships it with `scripts/ship_pretrained.py`).
+- Command: `{args.command}` (it trains {", ".join(f"`{r}`" for r in [*args.previous, args.run])}, each stage
+  from the previous one's weights, then ships the last with `scripts/ship_pretrained.py`). {args.note}
 - Machine: {machine_description()}. Date shipped: {today()}.
 - Final validation top-1 {top1[-1]:.2f}% (top-5 {metrics[-1]["val_top5"]:.2f}%). The last {tail} of {len(top1)} epochs
   (20%) added {gain:+.2f} pt: {"plateaued (< 0.3 pt)" if abs(gain) < 0.3 else "NOT plateaued by the 0.3 pt rule"}.
 
-| epoch | train loss | val top-1 | val top-5 | lr |
-|---:|---:|---:|---:|---:|
+| epoch | stage | train loss | val top-1 | val top-5 | lr |
+|---:|---:|---:|---:|---:|---:|
 {rows}
 """
     )
