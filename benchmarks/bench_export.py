@@ -47,8 +47,18 @@ def bench_batch(model_name: str, keep_ratio: float, batch: int, rounds: int, war
     for name, model in models.items():
         flops = _gflops(model, images[:1])
         for backend in BACKENDS:
-            t = seconds[f"{name}/{backend}"]
-            rows.append(BenchRow(name, backend, flops, batch / t, seconds[f"dense/{backend}"] / t))
+            timing = seconds[f"{name}/{backend}"]
+            t = timing.median
+            rows.append(
+                BenchRow(
+                    name,
+                    backend,
+                    flops,
+                    batch / t,
+                    seconds[f"dense/{backend}"].median / t,
+                    spread=timing.spread,
+                )
+            )
     return _result(model_name, batch, "cpu", torch.float32, rounds, rows)
 
 
