@@ -117,7 +117,7 @@ def test_train_help_lists_methods_and_demo_help_describes_it(capsys):
         with pytest.raises(SystemExit):
             cli_main([command, "--help"])
     out = capsys.readouterr().out
-    assert "{dense,dynamicvit,avit,evit,tome,random,static}" in out
+    assert "{dense,dynamicvit,avit,evit,tome,random,static,dynamicspatial}" in out
     assert "Start from the shipped dense model" in out and "--study" in out
 
 

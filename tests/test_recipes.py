@@ -54,7 +54,23 @@ def test_method_defaults_are_the_authors_recipes() -> None:
     # An explicit setting wins over the method's default.
     kl = TrainConfig(method="dynamicvit", token_distill="kl", backbone_fixed_epochs=0).resolved()
     assert (kl.token_distill, kl.backbone_fixed_epochs) == ("kl", 0)
-    assert set(METHOD_DEFAULTS) == {"dense", "dynamicvit", "avit", "evit", "tome", "random", "static"}
+    spatial = TrainConfig(method="dynamicspatial").resolved()  # the authors' ConvNeXt / Swin runs
+    assert (spatial.keep_ratio, spatial.ratio_weight, spatial.distill_weight) == (0.7, 10.0, 0.5)
+    assert (spatial.backbone_lr_scale, spatial.backbone_fixed_epochs, spatial.freeze_embeddings) == (
+        0.2,
+        5,
+        False,
+    )
+    assert set(METHOD_DEFAULTS) == {
+        "dense",
+        "dynamicvit",
+        "avit",
+        "evit",
+        "tome",
+        "random",
+        "static",
+        "dynamicspatial",
+    }
 
 
 @pytest.mark.parametrize(
