@@ -32,13 +32,6 @@ def _linear_macs(module: nn.Module | None) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def _is_spatial(model: nn.Module) -> bool:
-    from timm.models.convnext import ConvNeXt
-    from timm.models.swin_transformer import SwinTransformer
-
-    return isinstance(getattr(model, "module", model), (ConvNeXt, SwinTransformer))
-
-
 def _check_countable(model: nn.Module) -> VisionTransformer:
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"FLOPs are counted for timm VisionTransformers only, got {type(model).__name__}")
@@ -152,9 +145,9 @@ def model_flops(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     where every token is computed), then `flops_from_info`. That forward replaces the model's
     `sparsity_info` and, in train mode, draws random numbers.
     """
-    if _is_spatial(model):  # timm ConvNeXt / Swin, dense or dynamic: counts fixed by the image size
-        from .policies.dynspatial import spatial_flops
+    from .policies.dynspatial import is_spatial_model, spatial_flops
 
+    if is_spatial_model(model):  # timm ConvNeXt / Swin, dense or dynamic: counts fixed by the image size
         macs = spatial_flops(model, tuple(images.shape[-2:]))
         return torch.full((images.shape[0],), float(macs), dtype=torch.float64)
     if get_policy(model) is None:

@@ -127,16 +127,10 @@ def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Modu
     return model
 
 
-def is_spatial_model(model: nn.Module) -> bool:
-    """A timm ConvNeXt or SwinTransformer (the backbones of --method dynamicspatial)."""
-    from timm.models.convnext import ConvNeXt
-    from timm.models.swin_transformer import SwinTransformer
-
-    return isinstance(getattr(model, "module", model), (ConvNeXt, SwinTransformer))
-
-
 def _check_architecture(cfg: TrainConfig, model: nn.Module) -> None:
     """ViTs for the token methods, ConvNeXt / Swin for dynamicspatial (and either for dense)."""
+    from .policies.dynspatial import is_spatial_model
+
     spatial = is_spatial_model(model)
     if cfg.method == "dynamicspatial" and not spatial:
         raise ValueError(

@@ -218,6 +218,14 @@ def mlp_position_counts(
     return counts
 
 
+def is_spatial_model(model: nn.Module) -> bool:
+    """A timm ConvNeXt or SwinTransformer, dense or dynamic (the backbones of --method dynamicspatial)."""
+    from timm.models.convnext import ConvNeXt
+    from timm.models.swin_transformer import SwinTransformer
+
+    return isinstance(getattr(model, "module", model), (ConvNeXt, SwinTransformer))
+
+
 def sparse_stage(model: nn.Module) -> DynamicStageMixin:
     """The stage holding the predictors of a dynamic ConvNeXt / Swin; ValueError for any other model."""
     model = getattr(model, "module", model)  # DDP / DataParallel
