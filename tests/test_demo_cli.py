@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -56,13 +57,22 @@ def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys, tiny_t
         bench_batch=8,
         curve_ratios=(0.5, 0.7),
         avit_cuts=(0.3,),
+        dense_finetune=True,
     )
     index = run_study(cfg)
     text = index.read_text()
-    for row in ("| dense |", "| dynamicvit@0.7 |", "| random@0.7 |", "| static@0.7 |", "| random-ft@0.7 |"):
+    for row in (
+        "| dense |",
+        "| dense-ft |",
+        "| dynamicvit@0.7 |",
+        "| random@0.7 |",
+        "| static@0.7 |",
+        "| random-ft@0.7 |",
+    ):
         assert row in text, row
     assert "## Claims" in text and "| tome@r" in text and "| evit@" in text and "| avit@" in text
     assert "## Fine-tuning curves" in text and "Fashion-MNIST's test split" in text
+    assert "- control: the dense model fine-tuned on the same data and schedule" in text
     for picture in (
         "accuracy_vs_gflops.png",
         "finetune_curves.png",
@@ -82,6 +92,9 @@ def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys, tiny_t
     assert "| dynamicvit@0.7 |" in out and "report:" in out  # the headline table is printed
     run_study(cfg)
     assert "dynamicvit@0.7: reusing" in capsys.readouterr().out
+    # a finished run is reused only under the same settings: a changed schedule is refused, not mixed in
+    with pytest.raises(ValueError, match="backbone_lr_scale: 0.01 -> 0.1"):
+        run_study(dataclasses.replace(cfg, dynamicvit_backbone_lr_scale=0.1))
 
 
 def test_gate_centre_calibration_hits_the_target_depth() -> None:

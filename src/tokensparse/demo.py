@@ -58,6 +58,9 @@ class DemoConfig:
     dynamicvit_ratios: tuple[float, ...] = (0.7,)
     dynamicvit_epochs: int = 2
     dynamicvit_lr: float = 1e-2
+    # The backbone's lr as a multiple of `dynamicvit_lr` once it trains (the authors' 0.01 over 30 epochs);
+    # the study's value is chosen on validation by benchmarks/dvit_schedule.py.
+    dynamicvit_backbone_lr_scale: float = 0.01
     backbone_fixed_epochs: int = 1
     keep_ratio: float = 0.7  # the headline setting
     avit_epochs: int = 2
@@ -74,6 +77,9 @@ class DemoConfig:
     avit_cuts: tuple[float, ...] = (0.2, 0.3, 0.4)
     avit_headline_cut: float = 0.3
     baseline_epochs: int = 0  # 0: the baselines are training-free only
+    # Also fine-tune the dense model on DynamicViT's data and schedule at the backbone's lr (`dense-ft`): the
+    # control that says how much of a fine-tune's accuracy is only more training of the dense model.
+    dense_finetune: bool = False
     baseline_lr: float = 1e-4
     curve_ratios: tuple[float, ...] = (0.5, 0.7, 0.9)
     val_limit: int | None = 2000
@@ -92,7 +98,11 @@ def study_config(**overrides) -> DemoConfig:
         report="benchmarks/results/study",
         finetune_limit=12000,
         dynamicvit_ratios=(0.5, 0.7, 0.9),
-        dynamicvit_epochs=3,
+        # 4 epochs with the backbone at 0.1x: benchmarks/dvit_schedule.py on validation (rho 0.7: 76.12
+        # against 75.70 at the authors' 0.01x and 74.84 at 0.3x; 3 epochs at 0.01x gave 72.84)
+        dynamicvit_epochs=4,
+        dynamicvit_backbone_lr_scale=0.1,
+        dense_finetune=True,
         backbone_fixed_epochs=1,
         avit_epochs=3,
         baseline_epochs=1,
@@ -141,10 +151,6 @@ def _finetune(cfg: DemoConfig, name: str, progress: _Progress, **kw) -> Path:
     """Fine-tune one model from the shipped teacher unless its run folder already holds it."""
     out = Path(cfg.work) / name
     progress.step(f"fine-tuning {name}")
-    if (out / "model.safetensors").is_file():
-        _log(f"{name}: reusing {out}")
-        _REUSED.append(f"training of {name}")
-        return out
     settings = dict(
         **_model_settings(cfg),
         batch_size=cfg.batch_size,
@@ -156,8 +162,31 @@ def _finetune(cfg: DemoConfig, name: str, progress: _Progress, **kw) -> Path:
         output=str(out),
         resume=True,
     )
-    train(TrainConfig(**(settings | kw)))
+    run_cfg = TrainConfig(**(settings | kw))
+    if (out / "model.safetensors").is_file():
+        differences = _differences(run_cfg, out)
+        if differences:
+            raise ValueError(
+                f"{out} holds a finished run with other settings ({'; '.join(differences)}); "
+                "delete it or choose another work folder"
+            )
+        _log(f"{name}: reusing {out} (same settings)")
+        _REUSED.append(f"training of {name}")
+        return out
+    train(run_cfg)
     return out
+
+
+def _differences(cfg: TrainConfig, out: Path) -> list[str]:
+    """The settings in which the finished run in `out` differs from `cfg` (where it lives aside)."""
+    saved = json.loads((out / "config.json").read_text())
+    now = json.loads(json.dumps(dataclasses.asdict(cfg.resolved())))
+    ignored = ("output", "resume", "overwrite", "device", "keep_checkpoints")
+    return [
+        f"{key}: {saved.get(key)!r} -> {value!r}"
+        for key, value in now.items()
+        if key not in ignored and saved.get(key) != value
+    ]
 
 
 def calibrate_gate_center(
@@ -231,6 +260,8 @@ def _contenders(
         return lambda: load_trained(runs[name])[0]
 
     builders: dict[str, Callable[[], nn.Module]] = {"dense": dense_copy}
+    if "dense-ft" in runs:
+        builders["dense-ft"] = run("dense-ft")
     for ratio in cfg.dynamicvit_ratios:
         builders[f"dynamicvit@{ratio}"] = run(f"dynamicvit@{ratio}")
     for ratio in cfg.curve_ratios:
@@ -302,7 +333,9 @@ def run_study(cfg: DemoConfig) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     report.mkdir(parents=True, exist_ok=True)
     baselines = ("random", "static", "evit", "tome") if cfg.baseline_epochs else ()
-    progress = _Progress(len(cfg.dynamicvit_ratios) + len(cfg.avit_starts) + 2 + len(baselines) + 4)
+    progress = _Progress(
+        len(cfg.dynamicvit_ratios) + len(cfg.avit_starts) + 2 + len(baselines) + cfg.dense_finetune + 4
+    )
 
     progress.step("A-ViT's starting gate centres")
     val = build_dataset("fashion-mnist-clutter", split="val", limit=256)
@@ -328,7 +361,17 @@ def run_study(cfg: DemoConfig) -> Path:
             keep_ratio=ratio,
             epochs=cfg.dynamicvit_epochs,
             lr=cfg.dynamicvit_lr,
+            backbone_lr_scale=cfg.dynamicvit_backbone_lr_scale,
             backbone_fixed_epochs=fixed,
+        )
+    if cfg.dense_finetune:
+        runs["dense-ft"] = _finetune(
+            cfg,
+            "dense-ft",
+            progress,
+            method="dense",
+            epochs=cfg.dynamicvit_epochs,
+            lr=cfg.dynamicvit_lr * cfg.dynamicvit_backbone_lr_scale,
         )
     for start in starts:
         runs[f"avit-from@{start:g}"] = _finetune(
@@ -451,7 +494,12 @@ def _closest(results: dict[str, dict], prefix: str, target: float) -> str | None
 def _headline(cfg: DemoConfig, results: dict[str, dict], gate_center: float) -> list[str]:
     rho = cfg.keep_ratio
     target = results[f"dynamicvit@{rho}"]["gflops"]
-    rows = ["dense", f"dynamicvit@{rho}", f"avit@{gate_center:g}"]
+    rows = [
+        "dense",
+        "dense-ft" if "dense-ft" in results else None,
+        f"dynamicvit@{rho}",
+        f"avit@{gate_center:g}",
+    ]
     rows += [_closest(results, p, target) for p in ("tome@", "evit@")]
     rows += [f"random@{rho}", f"static@{rho}"]
     rows += [n for n in results if "-ft@" in n]
@@ -508,6 +556,11 @@ def _figures(cfg, builders, results, curves, headline, report: Path) -> dict[str
     ax.scatter(
         [dense["gflops"]], [dense["top1"]], marker="*", s=160, c="k", label="dense (shipped)", zorder=5
     )
+    if "dense-ft" in results:
+        ft = results["dense-ft"]
+        ax.scatter(
+            [ft["gflops"]], [ft["top1"]], marker="*", s=100, c="grey", label="dense-ft (control)", zorder=5
+        )
     ax.axhline(dense["top1"] - 0.5, color="k", lw=0.6, ls=":", label="dense - 0.5 pt")
     _finish(fig, ax, "executed GMACs per image (multiply-adds)", "top-1 on the test split (%)",
             "accuracy vs executed compute (cluttered Fashion-MNIST)", report / "accuracy_vs_gflops.png")  # fmt: skip
@@ -525,7 +578,8 @@ def _figures(cfg, builders, results, curves, headline, report: Path) -> dict[str
     test = build_dataset("fashion-mnist-clutter", split="test", limit=6)
     images = torch.stack([test[i][0] for i in range(len(test))])
     titles = [test.classes[int(test[i][1])] for i in range(len(test))]
-    for name, key in [(headline[1], "dynamicvit"), (headline[2], "avit")]:
+    for key in ("dynamicvit", "avit"):
+        name = next(n for n in headline if n.startswith(f"{key}@"))
         token_maps(builders[name](), images, report / f"token_maps_{key}.png", IMAGENET_DEFAULT_MEAN,
                    IMAGENET_DEFAULT_STD, titles)  # fmt: skip
         figures[key] = f"token_maps_{key}.png"
@@ -582,7 +636,10 @@ def _write_report(
 ) -> Path:
     dense = results["dense"]
     reused = (
-        "; steps reused from an earlier run of the same command: " + ", ".join(_REUSED) if _REUSED else ""
+        "; steps reused from earlier runs with the same settings (each run's config.json compared): "
+        + ", ".join(_REUSED)
+        if _REUSED
+        else ""
     )
     entry = pretrained_entry(cfg.teacher)
     test_items = cfg.test_limit or 10000
@@ -599,9 +656,19 @@ def _write_report(
         f"(held-out training items{'' if cfg.val_limit is None else f', first {cfg.val_limit}'}); every number below on "
         f"{'all 10000' if cfg.test_limit is None else f'the first {test_items}'} items of Fashion-MNIST's test split",
         f"- DynamicViT: rho {', '.join(map(str, cfg.dynamicvit_ratios))}, {cfg.dynamicvit_epochs} epochs each, the authors' "
-        f"recipe scaled: predictors at lr {cfg.dynamicvit_lr:g} from the start, backbone at 0.01x after "
+        f"recipe scaled: predictors at lr {cfg.dynamicvit_lr:g} from the start, backbone at "
+        f"{cfg.dynamicvit_backbone_lr_scale:g}x (theirs: 0.01x over 30 epochs) after "
         f"{min(cfg.backbone_fixed_epochs, cfg.dynamicvit_epochs)} epoch(s) at lr 0 (theirs: 5 of 30), cls_token/pos_embed "
         "frozen, MSE token distillation + logits KL from the dense model, ratio weight 2",
+        *(
+            [
+                f"- dense-ft (the control): the shipped dense model fine-tuned {cfg.dynamicvit_epochs} epochs on the same "
+                f"data at DynamicViT's backbone lr ({cfg.dynamicvit_lr * cfg.dynamicvit_backbone_lr_scale:g}, cross-entropy): "
+                "what the same extra training gives the dense model"
+            ]
+            if cfg.dense_finetune
+            else []
+        ),
         f"- A-ViT: gate scale {cfg.gate_scale:g}, prior centred at depth {prior_depth}, {cfg.avit_epochs} epochs at lr "
         f"{cfg.avit_lr:g}, no distillation (the authors' default), fine-tuned from each starting gate centre ("
         + "; ".join(
@@ -712,6 +779,13 @@ def _claims(cfg: DemoConfig, results: dict[str, dict], gate_center: float) -> li
             f"{avit['top1']:.2f} ({avit['top1'] - dense['top1']:+.2f} pt; claim >= -0.5)",
         ),
     ]
+    if "dense-ft" in results:
+        ft = results["dense-ft"]
+        out.append(
+            f"- control: the dense model fine-tuned on the same data and schedule (`dense-ft`) scores {ft['top1']:.2f} "
+            f"({ft['top1'] - dense['top1']:+.2f} pt vs the shipped dense); DynamicViT rho {rho} vs it: "
+            f"{dvit['top1'] - ft['top1']:+.2f} pt, A-ViT {avit['top1'] - ft['top1']:+.2f} pt"
+        )
     for base in ("random", "static"):
         for name in [f"{base}@{rho}"] + [n for n in results if n.startswith(f"{base}-ft@")]:
             b = results[name]
