@@ -182,11 +182,15 @@ def _differences(cfg: TrainConfig, out: Path) -> list[str]:
     saved = json.loads((out / "config.json").read_text())
     now = json.loads(json.dumps(dataclasses.asdict(cfg.resolved())))
     ignored = ("output", "resume", "overwrite", "device", "keep_checkpoints")
+    # train() records what it derived (img_size from the model, ...) in place of settings left None
     return [
         f"{key}: {saved.get(key)!r} -> {value!r}"
         for key, value in now.items()
-        if key not in ignored and saved.get(key) != value
+        if key not in ignored and saved.get(key) != value and not (value is None and key in _DERIVED)
     ]
+
+
+_DERIVED = ("img_size", "num_classes", "world_size")
 
 
 def calibrate_gate_center(
