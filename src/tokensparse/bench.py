@@ -112,7 +112,7 @@ def predictor_bound_forward(
 
 
 def machine_description(device: torch.device | str = "cpu") -> str:
-    """One line naming the machine: CPU model and cores (or the GPU), torch version and threads."""
+    """One line naming the machine: CPU model, vector ISA and cores (or the GPU), torch version and threads."""
     device = torch.device(device)
     if device.type == "cuda":
         hw = torch.cuda.get_device_name(device)
@@ -123,7 +123,8 @@ def machine_description(device: torch.device | str = "cpu") -> str:
                 cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         except (OSError, StopIteration):
             pass
-        hw = f"{cpu}, {os.cpu_count()} cores"
+        # the vector ISA torch dispatches to (AVX2, AVX512, ...): bf16 and fp32 speed depend on it
+        hw = f"{cpu} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores"
     return f"{hw}; torch {torch.__version__}, {torch.get_num_threads()} threads; {platform.system()}"
 
 
