@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from .engine import embed
+
 
 @dataclass
 class Timing:
@@ -82,7 +84,7 @@ def truncated_forward(
 
     No scoring, no gather: the speed of pruning with zero overhead, the bound a pruning method can reach.
     """
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    x = embed(model, images)
     for block, tokens in zip(model.blocks, tokens_per_block):
         if tokens < x.shape[1]:
             x = x[:, :tokens]
@@ -101,7 +103,7 @@ def predictor_bound_forward(
     DynamicViT), read for its `locations` and per-stage `keep_score`.
     """
     prefix = model.num_prefix_tokens
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    x = embed(model, images)
     for index, (block, tokens) in enumerate(zip(model.blocks, tokens_per_block)):
         if index in predictors.locations:
             predictors[predictors.locations.index(index)].keep_score(x[:, prefix:])

@@ -284,6 +284,12 @@ def sparsity_info(model: nn.Module) -> SparseInfo:
     return info
 
 
+def embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """The tokens block 0 reads: timm's patch embedding, position embedding (and prefix tokens), patch
+    dropout and pre-norm, as `VisionTransformer.forward_features` runs them."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+
+
 def run(model: VisionTransformer, images: torch.Tensor, regime: Regime | None = None) -> torch.Tensor:
     """Forward features through the engine: embeddings, policy-driven blocks, final norm.
 
@@ -296,10 +302,7 @@ def run(model: VisionTransformer, images: torch.Tensor, regime: Regime | None = 
         raise ValueError("model is not sparsified; call tokensparse.dynamicvit(model, ...) first")
     check_images(model, images)
     regime = regime or ("mask" if model.training else "gather")
-    x = model.patch_embed(images)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    x = model.norm_pre(x)
+    x = embed(model, images)
     batch = x.shape[0]
     prefix = model.num_prefix_tokens
     patches = x.shape[1] - prefix

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_int, check_number
 from .engine import SparseInfo, get_policy, sparsity_info
 
 TokenDistill = Literal["kl", "mse"]
@@ -39,14 +40,7 @@ Logits = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 def _check_weight(name: str, value: float) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return check_number(name, value, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
 def merge_heads(logits: Logits) -> torch.Tensor:
@@ -226,12 +220,7 @@ class DynamicViTLoss(nn.Module):
         label_smoothing: float = 0.0,
     ):
         super().__init__()
-        if (
-            isinstance(keep_ratio, bool)
-            or not isinstance(keep_ratio, (int, float))
-            or not 0.0 < keep_ratio <= 1.0
-        ):
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+        check_number("keep_ratio", keep_ratio, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
         if targets is not None:
             targets = tuple(float(t) for t in targets)
             if not targets or any(not 0.0 <= t <= 1.0 for t in targets):
@@ -327,10 +316,8 @@ def avit_prior(depth: int = 12, target_depth: int = 8, std: float = 1.0, mass: f
     to about 2.29); the authors regularise towards exactly this vector. Computed in float64, returned
     as float32.
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth must be a positive int, got {depth!r}")
-    if isinstance(target_depth, bool) or not isinstance(target_depth, int) or not 1 <= target_depth <= depth:
-        raise ValueError(f"target_depth must be an int in 1..{depth}, got {target_depth!r}")
+    check_int("depth", depth, lambda v: v >= 1, "a positive int")
+    check_int("target_depth", target_depth, lambda v: 1 <= v <= depth, f"an int in 1..{depth}")
     if not std > 0 or not math.isfinite(std):
         raise ValueError(f"std must be > 0, got {std!r}")
     if not 0 < mass <= 1:
@@ -412,10 +399,8 @@ class AViTLoss(nn.Module):
         label_smoothing: float = 0.0,
     ):
         super().__init__()
-        if isinstance(target_depth, bool) or not isinstance(target_depth, int) or target_depth < 1:
-            raise ValueError(f"target_depth must be a positive int, got {target_depth!r}")
-        if isinstance(prior_std, bool) or not isinstance(prior_std, (int, float)) or not prior_std > 0:
-            raise ValueError(f"prior_std must be > 0, got {prior_std!r}")
+        check_int("target_depth", target_depth, lambda v: v >= 1, "a positive int")
+        check_number("prior_std", prior_std, lambda v: v > 0, "> 0")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.ponder_weight = _check_weight("ponder_weight", ponder_weight)

@@ -31,6 +31,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ..attention import PackedLayout, halting_block, packed_block
+from ..checks import check_flag, check_number
 from ..engine import TokenPolicy, TokenState, check_vit, get_policy, sparsify, sparsity_info
 
 MASKED_KEY_BIAS = -1000.0
@@ -282,9 +283,7 @@ def avit_stats(model: nn.Module) -> HaltingStats:
 
 
 def _real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return check_number(name, value, math.isfinite, "a finite number")
 
 
 def avit(
@@ -314,9 +313,7 @@ def avit(
     _real("gate_center", gate_center)
     if not 0.0 < _real("eps", eps) < 1.0:
         raise ValueError(f"eps must be in (0, 1), got {eps!r}")
-    if not isinstance(early_exit, bool):
-        raise ValueError(f"early_exit must be True or False, got {early_exit!r}")
-    if not isinstance(straight_through_zeroing, bool):
-        raise ValueError(f"straight_through_zeroing must be True or False, got {straight_through_zeroing!r}")
+    check_flag("early_exit", early_exit)
+    check_flag("straight_through_zeroing", straight_through_zeroing)
     policy = AViTPolicy(gate_scale, gate_center, eps, early_exit, straight_through_zeroing)
     return sparsify(model, policy, "halting")

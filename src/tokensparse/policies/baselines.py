@@ -14,15 +14,15 @@ Also the MLP-accounting pieces EViT and ToMe share.
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, sparsify
-from .dynamicvit import check_keep_ratio, check_locations, keep_counts
+from ..checks import is_int
+from ..engine import SparseInfo, TokenPolicy, TokenState, sparsify
+from .dynamicvit import StagePruningPolicy, stage_policy_args
 
 # --- shared by the baselines ----------------------------------------------------------------------
 
@@ -55,33 +55,6 @@ def reduced_mlp_flops(policy: TokenPolicy, info: SparseInfo, num_patches: int) -
 
 
 # --- random and static pruning ----------------------------------------------------------------------
-
-
-class StagePruningPolicy(TokenPolicy, nn.Module, metaclass=abc.ABCMeta):
-    """DynamicViT's pruning schedule and mechanics with a ranking that reads no token (no parameters)."""
-
-    def __init__(self, keep_ratio: float, locations: Sequence[int]):
-        super().__init__()
-        self.keep_ratio = float(keep_ratio)
-        self.locations = tuple(int(i) for i in locations)
-
-    def extra_repr(self) -> str:
-        return f"keep_ratio={self.keep_ratio}, locations={self.locations}"
-
-    @abc.abstractmethod
-    def patch_score(self, state: TokenState, patch_index: torch.Tensor) -> torch.Tensor:
-        """(B, M) score of the original patches `patch_index` (B, M); the highest are kept."""
-
-    def before_block(self, index: int, state: TokenState) -> None:
-        if index not in self.locations:
-            return
-        stage = self.locations.index(index)
-        count = keep_counts(state.num_patches, self.keep_ratio, self.locations)[stage]
-        if state.regime == "gather":
-            state.keep_top(count, lambda: self.patch_score(state, state.patch_index))
-            return
-        every_patch = torch.arange(state.num_patches, device=state.x.device).expand(state.batch_size, -1)
-        state.mask_top(count, self.patch_score(state, every_patch))
 
 
 class RandomPruningPolicy(StagePruningPolicy):
@@ -165,14 +138,6 @@ class StaticPruningPolicy(StagePruningPolicy):
         return -self.patch_rank[patch_index].float()
 
 
-def _stage_policy_args(model, keep_ratio, locations) -> tuple[float, tuple[int, ...]]:
-    check_vit(model)
-    keep_ratio = check_keep_ratio(keep_ratio)
-    locations = check_locations(locations, len(model.blocks))
-    keep_counts(num_patches(model), keep_ratio, locations)
-    return keep_ratio, locations
-
-
 def random_prune(
     model: VisionTransformer,
     keep_ratio: float = 0.7,
@@ -184,8 +149,8 @@ def random_prune(
     locations defaults to DynamicViT's (3, 6, 9) for 12 blocks. Without `seed` every forward draws anew
     from torch's global generator; with it, each forward uses a generator seeded with `seed`.
     """
-    keep_ratio, locations = _stage_policy_args(model, keep_ratio, locations)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    keep_ratio, locations = stage_policy_args(model, keep_ratio, locations)
+    if seed is not None and not is_int(seed):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
     return sparsify(model, RandomPruningPolicy(keep_ratio, locations, seed), "random_prune")
 
@@ -196,6 +161,6 @@ def static_prune(
     locations: Sequence[int] | None = None,
 ) -> VisionTransformer:
     """Keep the patches nearest the image centre, the same for every image, at DynamicViT's counts (in place)."""
-    keep_ratio, locations = _stage_policy_args(model, keep_ratio, locations)
+    keep_ratio, locations = stage_policy_args(model, keep_ratio, locations)
     grid = tuple(model.patch_embed.grid_size)
     return sparsify(model, StaticPruningPolicy(keep_ratio, locations, grid), "static_prune")

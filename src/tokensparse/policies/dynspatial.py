@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checks import check_number, is_int
+
 KEEP_RATIO_STEPS = (0.0, 0.2, 0.4)
 """The authors' SPARSE_RATIO = [rho, rho - 0.2, rho - 0.4] (main.py), one per predictor."""
 
@@ -32,16 +34,13 @@ SPARSE_STAGE = 2
 
 def stage_keep_ratios(keep_ratio: float) -> tuple[float, ...]:
     """(rho, rho - 0.2, rho - 0.4), computed as the authors do (so int(N * ratio) agrees bit for bit)."""
-    if (
-        isinstance(keep_ratio, bool)
-        or not isinstance(keep_ratio, (int, float))
-        or not KEEP_RATIO_STEPS[-1] < keep_ratio <= 1.0
-    ):
-        raise ValueError(
-            f"keep_ratio must be in (0.4, 1] (the three predictors keep rho, rho - 0.2 and rho - 0.4 of "
-            f"the positions), got {keep_ratio!r}"
-        )
-    return tuple(float(keep_ratio) - step for step in KEEP_RATIO_STEPS)
+    keep_ratio = check_number(
+        "keep_ratio",
+        keep_ratio,
+        lambda v: KEEP_RATIO_STEPS[-1] < v <= 1.0,
+        "in (0.4, 1] (the three predictors keep rho, rho - 0.2 and rho - 0.4 of the positions)",
+    )
+    return tuple(keep_ratio - step for step in KEEP_RATIO_STEPS)
 
 
 def default_locations(depth: int) -> tuple[int, int, int]:
@@ -57,7 +56,7 @@ def check_locations(locations: Sequence[int] | None, depth: int, what: str) -> t
         raise ValueError(
             f"locations must name {len(KEEP_RATIO_STEPS)} blocks (one per predictor), got {locations!r}"
         )
-    if any(not isinstance(i, int) or isinstance(i, bool) for i in locations):
+    if not all(map(is_int, locations)):
         raise ValueError(f"locations must be block indices (ints), got {locations!r}")
     if any(b <= a for a, b in zip(locations, locations[1:])) or locations[0] < 0 or locations[-1] >= depth:
         raise ValueError(

@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ..attention import attention_parts
+from ..attention import add_attention, attention_parts, mlp_tail
+from ..checks import check_flag
 from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, sparsify
 from .baselines import mlp_macs, record_mlp_tokens, reduced_mlp_flops
 from .dynamicvit import check_keep_ratio, check_locations, keep_counts
@@ -104,14 +105,14 @@ class EViTPolicy(TokenPolicy, nn.Module):
             x = block(x)
         else:
             out, q, k = attention_parts(block.attn, block.norm1(x))
-            x = x + block.drop_path1(block.ls1(out))
+            x = add_attention(block, x, out)
             stage = self.locations.index(index)
             if self.counts == "authors":
                 x = self.reorganize_authors(state, x, q, k, block.attn.scale)
             else:
                 x = self.reorganize(stage, state, x, q, k, block.attn.scale)
             record_mlp_tokens(state, x.shape[1])
-            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+            x = mlp_tail(block, x)
         if self.counts == "authors":
             state.x = x
             return
@@ -225,8 +226,7 @@ def evit(
         raise ValueError(f"counts must be one of {COUNTS}, got {counts!r}")
     if counts == "dynamicvit":
         keep_counts(num_patches(model), keep_ratio, locations)
-    if not isinstance(fuse, bool):
-        raise ValueError(f"fuse must be True or False, got {fuse!r}")
+    check_flag("fuse", fuse)
     if getattr(model, "cls_token", None) is None:
         raise ValueError("EViT ranks patches by the class token's attention; this model has no class token")
     return sparsify(model, EViTPolicy(model, keep_ratio, locations, fuse, counts), "evit")

@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ..attention import attention_parts
+from ..attention import add_attention, attention_parts, mlp_tail
+from ..checks import check_flag, is_int
 from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, sparsify
 from .baselines import mlp_macs, record_mlp_tokens, reduced_mlp_flops
 
@@ -40,12 +41,8 @@ def merge_schedule(r: MergeRate, depth: int) -> list[int]:
     merge none) or (r, inflection) with inflection in [-1, 1] (-1: ToMe's decreasing schedule)."""
     if isinstance(r, tuple):
         rate, inflection = r if len(r) == 2 else (None, None)
-        if (
-            isinstance(rate, bool)
-            or not isinstance(rate, int)
-            or rate < 0
-            or not isinstance(inflection, (int, float))
-            or not -1.0 <= inflection <= 1.0
+        if not (
+            is_int(rate) and rate >= 0 and isinstance(inflection, (int, float)) and -1.0 <= inflection <= 1.0
         ):
             raise ValueError(
                 f"an (r, inflection) schedule needs an int r >= 0 and inflection in [-1, 1], got {r!r}"
@@ -54,10 +51,10 @@ def merge_schedule(r: MergeRate, depth: int) -> list[int]:
         step = (2 * rate - 2 * low) / max(depth - 1, 1)
         return [int(low + step * i) for i in range(depth)]
     if isinstance(r, list):
-        if len(r) > depth or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in r):
+        if len(r) > depth or not all(is_int(v) and v >= 0 for v in r):
             raise ValueError(f"a per-block r must list at most {depth} ints >= 0 (one per block), got {r!r}")
         return list(r) + [0] * (depth - len(r))
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+    if not is_int(r) or r < 0:
         raise ValueError(
             f"r must be an int >= 0 (tokens merged per block), a per-block list or (r, inflection); got {r!r}"
         )
@@ -166,7 +163,7 @@ class ToMePolicy(TokenPolicy, nn.Module):
         size = state.extra["token_size"]
         bias = size.log() if self.prop_attn and size is not None else None
         out, _, keys = attention_parts(block.attn, block.norm1(state.x), bias)
-        x = state.x + block.drop_path1(block.ls1(out))
+        x = add_attention(block, state.x, out)
         tokens, prefix = x.shape[1], state.num_prefix
         r = min(state.extra["merge_schedule"][index], (tokens - prefix) // 2)
         state.extra["merge_schedule"][index] = max(r, 0)
@@ -183,7 +180,7 @@ class ToMePolicy(TokenPolicy, nn.Module):
             )
             state.patch_index = patch_of_row.gather(1, matching.anchors(tokens))[:, prefix:]
         record_mlp_tokens(state, x.shape[1])
-        state.x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        state.x = mlp_tail(block, x)
 
     def end(self, state: TokenState) -> None:
         state.extra["mlp_tokens"] = torch.stack(state.extra["mlp_tokens"], dim=1)
@@ -216,9 +213,8 @@ def tome(
     """
     check_vit(model)
     merge_schedule(r, len(model.blocks))
-    for name, flag in (("prop_attn", prop_attn), ("trace_source", trace_source)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    check_flag("prop_attn", prop_attn)
+    check_flag("trace_source", trace_source)
     policy = ToMePolicy(model, prop_attn, trace_source)
     sparsify(model, policy, "tome")
     model.r = r
