@@ -14,6 +14,7 @@ its log-probabilities means "keep". Stage s keeps int(N * keep_ratio ** (s + 1))
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -21,7 +22,11 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from ..checks import check_number, is_int
-from ..engine import TokenPolicy, TokenState, check_vit, num_patches, sparsify
+from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, no_extra_flops, num_patches, sparsify
+from ..flops import linear_macs
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 
 def default_locations(depth: int) -> tuple[int, ...]:
@@ -77,6 +82,19 @@ class ScorePredictor(nn.Module):
             count = keep.sum(dim=1, keepdim=True)
             image = (image * keep).sum(dim=1, keepdim=True) / count.clamp_min(torch.finfo(count.dtype).tiny)
         return self.out_conv(torch.cat([local, image.expand_as(local)], dim=-1))
+
+    def macs(self, tokens: torch.Tensor, ranking_only: bool) -> torch.Tensor:
+        """Multiply-adds on `tokens` (B,) patch tokens per image.
+
+        ranking_only: inference ranks tokens with `keep_score`, which runs the image half of the first
+        out_conv layer once per image and collapses the last layer to one output.
+        """
+        full = linear_macs(self)
+        if not ranking_only:
+            return tokens * full
+        hidden, last = self.out_conv[0], self.out_conv[-2]
+        image_half = hidden.in_features // 2 * hidden.out_features
+        return tokens * (full - image_half - last.in_features * (last.out_features - 1)) + image_half
 
     def keep_score(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """(B, M) scores ranking tokens as the keep log-probability does, for inference (all kept).
@@ -167,6 +185,9 @@ class StagePruningPolicy(TokenPolicy, nn.Module):
         every_patch = torch.arange(state.num_patches, device=state.x.device).expand(state.batch_size, -1)
         state.mask_top(count, self.patch_score(state, every_patch))
 
+    def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
+        return no_extra_flops(info)  # a ranking that reads no token computes nothing
+
     def before_block(self, index: int, state: TokenState) -> None:
         if index not in self.locations:
             return
@@ -210,6 +231,21 @@ class DynamicViTPolicy(StagePruningPolicy, nn.ModuleList):
             # Deterministic mask regime: the same top-k as inference, among tokens still kept.
             state.mask_top(count, log_probs[..., 0])
 
+    def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
+        """Each stage's predictor runs on the patch tokens present before that stage prunes.
+
+        Gather regime (eval): a stage that keeps every token skips its predictor. Mask regime (training):
+        every token stays in the tensor and each predictor scores all of them.
+        """
+        patch_tokens = info.tokens_per_block.detach().to("cpu", torch.float64) - info.num_prefix
+        gathered = bool(info.kept_index)  # kept indices are recorded only when tokens are gathered
+        total = torch.zeros(patch_tokens.shape[0], dtype=torch.float64)
+        for location, predictor in zip(self.locations, self, strict=True):
+            before = patch_tokens[:, location - 1] if location > 0 else torch.full_like(total, num_patches)
+            ran = (patch_tokens[:, location] < before).double() if gathered else torch.ones_like(total)
+            total += ran * predictor.macs(before, ranking_only=gathered)
+        return total
+
 
 def dynamicvit(
     model: VisionTransformer,
@@ -225,3 +261,8 @@ def dynamicvit(
     """
     keep_ratio, locations = stage_policy_args(model, keep_ratio, locations)
     return sparsify(model, DynamicViTPolicy(model.embed_dim, keep_ratio, locations), "score_predictor")
+
+
+def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
+    """`dynamicvit` with a run's settings (the registry's constructor)."""
+    return dynamicvit(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)

@@ -20,13 +20,13 @@ import torch.nn as nn
 from timm.layers import Mlp
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock, ConvNeXtStage
 
+from ..flops import linear_macs
 from .dynspatial import (
     SPARSE_STAGE,
     DynamicStageMixin,
     SpatialScorePredictor,
     check_locations,
     gather_positions,
-    linear_macs,
     mlp_position_counts,
     scatter_positions,
     stage_keep_ratios,

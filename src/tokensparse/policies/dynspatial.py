@@ -18,12 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checks import check_number, is_int
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 KEEP_RATIO_STEPS = (0.0, 0.2, 0.4)
 """The authors' SPARSE_RATIO = [rho, rho - 0.2, rho - 0.4] (main.py), one per predictor."""
@@ -187,13 +191,6 @@ class DynamicStageMixin:
         return stream
 
 
-def linear_macs(module: nn.Module | None) -> int:
-    """Multiply-adds of every nn.Linear inside `module`, for one position."""
-    if module is None:
-        return 0
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
-
-
 def mlp_position_counts(
     positions: int, depth: int, locations: Sequence[int] | None, keep_ratios: Sequence[float], training: bool
 ) -> list[tuple[int, int]]:
@@ -291,14 +288,14 @@ def dynamic_spatial_param_groups(
     `no_weight_decay()` names. Each group carries "lr_scale" (timm's schedulers apply it) and
     "fix_epochs" (the training loop zeroes the group's lr while epoch < fix_epochs).
     """
-    sparse_stage(model)
+    added = {id(p) for p in new_parameters(model)}
     inner = getattr(model, "module", model)
     skip = set(getattr(inner, "no_weight_decay", lambda: set())())
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in inner.named_parameters():
         if not param.requires_grad:
             continue
-        new = ".score_predictor." in name or ".fast_path" in name
+        new = id(param) in added
         no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip
         groups.setdefault((new, no_decay), []).append(param)
     return [
@@ -310,3 +307,27 @@ def dynamic_spatial_param_groups(
         }
         for (new, no_decay), params in sorted(groups.items())
     ]
+
+
+def new_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters dynamic spatial sparsification adds: the predictors, and each block's fast path
+    (with its layer scale), which train at the full lr from the start."""
+    stage = sparse_stage(model)
+    params = list(stage.score_predictor.parameters())
+    for block in stage.blocks:
+        if hasattr(block, "fast_path"):
+            params += list(block.fast_path.parameters())
+        if getattr(block, "fast_path_gamma", None) is not None:
+            params.append(block.fast_path_gamma)
+    return params
+
+
+def from_config(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """`dynamic_convnext` or `dynamic_swin`, as `model` is, with a run's settings (the registry's constructor)."""
+    from timm.models.convnext import ConvNeXt
+
+    from .dynconvnext import dynamic_convnext
+    from .dynswin import dynamic_swin
+
+    make = dynamic_convnext if isinstance(model, ConvNeXt) else dynamic_swin
+    return make(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)

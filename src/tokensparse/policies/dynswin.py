@@ -22,13 +22,13 @@ import torch.nn as nn
 from timm.layers import Mlp
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, SwinTransformerStage
 
+from ..flops import linear_macs
 from .dynspatial import (
     SPARSE_STAGE,
     DynamicStageMixin,
     SpatialScorePredictor,
     check_locations,
     gather_positions,
-    linear_macs,
     mlp_position_counts,
     scatter_positions,
     stage_keep_ratios,
