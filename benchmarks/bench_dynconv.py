@@ -22,8 +22,15 @@ import timm
 import torch
 
 import tokensparse
-from tokensparse.bench import BenchResult, BenchRow, interleaved, machine_description, today, write_results
-from tokensparse.cli import DTYPES
+from tokensparse.bench import (
+    DTYPES,
+    BenchResult,
+    BenchRow,
+    interleaved,
+    machine_description,
+    today,
+    write_results,
+)
 from tokensparse.policies.dynspatial import spatial_flops
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -10,6 +10,10 @@ Two layers each:
 The teacher is the frozen dense model; `teacher_outputs(teacher, images)` runs it once per step and
 returns what both losses take. Every term is computed in float32, whatever the autocast dtype.
 
+Each module is also a method's training objective (the registry's `Method.objective` builds it with
+`from_config`): `step(model, images, labels, teacher)` runs the student, then the teacher, and returns
+the loss and its parts. `ClassificationLoss` is the objective of the dense model and of the baselines.
+
 Logits may be a `(cls, dist)` tuple (a distilled DeiT in distilled-training mode): the two heads are
 averaged, which is what timm's model returns at inference, so both heads learn the same objective.
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
@@ -26,6 +30,9 @@ import torch.nn.functional as F
 
 from .checks import check_int, check_number
 from .engine import SparseInfo, get_policy, sparsity_info
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 TokenDistill = Literal["kl", "mse"]
 TOKEN_DISTILL_MODES = ("kl", "mse")
@@ -96,6 +103,39 @@ def _distill_weight_needs_teacher(weight: float, teacher_logits) -> None:
             "teacher_tokens) from tokensparse.losses.teacher_outputs(teacher, images), "
             "or set distill_weight=0"
         )
+
+
+class ClassificationLoss(nn.Module):
+    """Cross-entropy, plus distill_weight x KL to the teacher's logits when there is a teacher (as
+    DynamicViT distils them): the training objective of the dense model and of the baselines."""
+
+    def __init__(self, distill_weight: float = 0.0, label_smoothing: float = 0.0):
+        super().__init__()
+        self.distill_weight = _check_weight("distill_weight", distill_weight)
+        self.label_smoothing = float(label_smoothing)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, depth: int = 12) -> ClassificationLoss:
+        return cls(distill_weight=cfg.distill_weight or 0.0, label_smoothing=cfg.smoothing)
+
+    def forward(
+        self, logits: Logits, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss and {'cls', 'distill' (with a teacher), 'total'} as floats."""
+        merged = logits if not isinstance(logits, tuple) else sum(logits) / 2
+        loss = classification_loss(merged, labels, label_smoothing=self.label_smoothing)
+        parts = {"cls": loss.item()}
+        if teacher_logits is not None:
+            distill = logits_kl(merged, teacher_logits)
+            loss = loss + self.distill_weight * distill
+            parts["distill"] = distill.item()
+        return loss, parts | {"total": loss.item()}
+
+    def step(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(images)
+        return self(logits, labels, teacher_outputs(teacher, images)[0] if teacher is not None else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,6 +278,25 @@ class DynamicViTLoss(nn.Module):
         self.distill_weight = _check_weight("distill_weight", distill_weight)
         self.token_distill = token_distill
         self.label_smoothing = float(label_smoothing)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, depth: int = 12) -> DynamicViTLoss:
+        return cls(
+            cfg.keep_ratio,
+            ratio_weight=cfg.ratio_weight,
+            distill_weight=cfg.distill_weight,
+            token_distill=cfg.token_distill,
+            label_smoothing=cfg.smoothing,
+        )
+
+    def step(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(images)
+        teacher_logits, teacher_tokens = (
+            teacher_outputs(teacher, images) if teacher is not None else (None, None)
+        )
+        return self(logits, labels, model, teacher_logits, teacher_tokens)
 
     def stage_targets(self, stages: int) -> list[float]:
         if self.targets is None:
@@ -411,6 +470,24 @@ class AViTLoss(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self._priors: dict[int, torch.Tensor] = {}
 
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, depth: int = 12) -> AViTLoss:
+        return cls(
+            ponder_weight=cfg.ponder_weight,
+            prior_weight=cfg.prior_weight,
+            target_depth=cfg.prior_depth or max(1, round(depth * 8 / 12)),  # the paper: block 8 of 12
+            distill_weight=cfg.distill_weight,
+            label_smoothing=cfg.smoothing,
+        )
+
+    def step(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(images)
+        return self(
+            logits, labels, model, teacher_outputs(teacher, images)[0] if teacher is not None else None
+        )
+
     def prior(self, depth: int) -> torch.Tensor:
         if depth not in self._priors:
             if self.target_depth > depth:
@@ -533,6 +610,24 @@ class DynamicSpatialLoss(nn.Module):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.label_smoothing = float(label_smoothing)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, depth: int = 12) -> DynamicSpatialLoss:
+        return cls(
+            cfg.keep_ratio,
+            ratio_weight=cfg.ratio_weight,
+            distill_weight=cfg.distill_weight,
+            label_smoothing=cfg.smoothing,
+        )
+
+    def step(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(images)
+        teacher_logits, teacher_features = (
+            spatial_teacher_outputs(teacher, images) if teacher is not None else (None, None)
+        )
+        return self(logits, labels, model, teacher_logits, teacher_features)
 
     def forward(
         self,

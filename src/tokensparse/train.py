@@ -33,19 +33,18 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from tqdm.auto import tqdm
 
+from . import config
 from .checkpoints import atomic_write_bytes, read_state_dict, save_checkpoint
-from .config import BASELINES, METHOD_DEFAULTS, METHODS, SETTING_METHODS, TrainConfig  # noqa: F401
+from .config import TrainConfig
 from .data import build_dataset, build_loader, class_names, num_classes
 from .evaluate import evaluate
-from .losses import (
-    AViTLoss,
-    DynamicSpatialLoss,
-    DynamicViTLoss,
-    classification_loss,
-    logits_kl,
-    spatial_teacher_outputs,
-    teacher_outputs,
-)
+from .losses import ClassificationLoss
+from .policies.registry import get_method, resolve, setting_methods
+
+
+def __getattr__(name: str) -> Any:  # METHODS, METHOD_DEFAULTS, SETTING_METHODS: the registry's views
+    return getattr(config, name)
+
 
 # ----------------------------------------------------------------------------- set-up helpers
 
@@ -210,38 +209,9 @@ def _load_teacher(teacher: nn.Module, path: str, model_name: str) -> None:
 
 
 def sparsify_for(cfg: TrainConfig, model: nn.Module) -> nn.Module:
-    if cfg.method == "dynamicvit":
-        from .policies.dynamicvit import dynamicvit
-
-        return dynamicvit(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
-    if cfg.method == "avit":
-        from .policies.avit import avit
-
-        return avit(
-            model,
-            gate_scale=cfg.gate_scale,
-            gate_center=cfg.gate_center,
-            eps=cfg.halt_eps,
-            straight_through_zeroing=cfg.straight_through_zeroing,
-        )
-    if cfg.method == "tome":
-        from .policies.tome import tome
-
-        return tome(model, r=cfg.tome_r)
-    if cfg.method in ("evit", "random", "static"):
-        from . import evit, random_prune, static_prune
-
-        make = {"evit": evit, "random": random_prune, "static": static_prune}[cfg.method]
-        return make(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
-    if cfg.method == "dynamicspatial":
-        from timm.models.convnext import ConvNeXt
-
-        from .policies.dynconvnext import dynamic_convnext
-        from .policies.dynswin import dynamic_swin
-
-        make = dynamic_convnext if isinstance(model, ConvNeXt) else dynamic_swin
-        return make(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
-    return model
+    """The dense `model` sparsified by `cfg.method` with `cfg`'s settings (the registry's constructor)."""
+    build = resolve(get_method(cfg.method).sparsify)
+    return model if build is None else build(model, cfg)
 
 
 def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -253,14 +223,7 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]
     `apply_fixed_epochs`); no weight decay on biases, 1-d parameters and the model's no_weight_decay();
     with `freeze_embeddings`, cls_token and pos_embed are frozen (left out of the optimiser).
     """
-    from .engine import get_policy
-
-    policy = get_policy(model)
-    new_params = {id(p) for p in policy.parameters()} if isinstance(policy, nn.Module) else set()
-    if cfg.method == "dynamicspatial":  # predictors and fast paths, as the authors' optim_factory splits
-        new_params = {
-            id(p) for n, p in model.named_parameters() if ".score_predictor." in n or ".fast_path" in n
-        }
+    new_params = {id(p) for p in new_parameters(model, cfg.method)}
     if cfg.freeze_embeddings:
         for name in ("cls_token", "pos_embed"):
             param = getattr(model, name, None)
@@ -286,6 +249,17 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]
     ]
 
 
+def new_parameters(model: nn.Module, method: str) -> list[nn.Parameter]:
+    """The parameters `method` added to the backbone: its registered `new_parameters`, else its policy's."""
+    from .engine import get_policy
+
+    find = resolve(get_method(method).new_parameters)
+    if find is not None:
+        return list(find(model))
+    policy = get_policy(model)
+    return list(policy.parameters()) if isinstance(policy, nn.Module) else []
+
+
 def apply_fixed_epochs(optimizer: torch.optim.Optimizer, epoch: int) -> None:
     """lr 0 for the groups still in their `fixed_epochs` (DynamicViT's fix_step), after a scheduler step."""
     for group in optimizer.param_groups:
@@ -298,58 +272,15 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {group.get("group", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
 
 
-def build_criterion(cfg: TrainConfig, depth: int = 12) -> nn.Module | None:
-    if cfg.method == "dynamicvit":
-        return DynamicViTLoss(
-            cfg.keep_ratio,
-            ratio_weight=cfg.ratio_weight,
-            distill_weight=cfg.distill_weight,
-            token_distill=cfg.token_distill,
-            label_smoothing=cfg.smoothing,
-        )
-    if cfg.method == "dynamicspatial":
-        return DynamicSpatialLoss(
-            cfg.keep_ratio,
-            ratio_weight=cfg.ratio_weight,
-            distill_weight=cfg.distill_weight,
-            label_smoothing=cfg.smoothing,
-        )
-    if cfg.method == "avit":
-        return AViTLoss(
-            ponder_weight=cfg.ponder_weight,
-            prior_weight=cfg.prior_weight,
-            target_depth=cfg.prior_depth or max(1, round(depth * 8 / 12)),  # the paper: block 8 of 12
-            distill_weight=cfg.distill_weight,
-            label_smoothing=cfg.smoothing,
-        )
-    return None
+def build_criterion(cfg: TrainConfig, depth: int = 12) -> nn.Module:
+    """The method's training objective (its registered `objective`, else `ClassificationLoss`)."""
+    build = resolve(get_method(cfg.method).objective) or ClassificationLoss.from_config
+    return build(cfg, depth)
 
 
 def compute_loss(cfg, model, criterion, teacher, images, targets) -> tuple[torch.Tensor, dict[str, float]]:
     """The method's objective on one batch (a function so tests can inject faults)."""
-    logits = model(images)
-    if cfg.method == "dense" or cfg.method in BASELINES:
-        # Baselines fine-tune with CE (+ the teacher's logits, as DynamicViT distils them).
-        merged = logits if not isinstance(logits, tuple) else sum(logits) / 2
-        loss = classification_loss(merged, targets, label_smoothing=cfg.smoothing)
-        parts = {"cls": loss.item()}
-        if teacher is not None:
-            distill = logits_kl(merged, teacher_outputs(teacher, images)[0])
-            loss = loss + cfg.distill_weight * distill
-            parts["distill"] = distill.item()
-        return loss, parts | {"total": loss.item()}
-    if cfg.method == "dynamicvit":
-        teacher_logits, teacher_tokens = (
-            teacher_outputs(teacher, images) if cfg.distill_weight else (None, None)
-        )
-        return criterion(logits, targets, model, teacher_logits, teacher_tokens)
-    if cfg.method == "dynamicspatial":
-        teacher_logits, teacher_features = (
-            spatial_teacher_outputs(teacher, images) if cfg.distill_weight else (None, None)
-        )
-        return criterion(logits, targets, model, teacher_logits, teacher_features)
-    teacher_logits = teacher_outputs(teacher, images)[0] if cfg.distill_weight else None
-    return criterion(logits, targets, model, teacher_logits)
+    return criterion.step(model, images, targets, teacher)
 
 
 def _rng_state(loader: torch.utils.data.DataLoader | None = None) -> dict[str, Any]:
@@ -572,7 +503,7 @@ def _autocast(device: torch.device, enabled: bool):
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train as `cfg` says; return the last epoch's metrics (rank 0 also writes them to metrics.jsonl).
 
-    Settings left None take the method's defaults (`METHOD_DEFAULTS`); config.json records them.
+    Settings left None take the method's registered recipe; config.json records them.
     """
     cfg = cfg.resolved()
     rank, world, device = setup_distributed(cfg.device)
@@ -597,7 +528,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     model = build_model(cfg, classes, img_size)
     teacher = None
-    if cfg.method != "dense" and cfg.distill_weight > 0:  # cfg is resolved: a number here
+    if cfg.distill_weight:  # resolved: a number for every method but the dense one, which has no teacher
         teacher = copy.deepcopy(model)
         if cfg.teacher:
             _load_teacher(teacher, cfg.teacher, cfg.model)
@@ -793,12 +724,7 @@ def _sparsity_postfix(model: nn.Module) -> dict[str, str]:
     from .engine import get_policy, sparsity_info
 
     policy = get_policy(model)
-    if policy is None:
-        return {}
-    info = sparsity_info(model)
-    if policy.method == "avit" and "mean_depth" in info.extra:
-        return {"depth": f"{float(info.extra['mean_depth'].float().mean()):.2f}"}
-    return {"keep": f"{float(info.keep_mask.float().mean()):.2f}"}
+    return {} if policy is None else policy.progress(sparsity_info(model))
 
 
 def _mean_across_ranks(total: float, count: int, device: torch.device) -> float:
@@ -844,7 +770,7 @@ def load_trained(
         saved = _read_json(config_file)
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         method = saved.get("method", "dynamicvit")
-        foreign = {k for k, methods in SETTING_METHODS.items() if method not in methods}
+        foreign = {k for k, methods in setting_methods().items() if method not in methods}
         cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names and k not in foreign})
         weights = path / "model.safetensors"
         if not weights.is_file():
