@@ -105,7 +105,27 @@ def _distill_weight_needs_teacher(weight: float, teacher_logits) -> None:
         )
 
 
-class ClassificationLoss(nn.Module):
+class Objective(nn.Module):
+    """A training objective: `forward(logits, labels, student, *teacher_targets)` gives (loss, parts);
+    `step` runs the student on a batch, then the teacher (when there is one), then the loss."""
+
+    teacher_parts = 1  # how many targets `teacher_targets` gives (None each without a teacher)
+
+    def teacher_targets(self, teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the loss takes from the frozen teacher: by default its logits."""
+        return (teacher_outputs(teacher, images)[0],)
+
+    def step(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(images)  # the student first: its random draws come before the teacher's forward
+        targets = (
+            self.teacher_targets(teacher, images) if teacher is not None else (None,) * self.teacher_parts
+        )
+        return self(logits, labels, model, *targets)
+
+
+class ClassificationLoss(Objective):
     """Cross-entropy, plus distill_weight x KL to the teacher's logits when there is a teacher (as
     DynamicViT distils them): the training objective of the dense model and of the baselines."""
 
@@ -119,9 +139,13 @@ class ClassificationLoss(nn.Module):
         return cls(distill_weight=cfg.distill_weight or 0.0, label_smoothing=cfg.smoothing)
 
     def forward(
-        self, logits: Logits, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None
+        self,
+        logits: Logits,
+        labels: torch.Tensor,
+        student: nn.Module | None = None,
+        teacher_logits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss and {'cls', 'distill' (with a teacher), 'total'} as floats."""
+        """Total loss and {'cls', 'distill' (with a teacher), 'total'} as floats (`student` is not read)."""
         merged = logits if not isinstance(logits, tuple) else sum(logits) / 2
         loss = classification_loss(merged, labels, label_smoothing=self.label_smoothing)
         parts = {"cls": loss.item()}
@@ -130,12 +154,6 @@ class ClassificationLoss(nn.Module):
             loss = loss + self.distill_weight * distill
             parts["distill"] = distill.item()
         return loss, parts | {"total": loss.item()}
-
-    def step(
-        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(images)
-        return self(logits, labels, teacher_outputs(teacher, images)[0] if teacher is not None else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,7 +252,7 @@ def _resolve_info(student_info: SparseInfo | nn.Module) -> SparseInfo:
     return student_info if isinstance(student_info, SparseInfo) else sparsity_info(student_info)
 
 
-class DynamicViTLoss(nn.Module):
+class DynamicViTLoss(Objective):
     """The DynamicViT training loss (Rao et al., 2021) with the authors' default weights.
 
     keep_ratio gives the per-stage targets rho^(s+1) for as many stages as the model has; `targets`
@@ -289,14 +307,10 @@ class DynamicViTLoss(nn.Module):
             label_smoothing=cfg.smoothing,
         )
 
-    def step(
-        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(images)
-        teacher_logits, teacher_tokens = (
-            teacher_outputs(teacher, images) if teacher is not None else (None, None)
-        )
-        return self(logits, labels, model, teacher_logits, teacher_tokens)
+    teacher_parts = 2
+
+    def teacher_targets(self, teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return teacher_outputs(teacher, images)  # logits and final-norm patch tokens
 
     def stage_targets(self, stages: int) -> list[float]:
         if self.targets is None:
@@ -433,7 +447,7 @@ def avit_loss(
     return total, torch.stack([cls, ponder_cost, prior_kl, distill])
 
 
-class AViTLoss(nn.Module):
+class AViTLoss(Objective):
     """The A-ViT training loss (Yin et al., 2022): CE + ponder cost + distributional prior (+ distillation).
 
     Reads `ponder` (B, P + N) and `halting_score_layer` (depth,) from `sparsity_info(model).extra`.
@@ -478,14 +492,6 @@ class AViTLoss(nn.Module):
             target_depth=cfg.prior_depth or max(1, round(depth * 8 / 12)),  # the paper: block 8 of 12
             distill_weight=cfg.distill_weight,
             label_smoothing=cfg.smoothing,
-        )
-
-    def step(
-        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(images)
-        return self(
-            logits, labels, model, teacher_outputs(teacher, images)[0] if teacher is not None else None
         )
 
     def prior(self, depth: int) -> torch.Tensor:
@@ -576,7 +582,7 @@ def teacher_outputs(teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Ten
 # Dynamic ConvNeXt / Swin (the DynamicViT journal version)
 
 
-class DynamicSpatialLoss(nn.Module):
+class DynamicSpatialLoss(Objective):
     """The authors' `ConvNextDistillDiffPruningLoss` (losses.py), used for dynamic ConvNeXt and Swin.
 
     clf * CE + ratio * sum_s mean_b (mean_n keep_s - target_s)^2 / stages + distill * KL(teacher ||
@@ -620,14 +626,10 @@ class DynamicSpatialLoss(nn.Module):
             label_smoothing=cfg.smoothing,
         )
 
-    def step(
-        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(images)
-        teacher_logits, teacher_features = (
-            spatial_teacher_outputs(teacher, images) if teacher is not None else (None, None)
-        )
-        return self(logits, labels, model, teacher_logits, teacher_features)
+    teacher_parts = 2
+
+    def teacher_targets(self, teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return spatial_teacher_outputs(teacher, images)  # logits and final-norm features per position
 
     def forward(
         self,

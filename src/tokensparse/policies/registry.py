@@ -180,15 +180,20 @@ register_method(
         bench_setting="gate_center",
     )
 )
-register_method(
-    Method(
-        "evit",
-        sparsify=f"{_PACKAGE}.evit:from_config",
+
+
+def _baseline(name: str, sparsify: str) -> Method:
+    """A training-free pruning baseline at a keep ratio, fine-tuned with CE plus the teacher's logits."""
+    return Method(
+        name,
+        sparsify=f"{_PACKAGE}.{sparsify}",
         recipe=dict(keep_ratio=0.7, **_FINETUNE),
         settings=(*_PRUNING, "distill_weight"),
         bench_setting="keep_ratio",
     )
-)
+
+
+register_method(_baseline("evit", "evit:from_config"))
 register_method(
     Method(
         "tome",
@@ -199,24 +204,8 @@ register_method(
         setting_name="r",
     )
 )
-register_method(
-    Method(
-        "random",
-        sparsify=f"{_PACKAGE}.baselines:random_from_config",
-        recipe=dict(keep_ratio=0.7, **_FINETUNE),
-        settings=(*_PRUNING, "distill_weight"),
-        bench_setting="keep_ratio",
-    )
-)
-register_method(
-    Method(
-        "static",
-        sparsify=f"{_PACKAGE}.baselines:static_from_config",
-        recipe=dict(keep_ratio=0.7, **_FINETUNE),
-        settings=(*_PRUNING, "distill_weight"),
-        bench_setting="keep_ratio",
-    )
-)
+register_method(_baseline("random", "baselines:random_from_config"))
+register_method(_baseline("static", "baselines:static_from_config"))
 register_method(
     Method(
         "dynamicspatial",
