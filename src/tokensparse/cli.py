@@ -247,7 +247,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 _HELP = {
-    "method": "dense | dynamicvit | avit | evit | tome | random | static",
+    "method": "the method, by its registered name (tokensparse.policies.registry)",
     "model": "timm model name of the backbone",
     "checkpoint": "starting weights (timm, the authors' .pth or safetensors); the teacher is a frozen copy",
     "teacher": "teacher weights, if not the starting model",

@@ -309,6 +309,35 @@ def dynamic_spatial_param_groups(
     ]
 
 
+def fast_path(norm: nn.Module, dim: int, factory: dict, *tail: nn.Module) -> nn.Sequential:
+    """A block's fast path: LayerNorm + Linear(dim, dim) (+ `tail`), the Linear initialised as the authors
+    do (trunc_normal std 0.02, zero bias), on the model's device and dtype (`factory`)."""
+    fast = nn.Sequential(norm, nn.Linear(dim, dim, **factory), *tail)
+    nn.init.trunc_normal_(fast[1].weight, std=0.02)
+    nn.init.zeros_(fast[1].bias)
+    return fast
+
+
+def make_sparse_stage(
+    stage: nn.Module,
+    stage_class: type,
+    dim: int,
+    eps: float,
+    locations: tuple[int, ...],
+    keep_ratios: tuple[float, ...],
+    factory: dict,
+) -> None:
+    """Make `stage` (whose blocks already have their fast paths) the sparse stage, of class
+    `stage_class`: one predictor per location, on the model's device and dtype (`factory`)."""
+    stage.__class__ = stage_class
+    stage.score_predictor = nn.ModuleList(SpatialScorePredictor(dim, eps=eps) for _ in locations).to(
+        **factory
+    )
+    stage.locations = locations
+    stage.keep_ratios = keep_ratios
+    stage.last_info = None
+
+
 def new_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters dynamic spatial sparsification adds: the predictors, and each block's fast path
     (with its layer scale), which train at the full lr from the start."""
@@ -322,12 +351,19 @@ def new_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def from_config(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """`dynamic_convnext` or `dynamic_swin`, as `model` is, with a run's settings (the registry's constructor)."""
+def dynamic_spatial(
+    model: nn.Module, keep_ratio: float = 0.7, locations: Sequence[int] | None = None
+) -> nn.Module:
+    """`dynamic_convnext` or `dynamic_swin`, as `model` is (in place)."""
     from timm.models.convnext import ConvNeXt
 
     from .dynconvnext import dynamic_convnext
     from .dynswin import dynamic_swin
 
     make = dynamic_convnext if isinstance(model, ConvNeXt) else dynamic_swin
-    return make(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
+    return make(model, keep_ratio=keep_ratio, locations=locations)
+
+
+def from_config(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """`dynamic_spatial` with a run's settings (the registry's constructor)."""
+    return dynamic_spatial(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
