@@ -16,8 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from tokensparse.bench import bench_avit, write_results
-from tokensparse.cli import DTYPES
+from tokensparse.bench import DTYPES, bench_avit, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -17,8 +17,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from tokensparse.bench import bench_dynamicvit, write_results
-from tokensparse.cli import DTYPES
+from authors import authors_dynamicvit
+
+from tokensparse.bench import DTYPES, bench_dynamicvit, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,7 +52,15 @@ def main() -> None:
             warmup=3,
             device=args.device,
             dtype=DTYPES[args.dtype],
-            authors_code=args.authors_code,
+            also_time=(
+                {
+                    "authors' DynamicViT": lambda dense, ratio: authors_dynamicvit(
+                        args.authors_code, dense, ratio
+                    )
+                }
+                if args.authors_code
+                else None
+            ),
         )
         print(f"batch {batch}:\n{result.table()}\n", flush=True)
         results.append(result)

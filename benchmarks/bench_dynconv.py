@@ -21,10 +21,16 @@ from pathlib import Path
 import timm
 import torch
 
-import tokensparse
-from tokensparse.bench import BenchResult, BenchRow, interleaved, machine_description, today, write_results
-from tokensparse.cli import DTYPES
-from tokensparse.policies.dynspatial import spatial_flops
+from tokensparse.bench import (
+    DTYPES,
+    BenchResult,
+    BenchRow,
+    interleaved,
+    machine_description,
+    today,
+    write_results,
+)
+from tokensparse.policies.dynspatial import dynamic_spatial, spatial_flops
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("convnext_tiny", "swin_tiny_patch4_window7_224")
@@ -45,8 +51,7 @@ def bench_model(
     if name.startswith("swin"):
         kwargs.setdefault("img_size", img_size)
     dense = timm.create_model(name, pretrained=False, **kwargs).eval()
-    make = tokensparse.dynamic_swin if name.startswith("swin") else tokensparse.dynamic_convnext
-    dynamic = make(copy.deepcopy(dense), keep_ratio=keep_ratio).eval()
+    dynamic = dynamic_spatial(copy.deepcopy(dense), keep_ratio=keep_ratio).eval()
     size = (img_size, img_size)
     flops = {"dense": spatial_flops(dense, size), "dynamic": spatial_flops(dynamic, size)}  # fp32 CPU, eval
     dense, dynamic = dense.to(device=device, dtype=dtype), dynamic.to(device=device, dtype=dtype)

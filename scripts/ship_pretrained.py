@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from tokensparse.bench import machine_description, today
 from tokensparse.data import build_dataset
-from tokensparse.demo import plateau_gain
 from tokensparse.models import PRETRAINED, pretrained
+from tokensparse.study_report import plateau_gain
 
 
 def main() -> None:

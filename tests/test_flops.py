@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import tokensparse
-from tokensparse.engine import get_policy
+from tokensparse.engine import TokenPolicy, sparsify
 from tokensparse.flops import backbone_flops, flops_from_info, gflops, model_flops
 
 TINY = dict(img_size=112, patch_size=8, embed_dim=48, depth=12, num_heads=3, num_classes=10)
@@ -178,8 +178,11 @@ def test_errors_name_the_problem() -> None:
     model, images = build("vit")
     with pytest.raises(ValueError, match="does not match the model's 112x112"):
         model_flops(model, torch.randn(1, 3, 96, 96))
-    sparse = tokensparse.dynamicvit(model).eval()
-    get_policy(sparse).method = "unknown"
+
+    class Uncounted(TokenPolicy, torch.nn.Module):  # a policy that does not say what it computes
+        method = "unknown"
+
+    sparse = sparsify(model, Uncounted(), "uncounted").eval()
     with pytest.raises(ValueError, match="no FLOP count for policy method 'unknown'"):
         model_flops(sparse, images)
     with pytest.raises(ValueError, match="not sparsified"):

@@ -32,7 +32,11 @@ _EXPORTS = {
     "static_prune": ".policies.baselines",
     "dynamicvit": ".policies.dynamicvit",
     "evit": ".policies.evit",
+    "EViTStats": ".policies.evit",
+    "evit_stats": ".policies.evit",
     "tome": ".policies.tome",
+    "ToMeStats": ".policies.tome",
+    "tome_stats": ".policies.tome",
     "load_run": ".runs",
     "pretrained": ".models",
     "export_onnx": ".export",
@@ -56,10 +60,14 @@ __all__ = [
     "dynamic_swin",
     "SpatialInfo",
     "evit",
+    "EViTStats",
+    "evit_stats",
     "export_onnx",
     "random_prune",
     "static_prune",
     "tome",
+    "ToMeStats",
+    "tome_stats",
     "pretrained",
     "gflops",
     "load_checkpoint",
@@ -97,6 +105,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from .policies.dynconvnext import dynamic_convnext
     from .policies.dynspatial import SpatialInfo, dynamic_spatial_info
     from .policies.dynswin import dynamic_swin
-    from .policies.evit import evit
-    from .policies.tome import tome
+    from .policies.evit import EViTStats, evit, evit_stats
+    from .policies.tome import ToMeStats, tome, tome_stats
     from .runs import load_run

@@ -78,10 +78,24 @@ def attention_parts(
     return _output(attn, _merge_heads(out), _gate(attn, x)), q, k
 
 
+def add_attention(block: nn.Module, x: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
+    """The residual of a timm pre-norm `Block`'s attention branch: x + drop_path1(ls1(attention_output))."""
+    return x + block.drop_path1(block.ls1(attention_output))
+
+
+def mlp_tail(block: nn.Module, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The second half of a timm pre-norm `Block`: x + drop_path2(ls2(mlp(norm2(x)))).
+
+    keep: optional (..., 1) mask multiplying the MLP branch's input before and after its norm (A-ViT's
+    training form).
+    """
+    hidden = block.norm2(x) if keep is None else block.norm2(x * keep) * keep
+    return x + block.drop_path2(block.ls2(block.mlp(hidden)))
+
+
 def masked_block(block: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """A timm pre-norm `Block` whose attention only sees kept keys (all tokens stay in `x`)."""
-    x = x + block.drop_path1(block.ls1(masked_attention(block.attn, block.norm1(x), keep)))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return mlp_tail(block, add_attention(block, x, masked_attention(block.attn, block.norm1(x), keep)))
 
 
 # --- A-ViT -----------------------------------------------------------------------------------------
@@ -119,8 +133,7 @@ def halting_block(
     else:
         x = x * keep
     attn = key_masked_attention(block.attn, block.norm1(x) * keep, (1.0 - running) * key_bias)
-    x = x + block.drop_path1(block.ls1(attn))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x * keep) * keep)))
+    return mlp_tail(block, add_attention(block, x, attn), keep)
 
 
 def length_buckets(
@@ -233,5 +246,4 @@ def packed_attention(attn: nn.Module, x: torch.Tensor, layout: PackedLayout) -> 
 
 def packed_block(block: nn.Module, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     """A timm pre-norm `Block` on packed tokens (T, C) of several images (see `PackedLayout`)."""
-    x = x + block.drop_path1(block.ls1(packed_attention(block.attn, block.norm1(x), layout)))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return mlp_tail(block, add_attention(block, x, packed_attention(block.attn, block.norm1(x), layout)))

@@ -22,6 +22,12 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from .cli import DTYPE_NAMES
+from .engine import embed
+
+DTYPES = {name: getattr(torch, value) for name, value in DTYPE_NAMES.items()}
+"""--dtype names (float32, fp32, bfloat16, bf16, float16, fp16) -> torch dtypes, for the benchmarks."""
+
 
 @dataclass
 class Timing:
@@ -82,7 +88,7 @@ def truncated_forward(
 
     No scoring, no gather: the speed of pruning with zero overhead, the bound a pruning method can reach.
     """
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    x = embed(model, images)
     for block, tokens in zip(model.blocks, tokens_per_block):
         if tokens < x.shape[1]:
             x = x[:, :tokens]
@@ -101,7 +107,7 @@ def predictor_bound_forward(
     DynamicViT), read for its `locations` and per-stage `keep_score`.
     """
     prefix = model.num_prefix_tokens
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    x = embed(model, images)
     for index, (block, tokens) in enumerate(zip(model.blocks, tokens_per_block)):
         if index in predictors.locations:
             predictors[predictors.locations.index(index)].keep_score(x[:, prefix:])
@@ -228,9 +234,6 @@ def _build(model: str | nn.Module, img_size: int | None, num_classes: int | None
     return model, built
 
 
-PRUNING_METHODS = ("dynamicvit", "evit", "random", "static", "tome")
-
-
 def _time_all(
     contenders: dict[str, Callable[[], object]],
     label: str,
@@ -293,16 +296,19 @@ def _result(name: str, batch_size: int, device: str, dtype: torch.dtype, rounds:
     )
 
 
-def make_policy(method: str, setting: float) -> Callable[[nn.Module], nn.Module]:
-    """A function sparsifying a dense model with `method` at `setting` (a keep ratio; r for ToMe)."""
-    from . import dynamicvit, evit, random_prune, static_prune, tome
+def make_policy(method: str, setting: float | None = None) -> Callable[[nn.Module], nn.Module]:
+    """A function sparsifying a dense model with the registered `method`, its recipe's settings but its
+    `bench_setting` (a keep ratio; r for ToMe) at `setting` (None: the recipe's)."""
+    from .config import TrainConfig
+    from .policies.registry import get_method, resolve
 
-    if method == "tome":
-        return lambda m: tome(m, r=int(setting))
-    makers = {"dynamicvit": dynamicvit, "evit": evit, "random": random_prune, "static": static_prune}
-    if method not in makers:
-        raise ValueError(f"unknown method {method!r}; choose from {PRUNING_METHODS}")
-    return lambda m: makers[method](m, keep_ratio=setting)
+    spec = get_method(method)
+    if spec.sparsify is None:
+        raise ValueError(f"{method!r} sparsifies nothing; choose a token method")
+    overrides = {} if setting is None or spec.bench_setting is None else {spec.bench_setting: setting}
+    cfg = TrainConfig(method=method, **overrides).resolved()
+    build = resolve(spec.sparsify)
+    return lambda m: build(m, cfg)
 
 
 def bench_dynamicvit(
@@ -316,20 +322,24 @@ def bench_dynamicvit(
     img_size: int | None = None,
     progress: bool = True,
     seed: int = 0,
-    authors_code: str | None = None,
     method: str = "dynamicvit",
+    also_time: dict[str, Callable[[VisionTransformer, float], nn.Module]] | None = None,
 ) -> BenchResult:
     """Dense vs a pruning method at each setting vs the truncation bound, in one interleaved run.
 
-    `keep_ratios` are the settings (ToMe: r values). Weights are random (speed does not depend on
-    them; no download). With `authors_code` (a checkout of the authors' DynamicViT repository), their
-    implementation is timed in the same run. The truncation bound runs the dense blocks on the token
+    `keep_ratios` are the settings of the method's `bench_setting` (ToMe: r values). Weights are random
+    (speed does not depend on them; no download). `also_time` maps a row name to a function building
+    another contender from (an fp32 CPU copy of the dense model, setting), e.g. the authors' code
+    (benchmarks/authors.py), timed in the same run. The truncation bound runs the dense blocks on the token
     counts each block's attention saw (ToMe and EViT also shrink the MLP inside a block, so for them
     it is only indicative). For DynamicViT a second bound adds the predictors' own matmuls to it
     (`predictor_bound_forward`: no top-k, no gather), reported as share of predictor bound.
     """
-    from .engine import sparsity_info
+    from .engine import get_policy, sparsity_info
+    from .policies.dynamicvit import DynamicViTPolicy
+    from .policies.registry import get_method
 
+    spec = get_method(method)
     torch.manual_seed(seed)
     name, dense = _build(model, img_size, None)
     dense = dense.eval().to(device=device, dtype=dtype)
@@ -344,14 +354,14 @@ def bench_dynamicvit(
         sparse_models[ratio] = sparse
         contenders[f"{method}@{ratio}"] = lambda m=sparse: m(images)
         contenders[f"bound@{ratio}"] = lambda c=counts: truncated_forward(dense, images, c)
-        if method == "dynamicvit":
-            contenders[f"predictor_bound@{ratio}"] = lambda c=counts, p=sparse.score_predictor: (
-                predictor_bound_forward(dense, p, images, c)
+        policy = get_policy(sparse)
+        if isinstance(policy, DynamicViTPolicy):
+            contenders[f"predictor_bound@{ratio}"] = lambda c=counts, p=policy: predictor_bound_forward(
+                dense, p, images, c
             )
-        if authors_code and method == "dynamicvit":
-            theirs = authors_dynamicvit(authors_code, copy.deepcopy(dense).float().cpu(), ratio)
-            theirs = theirs.to(device=device, dtype=dtype)
-            contenders[f"authors@{ratio}"] = lambda m=theirs: m(images)
+        for other, build in (also_time or {}).items():
+            theirs = build(copy.deepcopy(dense).float().cpu(), ratio).to(device=device, dtype=dtype)
+            contenders[f"{other}@{ratio}"] = lambda m=theirs: m(images)
     timings = _time_all(contenders, f"bench {name} b{batch_size}", rounds, warmup, device, progress)
     seconds = {key: timing.median for key, timing in timings.items()}
     spread = {key: timing.spread for key, timing in timings.items()}
@@ -363,7 +373,7 @@ def bench_dynamicvit(
     for ratio, sparse in sparse_models.items():
         t = seconds[f"{method}@{ratio}"]
         bound = dense_time / seconds[f"bound@{ratio}"]
-        label = f"r={int(ratio)}" if method == "tome" else f"keep_ratio={ratio}"
+        label = spec.setting_label(ratio)
         predictor_key = f"predictor_bound@{ratio}"
         predictor_bound = dense_time / seconds[predictor_key] if predictor_key in seconds else None
         rows.append(
@@ -378,17 +388,17 @@ def bench_dynamicvit(
                 predictor_bound_speedup=predictor_bound,
             )
         )
-        if f"authors@{ratio}" in seconds:
-            t = seconds[f"authors@{ratio}"]
+        for other in also_time or {}:
+            t = seconds[f"{other}@{ratio}"]
             rows.append(
                 BenchRow(
-                    "authors' DynamicViT",
-                    f"keep_ratio={ratio}",
+                    other,
+                    label,
                     math.nan,
                     batch_size / t,
                     dense_time / t,
                     bound,
-                    spread[f"authors@{ratio}"],
+                    spread[f"{other}@{ratio}"],
                 )
             )
     return _result(name, batch_size, device, dtype, rounds, rows)
@@ -496,36 +506,3 @@ def write_results(
     payload = {"command": command, "results": [r.to_dict() for r in results]}
     (folder / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     return str(folder / f"{stem}.md")
-
-
-def authors_dynamicvit(code_dir: str | os.PathLike, dense: VisionTransformer, keep_ratio: float) -> nn.Module:
-    """The authors' DynamicViT (`models/dyvit.py` of their repository, checked out at `code_dir` by the
-    user; never shipped here), shaped like `dense` and loaded with its weights, for timing side by side."""
-    import importlib
-    import math
-    import sys
-    import types
-
-    sys.modules.setdefault("torch._six", types.SimpleNamespace(inf=math.inf))  # gone from modern torch
-    if "tensorboardX" not in sys.modules and importlib.util.find_spec("tensorboardX") is None:
-        sys.modules.setdefault("tensorboardX", types.SimpleNamespace(SummaryWriter=object))
-    sys.path.insert(0, str(code_dir))
-    try:
-        dyvit = importlib.import_module("models.dyvit")
-    finally:
-        sys.path.remove(str(code_dir))
-    blocks = len(dense.blocks)
-    model = dyvit.VisionTransformerDiffPruning(
-        img_size=dense.patch_embed.img_size[0],
-        patch_size=dense.patch_embed.patch_size[0],
-        num_classes=dense.num_classes,
-        embed_dim=dense.embed_dim,
-        depth=blocks,
-        num_heads=dense.blocks[0].attn.num_heads,
-        mlp_ratio=dense.blocks[0].mlp.fc1.out_features / dense.embed_dim,
-        qkv_bias=True,
-        pruning_loc=[blocks // 4, blocks // 2, 3 * blocks // 4],
-        token_ratio=[keep_ratio, keep_ratio**2, keep_ratio**3],
-    )
-    model.load_state_dict(dense.state_dict(), strict=False)
-    return model.eval()

@@ -20,15 +20,13 @@ DTYPE_NAMES = {
     "float16": "float16",
     "fp16": "float16",
 }
-METHOD_CHOICES = ("dense", "dynamicvit", "avit", "evit", "tome", "random", "static", "dynamicspatial")
 
 
-def __getattr__(name: str):
-    if name == "DTYPES":  # {name: torch.dtype}, built on first use (it needs torch)
-        import torch
+def _methods(timed: bool = False) -> tuple[str, ...]:
+    """The registered methods (torch-free); `timed`: those `tokensparse bench` sweeps."""
+    from .policies.registry import get_method, method_names
 
-        return {key: getattr(torch, value) for key, value in DTYPE_NAMES.items()}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return tuple(m for m in method_names() if not timed or get_method(m).bench_setting is not None)
 
 
 def _dtype(name: str):
@@ -78,7 +76,7 @@ def _add_weights(p: argparse.ArgumentParser, positional: bool) -> None:
     else:
         p.add_argument("--run", required=True, metavar="RUN", help=what)
     p.add_argument("--model", default=None, help="timm model name, for a weights file")
-    p.add_argument("--method", default=None, choices=METHOD_CHOICES, help="token policy, for a weights file")
+    p.add_argument("--method", default=None, choices=_methods(), help="token policy, for a weights file")
     p.add_argument(
         "--img-size", type=int, default=None, help="image size of a weights file (default: from it)"
     )
@@ -128,7 +126,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method",
         default=None,
-        choices=["dynamicvit", "avit", "evit", "random", "static", "tome"],
+        choices=_methods(timed=True),
         help="token policy (default: the run's, else dynamicvit)",
     )
     p.add_argument(
@@ -186,8 +184,13 @@ def _bench_run(args: argparse.Namespace):
     return dense, f"{cfg.model} ({args.run})", cfg
 
 
+_BENCH_SETTINGS = {"keep_ratio": [0.5, 0.7, 0.9], "tome_r": [8, 13], "gate_center": [3.0]}
+"""What `tokensparse bench` sweeps without --run and without the setting's flag."""
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import bench_avit, bench_dynamicvit
+    from .policies.registry import get_method
 
     device = resolve_device(args.device)
     model, name, cfg = args.model, None, None
@@ -207,18 +210,19 @@ def _bench(args: argparse.Namespace) -> int:
         progress=not args.json,
     )
     run_has = cfg is not None and cfg.method == method
-    if method == "avit":
+    setting = get_method(method).bench_setting
+    swept = {"keep_ratio": args.keep_ratios, "tome_r": args.tome_r, "gate_center": args.gate_centers}
+    settings = swept.get(setting) or (
+        [getattr(cfg, setting)] if run_has and setting else _BENCH_SETTINGS.get(setting, [None])
+    )
+    if method == "avit":  # halting depends on the image: A-ViT's own bench, on a mixed batch
         result = bench_avit(
             model or "deit_tiny_patch16_224",
-            gate_centers=args.gate_centers or ([cfg.gate_center] if run_has else [3.0]),
+            gate_centers=settings,
             gate_scale=args.gate_scale or (cfg.gate_scale if run_has else 10.0),
             **common,
         )
     else:
-        if method == "tome":
-            settings = args.tome_r or ([cfg.tome_r] if run_has else [8, 13])
-        else:
-            settings = args.keep_ratios or ([cfg.keep_ratio] if run_has else [0.5, 0.7, 0.9])
         result = bench_dynamicvit(
             model or "deit_small_patch16_224", keep_ratios=settings, method=method, **common
         )
@@ -243,7 +247,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 _HELP = {
-    "method": "dense | dynamicvit | avit | evit | tome | random | static",
+    "method": "the method, by its registered name (tokensparse.policies.registry)",
     "model": "timm model name of the backbone",
     "checkpoint": "starting weights (timm, the authors' .pth or safetensors); the teacher is a frozen copy",
     "teacher": "teacher weights, if not the starting model",

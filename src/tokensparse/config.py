@@ -1,5 +1,5 @@
-"""Training settings: `TrainConfig` and each method's recipe defaults (no torch import, so the CLI
-parses arguments fast)."""
+"""Training settings: `TrainConfig`, resolved against each method's registered recipe (no torch
+import, so the CLI parses arguments fast)."""
 
 from __future__ import annotations
 
@@ -8,67 +8,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("dense", "dynamicvit", "avit", "evit", "tome", "random", "static", "dynamicspatial")
-BASELINES = ("evit", "tome", "random", "static")
-_PRUNING = ("dynamicvit", "evit", "random", "static")
-_FINETUNE = dict(distill_weight=0.5, backbone_lr_scale=1.0, backbone_fixed_epochs=0, freeze_embeddings=False)
+from .policies.registry import get_method, method_names, setting_methods
 
-# Each method's defaults: the authors' recipes. DynamicViT as raoyongming/DynamicViT main.py and
-# optim_factory.py (MSE token distillation for DeiT/ViT, cls_token and pos_embed frozen, the backbone
-# at lr x 0.01 and at lr 0 for its first 5 epochs, the predictors at the full lr from the start);
-# A-ViT as NVlabs/A-ViT (no distillation, every parameter trained, the block input zeroed through
-# `.data`); the baselines fine-tune with cross-entropy plus the teacher's logits; dynamic spatial
-# sparsification (timm ConvNeXt / Swin, the DynamicViT authors' T-PAMI extension) as their main.py
-# and README runs (ConvNextDistillDiffPruningLoss with ratio weight 10, --lr_scale 0.2, fix_step 5).
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dense": dict(backbone_lr_scale=1.0, backbone_fixed_epochs=0, freeze_embeddings=False),
-    "dynamicvit": dict(
-        keep_ratio=0.7,
-        ratio_weight=2.0,
-        token_distill="mse",
-        distill_weight=0.5,
-        backbone_lr_scale=0.01,
-        backbone_fixed_epochs=5,
-        freeze_embeddings=True,
-    ),
-    "avit": dict(
-        gate_scale=10.0,
-        gate_center=30.0,
-        halt_eps=0.01,
-        ponder_weight=5e-4,
-        prior_weight=1e-3,
-        straight_through_zeroing=True,
-        **(_FINETUNE | {"distill_weight": 0.0}),
-    ),
-    "evit": dict(keep_ratio=0.7, **_FINETUNE),
-    "random": dict(keep_ratio=0.7, **_FINETUNE),
-    "static": dict(keep_ratio=0.7, **_FINETUNE),
-    "tome": dict(tome_r=8, **_FINETUNE),
-    "dynamicspatial": dict(
-        keep_ratio=0.7,
-        ratio_weight=10.0,
-        distill_weight=0.5,
-        backbone_lr_scale=0.2,
-        backbone_fixed_epochs=5,
-        freeze_embeddings=False,
-    ),
-}
-# The methods each method-specific setting belongs to (settings not listed apply to every method).
-SETTING_METHODS: dict[str, tuple[str, ...]] = {
-    "keep_ratio": (*_PRUNING, "dynamicspatial"),
-    "locations": (*_PRUNING, "dynamicspatial"),
-    "ratio_weight": ("dynamicvit", "dynamicspatial"),
-    "token_distill": ("dynamicvit",),
-    "gate_scale": ("avit",),
-    "gate_center": ("avit",),
-    "halt_eps": ("avit",),
-    "ponder_weight": ("avit",),
-    "prior_weight": ("avit",),
-    "prior_depth": ("avit",),
-    "straight_through_zeroing": ("avit",),
-    "tome_r": ("tome",),
-    "distill_weight": tuple(m for m in METHODS if m != "dense"),
-}
+
+def __getattr__(name: str) -> Any:
+    """METHODS, METHOD_DEFAULTS and SETTING_METHODS: views of the method registry as it is now."""
+    if name == "METHODS":
+        return method_names()
+    if name == "METHOD_DEFAULTS":
+        return {m: get_method(m).defaults() for m in method_names()}
+    if name == "SETTING_METHODS":
+        return setting_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -100,8 +51,8 @@ class TrainConfig:
     smoothing: float = 0.0
     mixup: float = 0.0
     cutmix: float = 0.0
-    # Method settings: None takes the method's default (METHOD_DEFAULTS), which config.json records;
-    # a setting of another method is an error.
+    # Method settings: None takes the method's default (its registered recipe), which config.json
+    # records; a setting of another method is an error.
     keep_ratio: float | None = None
     locations: list[int] | None = None
     ratio_weight: float | None = None
@@ -130,9 +81,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name, methods in SETTING_METHODS.items():
+        get_method(self.method)  # ValueError naming the registered methods
+        for name, methods in setting_methods().items():
             if getattr(self, name) is not None and self.method not in methods:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(
@@ -161,7 +111,7 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A validated copy with every unset setting of this method at the method's default."""
         self.validate()
-        defaults = {k: v for k, v in METHOD_DEFAULTS[self.method].items() if getattr(self, k) is None}
+        defaults = {k: v for k, v in get_method(self.method).defaults().items() if getattr(self, k) is None}
         return dataclasses.replace(self, **defaults)
 
 

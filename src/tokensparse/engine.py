@@ -9,6 +9,7 @@ key, `forward_head`, distillation heads and `timm.create_model(..., checkpoint_p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,14 @@ class TokenState:
     kept_index:      gather regime: per stage, (B, k) original patch indices kept, ascending.
     tokens_per_block: per block, the tokens the block computed on: an int (the same for every image)
                      or a (B,) tensor per image.
+    active_tokens:   set by a policy whose next block computes on other tokens than `x` holds (A-ViT's
+                     pack, EViT's fused token kept outside `x`): an int or (B,) tensor; None = x.shape[1].
+    mlp_tokens:      per block, (B,) tokens that reached the block's MLP, recorded by a policy that
+                     reduces tokens between attention and MLP (ToMe, EViT); empty = all of them.
+    policy_state:    the policy's own bookkeeping during the forward (its dataclass; the engine does
+                     not read it).
+    stats:           the policy's statistics of this forward (its dataclass, set by `end`), published
+                     field by field as `SparseInfo.extra` and read through its typed accessor.
     """
 
     x: torch.Tensor
@@ -51,7 +60,10 @@ class TokenState:
     keep_decisions: list[torch.Tensor] = field(default_factory=list)
     kept_index: list[torch.Tensor] = field(default_factory=list)
     tokens_per_block: list[int | torch.Tensor] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+    active_tokens: int | torch.Tensor | None = None
+    mlp_tokens: list[torch.Tensor] = field(default_factory=list)
+    policy_state: Any = None
+    stats: Any = None
 
     @property
     def batch_size(self) -> int:
@@ -87,6 +99,10 @@ class TokenState:
         self.keep_decisions.append(decision.scatter_(1, self.patch_index, 1.0))
         return kept
 
+    def record_mlp_tokens(self, tokens: int) -> None:
+        """Note how many tokens the current block's MLP runs on (fewer than its attention when it merged)."""
+        self.mlp_tokens.append(torch.full((self.batch_size,), tokens, device=self.x.device))
+
     def previous_keep(self) -> torch.Tensor:
         """Mask regime: (B, N) keep mask before this stage (all ones before the first)."""
         return self.keep if self.keep is not None else self.x.new_ones(self.batch_size, self.num_patches)
@@ -115,7 +131,10 @@ class SparseInfo:
                     token stays in the tensor; the kept tokens in eval).
     patch_index:    (B, M) original patch index of each row of `patch_tokens`.
     tokens_per_block: (B, depth) tokens each block computed on, per image.
-    extra:          policy-specific values (e.g. A-ViT halting depths).
+    mlp_tokens:     (B, depth) tokens that reached each block's MLP (fewer than `tokens_per_block`
+                    where ToMe merged or EViT reorganised between attention and MLP).
+    extra:          the policy's statistics by name (`TokenState.stats`; typed: `avit_stats`,
+                    `tome_stats`, `evit_stats`).
     """
 
     keep_decisions: list[torch.Tensor]
@@ -126,6 +145,7 @@ class SparseInfo:
     tokens_per_block: torch.Tensor
     num_prefix: int
     extra: dict[str, Any]
+    mlp_tokens: torch.Tensor | None = None
 
 
 class TokenPolicy:
@@ -152,6 +172,24 @@ class TokenPolicy:
 
     def end(self, state: TokenState) -> None:
         """Called after the last block, before the final norm."""
+
+    def progress(self, info: SparseInfo) -> dict[str, str]:
+        """What the training progress bar shows of the last forward: the share of patches kept."""
+        return {"keep": f"{float(info.keep_mask.float().mean()):.2f}"}
+
+    def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
+        """(B,) multiply-adds of the forward `info` describes beyond `flops.backbone_flops` (which counts
+        each block on the tokens it started with): the policy's own matmuls, less any block work it
+        skipped; `no_extra_flops(info)` for a policy that computes nothing of its own. Every policy says."""
+        raise ValueError(
+            f"no FLOP count for policy method {self.method!r}: its policy must define extra_flops "
+            "(tokensparse.engine.no_extra_flops when it runs no matmul of its own)"
+        )
+
+
+def no_extra_flops(info: SparseInfo) -> torch.Tensor:
+    """(B,) zeros: the `extra_flops` of a policy that only ranks, drops or reads what the blocks computed."""
+    return torch.zeros(info.tokens_per_block.shape[0], dtype=torch.float64)
 
 
 def check_vit(model: nn.Module) -> VisionTransformer:
@@ -284,6 +322,12 @@ def sparsity_info(model: nn.Module) -> SparseInfo:
     return info
 
 
+def embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """The tokens block 0 reads: timm's patch embedding, position embedding (and prefix tokens), patch
+    dropout and pre-norm, as `VisionTransformer.forward_features` runs them."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+
+
 def run(model: VisionTransformer, images: torch.Tensor, regime: Regime | None = None) -> torch.Tensor:
     """Forward features through the engine: embeddings, policy-driven blocks, final norm.
 
@@ -296,10 +340,7 @@ def run(model: VisionTransformer, images: torch.Tensor, regime: Regime | None = 
         raise ValueError("model is not sparsified; call tokensparse.dynamicvit(model, ...) first")
     check_images(model, images)
     regime = regime or ("mask" if model.training else "gather")
-    x = model.patch_embed(images)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    x = model.norm_pre(x)
+    x = embed(model, images)
     batch = x.shape[0]
     prefix = model.num_prefix_tokens
     patches = x.shape[1] - prefix
@@ -313,7 +354,7 @@ def run(model: VisionTransformer, images: torch.Tensor, regime: Regime | None = 
     policy.begin(model, state)
     for index, block in enumerate(model.blocks):
         policy.before_block(index, state)
-        active = state.extra.get("active_tokens")
+        active = state.active_tokens
         state.tokens_per_block.append(active if active is not None else state.x.shape[1])
         policy.run_block(index, block, state)
         policy.after_block(index, state)
@@ -325,17 +366,32 @@ def run(model: VisionTransformer, images: torch.Tensor, regime: Regime | None = 
         # patch_index may hold `patches` for a token that is no patch (EViT's fused token): dropped here.
         keep_mask = torch.zeros(batch, patches + 1, device=x.device).scatter_(1, state.patch_index, 1.0)
         keep_mask = keep_mask[:, :patches]
+    tokens_per_block = _stack_counts(state.tokens_per_block, batch, x.device)
     model.__dict__[_INFO_ATTR] = SparseInfo(
         keep_decisions=state.keep_decisions,
         keep_mask=keep_mask,
         kept_index=state.kept_index,
         patch_tokens=x[:, prefix:],
         patch_index=state.patch_index,
-        tokens_per_block=_stack_counts(state.tokens_per_block, batch, x.device),
+        tokens_per_block=tokens_per_block,
         num_prefix=prefix,
-        extra=state.extra,
+        extra={} if state.stats is None else _fields(state.stats),
+        mlp_tokens=torch.stack(state.mlp_tokens, dim=1) if state.mlp_tokens else tokens_per_block,
     )
     return x
+
+
+def _fields(stats: Any) -> dict[str, Any]:
+    """A dataclass's fields by name, the values themselves (not copies, as dataclasses.asdict makes)."""
+    return {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+
+
+def policy_stats(model: nn.Module, policy_type: type, stats_type: type, accessor: str, maker: str):
+    """`stats_type` of the last forward of a model whose policy is a `policy_type` (else ValueError)."""
+    if not isinstance(get_policy(getattr(model, "module", model)), policy_type):
+        raise ValueError(f"{accessor} needs a model made by tokensparse.{maker}")
+    extra = sparsity_info(model).extra
+    return stats_type(**{f.name: extra[f.name] for f in dataclasses.fields(stats_type)})
 
 
 def _stack_counts(counts: list[int | torch.Tensor], batch: int, device: torch.device) -> torch.Tensor:

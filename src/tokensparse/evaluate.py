@@ -38,7 +38,7 @@ def evaluate(
     policy = get_policy(model)
     totals = torch.zeros(5, dtype=torch.float64)  # items, top1, top5, flops, non-finite outputs
     stage_kept: torch.Tensor | None = None
-    depth_sum = 0.0
+    depth_sum, halting = 0.0, False
     seconds = 0.0
     cover = torch.zeros(
         5, dtype=torch.float64
@@ -74,7 +74,8 @@ def evaluate(
             if info.keep_decisions:
                 kept = torch.stack([d.float().mean(1) for d in info.keep_decisions], 1).sum(0).double().cpu()
                 stage_kept = kept if stage_kept is None else stage_kept + kept
-            if "mean_depth" in info.extra:
+            if "mean_depth" in info.extra:  # a halting method (A-ViT): report token depths
+                halting = True
                 depth_sum += float(info.extra["mean_depth"].double().sum())
             if len(batch) > 2:
                 cover += _object_cover(model, info, batch[2])
@@ -111,7 +112,7 @@ def evaluate(
         )
     if stage_kept is not None:
         result["keep_ratio_per_stage"] = [round(v / items, 4) for v in stage_kept.tolist()]
-    if policy is not None and getattr(policy, "method", "") == "avit":
+    if halting:
         result["mean_depth"] = extra[0].item() / items
         if extra[2] > 0:
             result["object_depth"] = extra[4].item() / extra[2].item()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .checks import check_int
 from .engine import _INFO_ATTR, check_images, get_policy
 
 OUTPUT_NAMES = ("logits", "patch_index")
@@ -117,8 +118,7 @@ def export_onnx(
     `check_exportable`) and for unseeded random pruning.
     """
     method = check_exportable(model)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size, lambda v: v >= 1, "an int >= 1")
     if image_size is None:
         image_size = tuple(model.patch_embed.img_size)
     elif isinstance(image_size, int):

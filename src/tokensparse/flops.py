@@ -5,7 +5,7 @@ DynamicViT-S at keep_ratio 0.7 is 2.97 G, 2.88 G without its predictors (the pap
 Counted: the patch-embedding conv; per block, every linear (qkv, proj, fc1, fc2, any other linear of
 the block) on the tokens the block ran on, plus the attention logits and attention-times-values
 (n * n * attn_dim each); the head (and the distillation head); the policy's own matmuls (DynamicViT's
-score predictors). Not counted, as in `torch.utils.flop_counter.FlopCounterMode` (which reports
+score predictors: each policy's `extra_flops`). Not counted, as in `torch.utils.flop_counter.FlopCounterMode` (which reports
 2 FLOPs per multiply-add): layer norms, GELU, softmax, bias adds, pooling, gathers. A sparsified
 model is counted from what its forward reported (`SparseInfo.tokens_per_block`, per image), so
 methods whose images keep different numbers of tokens (A-ViT) are counted per image.
@@ -13,19 +13,15 @@ methods whose images keep different numbers of tokens (A-ViT) are counted per im
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn as nn
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
-from .engine import SparseInfo, TokenPolicy, check_images, get_policy, sparsity_info
-from .policies.evit import evit_flops
-from .policies.tome import tome_flops
+from .engine import SparseInfo, check_images, get_policy, sparsity_info
 
 
-def _linear_macs(module: nn.Module | None) -> int:
+def linear_macs(module: nn.Module | None) -> int:
     """Multiply-adds of every nn.Linear inside `module`, for one token."""
     if module is None:
         return 0
@@ -62,60 +58,14 @@ def backbone_flops(
         raise ValueError(
             f"tokens_per_block must be (B, depth={len(model.blocks)}), got {tuple(tokens_per_block.shape)}"
         )
-    per_token = torch.tensor([float(_linear_macs(b)) for b in model.blocks], dtype=torch.float64)
+    per_token = torch.tensor([float(linear_macs(b)) for b in model.blocks], dtype=torch.float64)
     per_pair = torch.tensor(
         [2.0 * b.attn.num_heads * b.attn.head_dim for b in model.blocks], dtype=torch.float64
     )
     blocks = (tokens * per_token + tokens.square() * per_pair).sum(dim=1)
     patch_embed = num_patches * model.patch_embed.proj.weight.numel()  # per patch: C_in * kh * kw * dim
-    head = _linear_macs(model.head) + _linear_macs(getattr(model, "head_dist", None))
+    head = linear_macs(model.head) + linear_macs(getattr(model, "head_dist", None))
     return blocks + float(patch_embed + head)
-
-
-def _predictor_macs(predictor: nn.Module, tokens: torch.Tensor, ranking_only: bool) -> torch.Tensor:
-    """Multiply-adds of one DynamicViT predictor on `tokens` (B,) patch tokens per image.
-
-    ranking_only: inference ranks tokens with `ScorePredictor.keep_score`, which runs the image half of
-    the first out_conv layer once per image and collapses the last layer to one output.
-    """
-    full = _linear_macs(predictor)
-    if not ranking_only:
-        return tokens * full
-    hidden, last = predictor.out_conv[0], predictor.out_conv[-2]
-    image_half = hidden.in_features // 2 * hidden.out_features
-    return tokens * (full - image_half - last.in_features * (last.out_features - 1)) + image_half
-
-
-def _dynamicvit_flops(policy: TokenPolicy, info: SparseInfo, num_patches: int) -> torch.Tensor:
-    """Each stage's predictor runs on the patch tokens present before that stage prunes.
-
-    Gather regime (eval): a stage that keeps every token skips its predictor. Mask regime (training):
-    every token stays in the tensor and each predictor scores all of them.
-    """
-    patch_tokens = info.tokens_per_block.detach().to("cpu", torch.float64) - info.num_prefix
-    gathered = bool(info.kept_index)  # kept indices are recorded only when tokens are gathered
-    total = torch.zeros(patch_tokens.shape[0], dtype=torch.float64)
-    for location, predictor in zip(policy.locations, policy, strict=True):
-        before = patch_tokens[:, location - 1] if location > 0 else torch.full_like(total, num_patches)
-        ran = (patch_tokens[:, location] < before).double() if gathered else torch.ones_like(total)
-        ranking_only = gathered and hasattr(predictor, "keep_score")
-        total += ran * _predictor_macs(predictor, before, ranking_only)
-    return total
-
-
-def _no_extra_flops(policy: TokenPolicy, info: SparseInfo, num_patches: int) -> torch.Tensor:
-    return torch.zeros(info.tokens_per_block.shape[0], dtype=torch.float64)
-
-
-POLICY_FLOPS: dict[str, Callable[[TokenPolicy, SparseInfo, int], torch.Tensor]] = {
-    "dynamicvit": _dynamicvit_flops,
-    "avit": _no_extra_flops,  # halting reads channel 0 of each block's output: no extra matmul
-    "tome": tome_flops,  # + the key-similarity matmul of merging blocks, - the MLP on merged tokens
-    "evit": evit_flops,  # + the class-attention row at each location, - the MLP on removed tokens
-    "random": _no_extra_flops,
-    "static": _no_extra_flops,
-}
-"""Per policy method: the multiply-adds (B,) of the policy's own modules in the forward `info` describes."""
 
 
 def flops_from_info(model: VisionTransformer, info: SparseInfo | None = None) -> torch.Tensor:
@@ -128,13 +78,8 @@ def flops_from_info(model: VisionTransformer, info: SparseInfo | None = None) ->
     if policy is None:
         raise ValueError("model is not sparsified; use model_flops(model, images) for a dense model")
     info = sparsity_info(model) if info is None else info
-    if policy.method not in POLICY_FLOPS:
-        raise ValueError(
-            f"no FLOP count for policy method {policy.method!r}; add one to tokensparse.flops.POLICY_FLOPS"
-        )
     num_patches = info.keep_mask.shape[1]
-    extra = POLICY_FLOPS[policy.method](policy, info, num_patches)
-    return backbone_flops(model, info.tokens_per_block, num_patches) + extra
+    return backbone_flops(model, info.tokens_per_block, num_patches) + policy.extra_flops(info, num_patches)
 
 
 def model_flops(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,10 @@ Two layers each:
 The teacher is the frozen dense model; `teacher_outputs(teacher, images)` runs it once per step and
 returns what both losses take. Every term is computed in float32, whatever the autocast dtype.
 
+Each module is also a method's training objective (the registry's `Method.objective` builds it with
+`from_config`): `step(model, images, labels, teacher)` runs the student, then the teacher, and returns
+the loss and its parts. `ClassificationLoss` is the objective of the dense model and of the baselines.
+
 Logits may be a `(cls, dist)` tuple (a distilled DeiT in distilled-training mode): the two heads are
 averaged, which is what timm's model returns at inference, so both heads learn the same objective.
 """
@@ -18,13 +22,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_int, check_number
 from .engine import SparseInfo, get_policy, sparsity_info
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 TokenDistill = Literal["kl", "mse"]
 TOKEN_DISTILL_MODES = ("kl", "mse")
@@ -39,14 +47,7 @@ Logits = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 def _check_weight(name: str, value: float) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return check_number(name, value, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
 def merge_heads(logits: Logits) -> torch.Tensor:
@@ -102,6 +103,57 @@ def _distill_weight_needs_teacher(weight: float, teacher_logits) -> None:
             "teacher_tokens) from tokensparse.losses.teacher_outputs(teacher, images), "
             "or set distill_weight=0"
         )
+
+
+class Objective(nn.Module):
+    """A training objective: `forward(logits, labels, student, *teacher_targets)` gives (loss, parts);
+    `step` runs the student on a batch, then the teacher (when there is one), then the loss."""
+
+    teacher_parts = 1  # how many targets `teacher_targets` gives (None each without a teacher)
+
+    def teacher_targets(self, teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the loss takes from the frozen teacher: by default its logits."""
+        return (teacher_outputs(teacher, images)[0],)
+
+    def step(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(images)  # the student first: its random draws come before the teacher's forward
+        targets = (
+            self.teacher_targets(teacher, images) if teacher is not None else (None,) * self.teacher_parts
+        )
+        return self(logits, labels, model, *targets)
+
+
+class ClassificationLoss(Objective):
+    """Cross-entropy, plus distill_weight x KL to the teacher's logits when there is a teacher (as
+    DynamicViT distils them): the training objective of the dense model and of the baselines."""
+
+    def __init__(self, distill_weight: float = 0.0, label_smoothing: float = 0.0):
+        super().__init__()
+        self.distill_weight = _check_weight("distill_weight", distill_weight)
+        self.label_smoothing = float(label_smoothing)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, depth: int = 12) -> ClassificationLoss:
+        return cls(distill_weight=cfg.distill_weight or 0.0, label_smoothing=cfg.smoothing)
+
+    def forward(
+        self,
+        logits: Logits,
+        labels: torch.Tensor,
+        student: nn.Module | None = None,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss and {'cls', 'distill' (with a teacher), 'total'} as floats (`student` is not read)."""
+        merged = logits if not isinstance(logits, tuple) else sum(logits) / 2
+        loss = classification_loss(merged, labels, label_smoothing=self.label_smoothing)
+        parts = {"cls": loss.item()}
+        if teacher_logits is not None:
+            distill = logits_kl(merged, teacher_logits)
+            loss = loss + self.distill_weight * distill
+            parts["distill"] = distill.item()
+        return loss, parts | {"total": loss.item()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,7 +252,7 @@ def _resolve_info(student_info: SparseInfo | nn.Module) -> SparseInfo:
     return student_info if isinstance(student_info, SparseInfo) else sparsity_info(student_info)
 
 
-class DynamicViTLoss(nn.Module):
+class DynamicViTLoss(Objective):
     """The DynamicViT training loss (Rao et al., 2021) with the authors' default weights.
 
     keep_ratio gives the per-stage targets rho^(s+1) for as many stages as the model has; `targets`
@@ -226,12 +278,7 @@ class DynamicViTLoss(nn.Module):
         label_smoothing: float = 0.0,
     ):
         super().__init__()
-        if (
-            isinstance(keep_ratio, bool)
-            or not isinstance(keep_ratio, (int, float))
-            or not 0.0 < keep_ratio <= 1.0
-        ):
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+        check_number("keep_ratio", keep_ratio, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
         if targets is not None:
             targets = tuple(float(t) for t in targets)
             if not targets or any(not 0.0 <= t <= 1.0 for t in targets):
@@ -249,6 +296,21 @@ class DynamicViTLoss(nn.Module):
         self.distill_weight = _check_weight("distill_weight", distill_weight)
         self.token_distill = token_distill
         self.label_smoothing = float(label_smoothing)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, depth: int = 12) -> DynamicViTLoss:
+        return cls(
+            cfg.keep_ratio,
+            ratio_weight=cfg.ratio_weight,
+            distill_weight=cfg.distill_weight,
+            token_distill=cfg.token_distill,
+            label_smoothing=cfg.smoothing,
+        )
+
+    teacher_parts = 2
+
+    def teacher_targets(self, teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return teacher_outputs(teacher, images)  # logits and final-norm patch tokens
 
     def stage_targets(self, stages: int) -> list[float]:
         if self.targets is None:
@@ -327,10 +389,8 @@ def avit_prior(depth: int = 12, target_depth: int = 8, std: float = 1.0, mass: f
     to about 2.29); the authors regularise towards exactly this vector. Computed in float64, returned
     as float32.
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth must be a positive int, got {depth!r}")
-    if isinstance(target_depth, bool) or not isinstance(target_depth, int) or not 1 <= target_depth <= depth:
-        raise ValueError(f"target_depth must be an int in 1..{depth}, got {target_depth!r}")
+    check_int("depth", depth, lambda v: v >= 1, "a positive int")
+    check_int("target_depth", target_depth, lambda v: 1 <= v <= depth, f"an int in 1..{depth}")
     if not std > 0 or not math.isfinite(std):
         raise ValueError(f"std must be > 0, got {std!r}")
     if not 0 < mass <= 1:
@@ -387,7 +447,7 @@ def avit_loss(
     return total, torch.stack([cls, ponder_cost, prior_kl, distill])
 
 
-class AViTLoss(nn.Module):
+class AViTLoss(Objective):
     """The A-ViT training loss (Yin et al., 2022): CE + ponder cost + distributional prior (+ distillation).
 
     Reads `ponder` (B, P + N) and `halting_score_layer` (depth,) from `sparsity_info(model).extra`.
@@ -412,10 +472,8 @@ class AViTLoss(nn.Module):
         label_smoothing: float = 0.0,
     ):
         super().__init__()
-        if isinstance(target_depth, bool) or not isinstance(target_depth, int) or target_depth < 1:
-            raise ValueError(f"target_depth must be a positive int, got {target_depth!r}")
-        if isinstance(prior_std, bool) or not isinstance(prior_std, (int, float)) or not prior_std > 0:
-            raise ValueError(f"prior_std must be > 0, got {prior_std!r}")
+        check_int("target_depth", target_depth, lambda v: v >= 1, "a positive int")
+        check_number("prior_std", prior_std, lambda v: v > 0, "> 0")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.ponder_weight = _check_weight("ponder_weight", ponder_weight)
@@ -425,6 +483,16 @@ class AViTLoss(nn.Module):
         self.prior_std = float(prior_std)
         self.label_smoothing = float(label_smoothing)
         self._priors: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, depth: int = 12) -> AViTLoss:
+        return cls(
+            ponder_weight=cfg.ponder_weight,
+            prior_weight=cfg.prior_weight,
+            target_depth=cfg.prior_depth or max(1, round(depth * 8 / 12)),  # the paper: block 8 of 12
+            distill_weight=cfg.distill_weight,
+            label_smoothing=cfg.smoothing,
+        )
 
     def prior(self, depth: int) -> torch.Tensor:
         if depth not in self._priors:
@@ -514,7 +582,7 @@ def teacher_outputs(teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Ten
 # Dynamic ConvNeXt / Swin (the DynamicViT journal version)
 
 
-class DynamicSpatialLoss(nn.Module):
+class DynamicSpatialLoss(Objective):
     """The authors' `ConvNextDistillDiffPruningLoss` (losses.py), used for dynamic ConvNeXt and Swin.
 
     clf * CE + ratio * sum_s mean_b (mean_n keep_s - target_s)^2 / stages + distill * KL(teacher ||
@@ -548,6 +616,20 @@ class DynamicSpatialLoss(nn.Module):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.label_smoothing = float(label_smoothing)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, depth: int = 12) -> DynamicSpatialLoss:
+        return cls(
+            cfg.keep_ratio,
+            ratio_weight=cfg.ratio_weight,
+            distill_weight=cfg.distill_weight,
+            label_smoothing=cfg.smoothing,
+        )
+
+    teacher_parts = 2
+
+    def teacher_targets(self, teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return spatial_teacher_outputs(teacher, images)  # logits and final-norm features per position
 
     def forward(
         self,

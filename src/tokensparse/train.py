@@ -1,4 +1,4 @@
-"""Training: one readable loop with DDP, AMP, checkpointing and resume visible in it.
+"""Training: `build_run` sets a run up, `train` is the loop, with DDP, AMP, checkpointing and resume visible.
 
     tokensparse train --method dynamicvit --model deit_small_patch16_224 --checkpoint dense.pth ...
     torchrun --nproc_per_node=2 -m tokensparse train ...        # DDP: gloo on CPU, nccl on CUDA
@@ -20,6 +20,7 @@ import os
 import random
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +34,18 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from tqdm.auto import tqdm
 
+from . import config
 from .checkpoints import atomic_write_bytes, read_state_dict, save_checkpoint
-from .config import BASELINES, METHOD_DEFAULTS, METHODS, SETTING_METHODS, TrainConfig  # noqa: F401
+from .config import TrainConfig
 from .data import build_dataset, build_loader, class_names, num_classes
 from .evaluate import evaluate
-from .losses import (
-    AViTLoss,
-    DynamicSpatialLoss,
-    DynamicViTLoss,
-    classification_loss,
-    logits_kl,
-    spatial_teacher_outputs,
-    teacher_outputs,
-)
+from .losses import ClassificationLoss
+from .policies.registry import get_method, resolve, setting_methods
+
+
+def __getattr__(name: str) -> Any:  # METHODS, METHOD_DEFAULTS, SETTING_METHODS: the registry's views
+    return getattr(config, name)
+
 
 # ----------------------------------------------------------------------------- set-up helpers
 
@@ -210,38 +210,9 @@ def _load_teacher(teacher: nn.Module, path: str, model_name: str) -> None:
 
 
 def sparsify_for(cfg: TrainConfig, model: nn.Module) -> nn.Module:
-    if cfg.method == "dynamicvit":
-        from .policies.dynamicvit import dynamicvit
-
-        return dynamicvit(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
-    if cfg.method == "avit":
-        from .policies.avit import avit
-
-        return avit(
-            model,
-            gate_scale=cfg.gate_scale,
-            gate_center=cfg.gate_center,
-            eps=cfg.halt_eps,
-            straight_through_zeroing=cfg.straight_through_zeroing,
-        )
-    if cfg.method == "tome":
-        from .policies.tome import tome
-
-        return tome(model, r=cfg.tome_r)
-    if cfg.method in ("evit", "random", "static"):
-        from . import evit, random_prune, static_prune
-
-        make = {"evit": evit, "random": random_prune, "static": static_prune}[cfg.method]
-        return make(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
-    if cfg.method == "dynamicspatial":
-        from timm.models.convnext import ConvNeXt
-
-        from .policies.dynconvnext import dynamic_convnext
-        from .policies.dynswin import dynamic_swin
-
-        make = dynamic_convnext if isinstance(model, ConvNeXt) else dynamic_swin
-        return make(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
-    return model
+    """The dense `model` sparsified by `cfg.method` with `cfg`'s settings (the registry's constructor)."""
+    build = resolve(get_method(cfg.method).sparsify)
+    return model if build is None else build(model, cfg)
 
 
 def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -253,14 +224,7 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]
     `apply_fixed_epochs`); no weight decay on biases, 1-d parameters and the model's no_weight_decay();
     with `freeze_embeddings`, cls_token and pos_embed are frozen (left out of the optimiser).
     """
-    from .engine import get_policy
-
-    policy = get_policy(model)
-    new_params = {id(p) for p in policy.parameters()} if isinstance(policy, nn.Module) else set()
-    if cfg.method == "dynamicspatial":  # predictors and fast paths, as the authors' optim_factory splits
-        new_params = {
-            id(p) for n, p in model.named_parameters() if ".score_predictor." in n or ".fast_path" in n
-        }
+    new_params = {id(p) for p in new_parameters(model, cfg.method)}
     if cfg.freeze_embeddings:
         for name in ("cls_token", "pos_embed"):
             param = getattr(model, name, None)
@@ -286,6 +250,17 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]
     ]
 
 
+def new_parameters(model: nn.Module, method: str) -> list[nn.Parameter]:
+    """The parameters `method` added to the backbone: its registered `new_parameters`, else its policy's."""
+    from .engine import get_policy
+
+    find = resolve(get_method(method).new_parameters)
+    if find is not None:
+        return list(find(model))
+    policy = get_policy(model)
+    return list(policy.parameters()) if isinstance(policy, nn.Module) else []
+
+
 def apply_fixed_epochs(optimizer: torch.optim.Optimizer, epoch: int) -> None:
     """lr 0 for the groups still in their `fixed_epochs` (DynamicViT's fix_step), after a scheduler step."""
     for group in optimizer.param_groups:
@@ -298,58 +273,15 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {group.get("group", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
 
 
-def build_criterion(cfg: TrainConfig, depth: int = 12) -> nn.Module | None:
-    if cfg.method == "dynamicvit":
-        return DynamicViTLoss(
-            cfg.keep_ratio,
-            ratio_weight=cfg.ratio_weight,
-            distill_weight=cfg.distill_weight,
-            token_distill=cfg.token_distill,
-            label_smoothing=cfg.smoothing,
-        )
-    if cfg.method == "dynamicspatial":
-        return DynamicSpatialLoss(
-            cfg.keep_ratio,
-            ratio_weight=cfg.ratio_weight,
-            distill_weight=cfg.distill_weight,
-            label_smoothing=cfg.smoothing,
-        )
-    if cfg.method == "avit":
-        return AViTLoss(
-            ponder_weight=cfg.ponder_weight,
-            prior_weight=cfg.prior_weight,
-            target_depth=cfg.prior_depth or max(1, round(depth * 8 / 12)),  # the paper: block 8 of 12
-            distill_weight=cfg.distill_weight,
-            label_smoothing=cfg.smoothing,
-        )
-    return None
+def build_criterion(cfg: TrainConfig, depth: int = 12) -> nn.Module:
+    """The method's training objective (its registered `objective`, else `ClassificationLoss`)."""
+    build = resolve(get_method(cfg.method).objective) or ClassificationLoss.from_config
+    return build(cfg, depth)
 
 
 def compute_loss(cfg, model, criterion, teacher, images, targets) -> tuple[torch.Tensor, dict[str, float]]:
     """The method's objective on one batch (a function so tests can inject faults)."""
-    logits = model(images)
-    if cfg.method == "dense" or cfg.method in BASELINES:
-        # Baselines fine-tune with CE (+ the teacher's logits, as DynamicViT distils them).
-        merged = logits if not isinstance(logits, tuple) else sum(logits) / 2
-        loss = classification_loss(merged, targets, label_smoothing=cfg.smoothing)
-        parts = {"cls": loss.item()}
-        if teacher is not None:
-            distill = logits_kl(merged, teacher_outputs(teacher, images)[0])
-            loss = loss + cfg.distill_weight * distill
-            parts["distill"] = distill.item()
-        return loss, parts | {"total": loss.item()}
-    if cfg.method == "dynamicvit":
-        teacher_logits, teacher_tokens = (
-            teacher_outputs(teacher, images) if cfg.distill_weight else (None, None)
-        )
-        return criterion(logits, targets, model, teacher_logits, teacher_tokens)
-    if cfg.method == "dynamicspatial":
-        teacher_logits, teacher_features = (
-            spatial_teacher_outputs(teacher, images) if cfg.distill_weight else (None, None)
-        )
-        return criterion(logits, targets, model, teacher_logits, teacher_features)
-    teacher_logits = teacher_outputs(teacher, images)[0] if cfg.distill_weight else None
-    return criterion(logits, targets, model, teacher_logits)
+    return criterion.step(model, images, targets, teacher)
 
 
 def _rng_state(loader: torch.utils.data.DataLoader | None = None) -> dict[str, Any]:
@@ -566,18 +498,45 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- building the run
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train as `cfg` says; return the last epoch's metrics (rank 0 also writes them to metrics.jsonl).
+@dataclass
+class Run:
+    """Everything the training loop uses, built by `build_run`: the process, data, models, optimiser
+    and, when resuming, where the last run stopped."""
 
-    Settings left None take the method's defaults (`METHOD_DEFAULTS`); config.json records them.
-    """
-    cfg = cfg.resolved()
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    train_set: Any
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    model: nn.Module
+    ddp_model: nn.Module  # the model, wrapped in DDP when there are several processes
+    teacher: nn.Module | None
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    mixup: Mixup | None
+    writer: Any = None  # TensorBoard's SummaryWriter on rank 0, when installed
+    start_epoch: int = 0
+    updates: int = 0  # optimiser steps taken (non-finite steps skipped do not count)
+    nan_skipped: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def build_run(cfg: TrainConfig) -> Run:
+    """Set up a run as `cfg` (resolved) says: process group, data, student and teacher, optimiser,
+    schedule, AMP and Mixup; claim the output folder and resume from its last checkpoint if asked."""
     rank, world, device = setup_distributed(cfg.device)
-    is_main = rank == 0
-    out = Path(cfg.output)
     _seed_everything(cfg.seed)  # every rank builds the same model (and the same teacher from it)
 
     train_set = build_dataset(cfg.dataset, cfg.data_root, "train", cfg.img_size, limit=cfg.train_limit)
@@ -597,7 +556,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     model = build_model(cfg, classes, img_size)
     teacher = None
-    if cfg.method != "dense" and cfg.distill_weight > 0:  # cfg is resolved: a number here
+    if cfg.distill_weight:  # resolved: a number for every method but the dense one, which has no teacher
         teacher = copy.deepcopy(model)
         if cfg.teacher:
             _load_teacher(teacher, cfg.teacher, cfg.model)
@@ -624,158 +583,217 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         mixup = Mixup(
             mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=classes
         )
+    run = Run(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
+        out=Path(cfg.output),
+        train_set=train_set,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        model=model,
+        ddp_model=model,
+        teacher=teacher,
+        criterion=criterion,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        mixup=mixup,
+    )
 
     run_facts = {"num_classes": classes, "img_size": img_size, "world_size": world}
-    saved_cfg = _claim_output(cfg, out, run_facts, is_main)
+    saved_cfg = _claim_output(cfg, run.out, run_facts, run.is_main)
     if world > 1:  # no rank may look at the folder after rank 0 starts writing to it
         dist.barrier()
-    start_epoch, history, nan_skipped = 0, [], 0
-    updates = 0
-    loaded = load_training_state(out) if saved_cfg is not None else None
+    loaded = load_training_state(run.out) if saved_cfg is not None else None
     if loaded is not None:
-        weights, state = loaded
-        try:
-            model.load_state_dict(weights)
-            optimizer.load_state_dict(state["optimizer"])
-            if saved_cfg.get("epochs") == cfg.epochs:
-                scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            if teacher is not None:
-                teacher.load_state_dict(read_state_dict(out / "teacher.safetensors"))
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise ValueError(f"cannot resume from {out}/checkpoints: {str(err).splitlines()[0]}") from err
-        per_rank = state.get("rng_per_rank", [state["rng"]])
-        _set_rng_state(per_rank[rank] if rank < len(per_rank) else state["rng"], train_loader)
-        start_epoch, nan_skipped = state["epoch"] + 1, state.get("nan_skipped", 0)
-        # the update count, not epochs x batches: skipped non-finite steps do not advance the schedule
-        updates = state.get("updates", start_epoch * len(train_loader))
-        if saved_cfg.get("epochs") != cfg.epochs:  # the schedule of the new length, from this update on
-            scheduler.step_update(num_updates=updates)
-        history = state.get("history") or _read_metrics(out / "metrics.jsonl", start_epoch)
-        if is_main:
-            _write_metrics(out / "metrics.jsonl", history)  # lines a kill lost come back
-            print(f"resumed from {out}/checkpoints after epoch {start_epoch}")
+        _resume(run, saved_cfg, *loaded)
     else:
         _seed_everything(cfg.seed + rank)  # each rank its own noise (drop path, Gumbel, augmentation)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _clean_checkpoints(out / "checkpoints", start_epoch - 1 if loaded else None, cfg.keep_checkpoints)
-        _atomic_write_text(json.dumps(dataclasses.asdict(cfg) | run_facts, indent=2), out / "config.json")
-        names = class_names(train_set)
-        if names is not None:  # for `tokensparse predict`
-            _atomic_write_text(json.dumps(names), out / "classes.json")
-        if teacher is not None and not (out / "teacher.safetensors").exists():
-            save_checkpoint(teacher, out / "teacher.safetensors")
-    writer = _tensorboard(out) if is_main else None
-
-    ddp_model = model
+    if run.is_main:
+        _write_run_files(run, run_facts, resumed=loaded is not None)
+        run.writer = _tensorboard(run.out)
     if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(
+        run.ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    return run
 
+
+def _resume(
+    run: Run, saved_cfg: dict[str, Any], weights: dict[str, torch.Tensor], state: dict[str, Any]
+) -> None:
+    """Continue `run` from its last checkpoint: weights, optimiser, schedule, scaler, teacher, random state."""
+    cfg, out = run.cfg, run.out
+    try:
+        run.model.load_state_dict(weights)
+        run.optimizer.load_state_dict(state["optimizer"])
+        if saved_cfg.get("epochs") == cfg.epochs:
+            run.scheduler.load_state_dict(state["scheduler"])
+        if run.scaler is not None and state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
+        if run.teacher is not None:
+            run.teacher.load_state_dict(read_state_dict(out / "teacher.safetensors"))
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise ValueError(f"cannot resume from {out}/checkpoints: {str(err).splitlines()[0]}") from err
+    per_rank = state.get("rng_per_rank", [state["rng"]])
+    _set_rng_state(per_rank[run.rank] if run.rank < len(per_rank) else state["rng"], run.train_loader)
+    run.start_epoch, run.nan_skipped = state["epoch"] + 1, state.get("nan_skipped", 0)
+    # the update count, not epochs x batches: skipped non-finite steps do not advance the schedule
+    run.updates = state.get("updates", run.start_epoch * len(run.train_loader))
+    if saved_cfg.get("epochs") != cfg.epochs:  # the schedule of the new length, from this update on
+        run.scheduler.step_update(num_updates=run.updates)
+    run.history = state.get("history") or _read_metrics(out / "metrics.jsonl", run.start_epoch)
+    if run.is_main:
+        _write_metrics(out / "metrics.jsonl", run.history)  # lines a kill lost come back
+        print(f"resumed from {out}/checkpoints after epoch {run.start_epoch}")
+
+
+def _write_run_files(run: Run, run_facts: dict[str, Any], resumed: bool) -> None:
+    """Rank 0: config.json, classes.json and the teacher's weights; stale checkpoint files removed."""
+    out = run.out
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_checkpoints(
+        out / "checkpoints", run.start_epoch - 1 if resumed else None, run.cfg.keep_checkpoints
+    )
+    _atomic_write_text(json.dumps(dataclasses.asdict(run.cfg) | run_facts, indent=2), out / "config.json")
+    names = class_names(run.train_set)
+    if names is not None:  # for `tokensparse predict`
+        _atomic_write_text(json.dumps(names), out / "classes.json")
+    if run.teacher is not None and not (out / "teacher.safetensors").exists():
+        save_checkpoint(run.teacher, out / "teacher.safetensors")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train as `cfg` says; return the last epoch's metrics (rank 0 also writes them to metrics.jsonl).
+
+    Settings left None take the method's registered recipe; config.json records them.
+    """
+    cfg = cfg.resolved()
+    run = build_run(cfg)
+    model, optimizer, device = run.model, run.optimizer, run.device
     metrics: dict[str, Any] = {}
-    streak = 0
-    for epoch in range(start_epoch, cfg.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        if hasattr(train_set, "set_epoch"):  # fresh canvases every epoch (the clutter set)
-            train_set.set_epoch(epoch)
+    streak = 0  # consecutive non-finite losses
+    for epoch in range(run.start_epoch, cfg.epochs):
+        _start_epoch(run, epoch)
         apply_fixed_epochs(optimizer, epoch)
-        skipped_before = nan_skipped
-        ddp_model.train()
+        skipped_before = run.nan_skipped
         running, seen, tic = 0.0, 0, time.perf_counter()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, leave=False)
+        bar = tqdm(
+            run.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not run.is_main, leave=False
+        )
         for images, targets, *_ in bar:
             images, targets = images.to(device), targets.to(device)
-            if mixup is not None:
-                images, targets = mixup(images, targets)
+            if run.mixup is not None:
+                images, targets = run.mixup(images, targets)
             with _autocast(device, cfg.amp):
-                loss, parts = compute_loss(cfg, ddp_model, criterion, teacher, images, targets)
-            finite = torch.isfinite(loss.detach())
-            if world > 1:  # every rank must skip together, or DDP's all-reduce would hang
-                flag = finite.float().to(device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                finite = flag.bool()
-            if not bool(finite):
-                nan_skipped += 1
-                streak += 1
+                loss, _ = compute_loss(cfg, run.ddp_model, run.criterion, run.teacher, images, targets)
+            if not _finite_on_every_rank(loss, run):  # skip the step on every rank, or DDP would hang
+                run.nan_skipped, streak = run.nan_skipped + 1, streak + 1
                 optimizer.zero_grad(set_to_none=True)
                 if streak >= cfg.max_nan_streak:
                     raise FloatingPointError(
-                        f"{streak} consecutive non-finite losses at epoch {epoch}, step {updates}: aborting; "
+                        f"{streak} consecutive non-finite losses at epoch {epoch}, step {run.updates}: aborting; "
                         "lower the learning rate or enable gradient clipping (--clip-grad)"
                     )
                 continue
             streak = 0
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            updates += 1
-            scheduler.step_update(num_updates=updates)
+            _optimizer_step(run, loss)
+            run.updates += 1
+            run.scheduler.step_update(num_updates=run.updates)
             apply_fixed_epochs(optimizer, epoch)
             running += loss.item() * images.shape[0]
             seen += images.shape[0]
-            bar.set_postfix(
-                loss=f"{loss.item():.3f}",
-                **_sparsity_postfix(model),
-                img_s=f"{seen * world / (time.perf_counter() - tic):.0f}",
-            )
+            img_s = seen * run.world / (time.perf_counter() - tic)
+            bar.set_postfix(loss=f"{loss.item():.3f}", **_sparsity_postfix(model), img_s=f"{img_s:.0f}")
         bar.close()
         lrs = group_lrs(optimizer)
-        scheduler.step(epoch + 1)
-        val = evaluate(model, val_loader, device=device, progress=False, amp=cfg.amp)
+        run.scheduler.step(epoch + 1)
+        val = evaluate(model, run.val_loader, device=device, progress=False, amp=cfg.amp)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": _mean_across_ranks(running, seen, device),
             "lr": max(lrs.values()),
             "lr_groups": lrs,
-            "nan_skipped": nan_skipped,
-            "nan_skipped_epoch": nan_skipped - skipped_before,
+            "nan_skipped": run.nan_skipped,
+            "nan_skipped_epoch": run.nan_skipped - skipped_before,
             "epoch_seconds": round(time.perf_counter() - tic, 2),
             **{f"val_{k}": v for k, v in val.items()},
         }
-        history.append(metrics)
-        rng_states = _all_rng_states(world, train_loader)  # a collective: every rank takes part
-        if is_main:
-            save_training_state(
-                out,
-                epoch,
-                model,
-                optimizer,
-                scheduler,
-                scaler,
-                {
-                    "nan_skipped": nan_skipped,
-                    "updates": updates,
-                    "history": history,
-                    "rng_per_rank": rng_states,
-                },
-                cfg.keep_checkpoints,
-            )
-            _write_metrics(out / "metrics.jsonl", history)
-            if writer is not None:
-                for key, value in metrics.items():
-                    if isinstance(value, (int, float)):
-                        writer.add_scalar(key, value, epoch + 1)
-            print(_epoch_line(metrics), flush=True)
-        if world > 1:
-            dist.barrier()
-    if is_main:
-        save_checkpoint(model, out / "model.safetensors", {"method": cfg.method, "model": cfg.model})
-    if writer is not None:
-        writer.close()
+        _end_epoch(run, epoch, metrics)
+    if run.is_main:
+        save_checkpoint(model, run.out / "model.safetensors", {"method": cfg.method, "model": cfg.model})
+    if run.writer is not None:
+        run.writer.close()
     return metrics
+
+
+def _start_epoch(run: Run, epoch: int) -> None:
+    """The epoch's shuffle (and, for the clutter set, fresh canvases); the model in train mode."""
+    run.train_loader.sampler.set_epoch(epoch)
+    if hasattr(run.train_set, "set_epoch"):
+        run.train_set.set_epoch(epoch)
+    run.ddp_model.train()
+
+
+def _finite_on_every_rank(loss: torch.Tensor, run: Run) -> bool:
+    finite = torch.isfinite(loss.detach())
+    if run.world > 1:
+        flag = finite.float().to(run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = flag.bool()
+    return bool(finite)
+
+
+def _optimizer_step(run: Run, loss: torch.Tensor) -> None:
+    """Backward (scaled under fp16 AMP), gradient clipping, optimiser step."""
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.optimizer)
+    else:
+        loss.backward()
+    if run.cfg.clip_grad:
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.clip_grad)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+
+
+def _end_epoch(run: Run, epoch: int, metrics: dict[str, Any]) -> None:
+    """Record the epoch: metrics history, checkpoint and training state (rank 0), logs; ranks meet after."""
+    run.history.append(metrics)
+    rng_states = _all_rng_states(run.world, run.train_loader)  # a collective: every rank takes part
+    if run.is_main:
+        save_training_state(
+            run.out,
+            epoch,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            run.scaler,
+            {
+                "nan_skipped": run.nan_skipped,
+                "updates": run.updates,
+                "history": run.history,
+                "rng_per_rank": rng_states,
+            },
+            run.cfg.keep_checkpoints,
+        )
+        _write_metrics(run.out / "metrics.jsonl", run.history)
+        if run.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    run.writer.add_scalar(key, value, epoch + 1)
+        print(_epoch_line(metrics), flush=True)
+    if run.world > 1:
+        dist.barrier()
 
 
 def _read_metrics(path: Path, last_epoch: int) -> list[dict[str, Any]]:
@@ -793,12 +811,7 @@ def _sparsity_postfix(model: nn.Module) -> dict[str, str]:
     from .engine import get_policy, sparsity_info
 
     policy = get_policy(model)
-    if policy is None:
-        return {}
-    info = sparsity_info(model)
-    if policy.method == "avit" and "mean_depth" in info.extra:
-        return {"depth": f"{float(info.extra['mean_depth'].float().mean()):.2f}"}
-    return {"keep": f"{float(info.keep_mask.float().mean()):.2f}"}
+    return {} if policy is None else policy.progress(sparsity_info(model))
 
 
 def _mean_across_ranks(total: float, count: int, device: torch.device) -> float:
@@ -844,7 +857,7 @@ def load_trained(
         saved = _read_json(config_file)
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         method = saved.get("method", "dynamicvit")
-        foreign = {k for k, methods in SETTING_METHODS.items() if method not in methods}
+        foreign = {k for k, methods in setting_methods().items() if method not in methods}
         cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names and k not in foreign})
         weights = path / "model.safetensors"
         if not weights.is_file():

@@ -25,16 +25,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ..attention import PackedLayout, halting_block, packed_block
-from ..engine import TokenPolicy, TokenState, check_vit, get_policy, sparsify, sparsity_info
+from ..checks import check_flag, check_number
+from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, no_extra_flops, policy_stats, sparsify
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 MASKED_KEY_BIAS = -1000.0
-_RUN = "_avit_run"
 
 
 @dataclass
@@ -60,6 +64,7 @@ class HaltingStats:
 class _Run:
     blocks: int  # depth of the model
     grid: tuple[int, int]  # patch grid of the model
+    halting_score_layer: list[torch.Tensor]  # per block so far, the mean halting score
 
 
 @dataclass
@@ -147,21 +152,31 @@ class AViTPolicy(TokenPolicy, nn.Module):
         ponder_step = remainder * reached
         return cumulative, remainder - runs_on * h, weight, ponder_step, runs_on
 
+    def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
+        return no_extra_flops(info)  # halting reads channel 0 of each block's output: no matmul of its own
+
+    def progress(self, info: SparseInfo) -> dict[str, str]:
+        """The mean token depth (blocks computed) of the last forward."""
+        return {"depth": f"{float(info.extra['mean_depth'].float().mean()):.2f}"}
+
     # --- engine hooks ------------------------------------------------------------------------------
 
     def begin(self, model: VisionTransformer, state: TokenState) -> None:
         batch, tokens, channels = state.x.shape
-        shape = {"blocks": len(model.blocks), "grid": tuple(model.patch_embed.grid_size)}
-        state.extra["halting_score_layer"] = []
+        common = {
+            "blocks": len(model.blocks),
+            "grid": tuple(model.patch_embed.grid_size),
+            "halting_score_layer": [],
+        }
         zeros = state.x.new_zeros(batch, tokens, dtype=torch.float32)
         if state.regime == "mask":
-            state.extra[_RUN] = _MaskedRun(
-                **shape, running=zeros + 1, cumulative=zeros, remainder=zeros + 1, ponder=zeros, depth=zeros
+            state.policy_state = _MaskedRun(
+                **common, running=zeros + 1, cumulative=zeros, remainder=zeros + 1, ponder=zeros, depth=zeros
             )
             return
         device = state.x.device
-        state.extra[_RUN] = _PackedRun(
-            **shape,
+        state.policy_state = _PackedRun(
+            **common,
             tokens=state.x.reshape(batch * tokens, channels),
             flat=torch.arange(batch * tokens, device=device),
             image=torch.arange(batch, device=device).repeat_interleave(tokens),
@@ -177,12 +192,12 @@ class AViTPolicy(TokenPolicy, nn.Module):
         )
 
     def before_block(self, index: int, state: TokenState) -> None:
-        run = state.extra[_RUN]
+        run = state.policy_state
         if isinstance(run, _PackedRun):
-            state.extra["active_tokens"] = run.layout.counts
+            state.active_tokens = run.layout.counts
 
     def run_block(self, index: int, block: nn.Module, state: TokenState) -> None:
-        run = state.extra[_RUN]
+        run = state.policy_state
         if isinstance(run, _MaskedRun):
             state.x = halting_block(
                 block, state.x, run.running, MASKED_KEY_BIAS, self.straight_through_zeroing
@@ -191,7 +206,7 @@ class AViTPolicy(TokenPolicy, nn.Module):
             run.tokens = packed_block(block, run.tokens, run.layout)
 
     def after_block(self, index: int, state: TokenState) -> None:
-        run = state.extra[_RUN]
+        run = state.policy_state
         last = index == run.blocks - 1
         y = state.x if isinstance(run, _MaskedRun) else run.tokens
         h = self.halting_score(y)
@@ -199,7 +214,7 @@ class AViTPolicy(TokenPolicy, nn.Module):
         # torch.mean(h[1:]), dropping image 0 of every batch from the prior: a slip, not reproduced
         # (tests/test_avit_grads.py holds the prior's gradient to theirs over all images).
         # Gather regime: over computed tokens.
-        state.extra["halting_score_layer"].append(h.mean())
+        run.halting_score_layer.append(h.mean())
         if last:
             h = torch.ones_like(h)
         if isinstance(run, _MaskedRun):
@@ -244,8 +259,7 @@ class AViTPolicy(TokenPolicy, nn.Module):
             run.layout = PackedLayout.from_image_ids(run.image, batch)
 
     def end(self, state: TokenState) -> None:
-        run = state.extra.pop(_RUN)
-        state.extra.pop("active_tokens", None)
+        run = state.policy_state
         batch, tokens = state.batch_size, state.num_prefix + state.num_patches
         # The halting-weighted sums accumulate in float32; the final norm runs in the model's dtype.
         dtype = state.x.dtype if isinstance(run, _MaskedRun) else run.tokens.dtype
@@ -257,11 +271,11 @@ class AViTPolicy(TokenPolicy, nn.Module):
         grid = run.grid
         patches = depth[:, state.num_prefix :]
         depth_map = patches.reshape(batch, *grid) if grid[0] * grid[1] == patches.shape[1] else None
-        state.extra.update(
+        state.stats = HaltingStats(
             token_depth=depth,
             mean_depth=depth.float().mean(dim=1),
             ponder=ponder,
-            halting_score_layer=torch.stack(state.extra["halting_score_layer"]),
+            halting_score_layer=torch.stack(run.halting_score_layer),
             depth_map=depth_map,
         )
 
@@ -274,17 +288,11 @@ def avit_stats(model: nn.Module) -> HaltingStats:
     class token halted stop there (their ponder is then the blocks they ran, without remainder), and
     halting_score_layer averages the tokens each block computed (nan for a block that ran none).
     """
-    policy = get_policy(getattr(model, "module", model))
-    if not isinstance(policy, AViTPolicy):
-        raise ValueError("avit_stats needs a model made by tokensparse.avit")
-    extra = sparsity_info(model).extra
-    return HaltingStats(**{name: extra[name] for name in HaltingStats.__dataclass_fields__})
+    return policy_stats(model, AViTPolicy, HaltingStats, "avit_stats", "avit")
 
 
 def _real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return check_number(name, value, math.isfinite, "a finite number")
 
 
 def avit(
@@ -314,9 +322,18 @@ def avit(
     _real("gate_center", gate_center)
     if not 0.0 < _real("eps", eps) < 1.0:
         raise ValueError(f"eps must be in (0, 1), got {eps!r}")
-    if not isinstance(early_exit, bool):
-        raise ValueError(f"early_exit must be True or False, got {early_exit!r}")
-    if not isinstance(straight_through_zeroing, bool):
-        raise ValueError(f"straight_through_zeroing must be True or False, got {straight_through_zeroing!r}")
+    check_flag("early_exit", early_exit)
+    check_flag("straight_through_zeroing", straight_through_zeroing)
     policy = AViTPolicy(gate_scale, gate_center, eps, early_exit, straight_through_zeroing)
     return sparsify(model, policy, "halting")
+
+
+def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
+    """`avit` with a run's settings (the registry's constructor)."""
+    return avit(
+        model,
+        gate_scale=cfg.gate_scale,
+        gate_center=cfg.gate_center,
+        eps=cfg.halt_eps,
+        straight_through_zeroing=cfg.straight_through_zeroing,
+    )

@@ -14,42 +14,37 @@ Also the MLP-accounting pieces EViT and ToMe share.
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, sparsify
-from .dynamicvit import check_keep_ratio, check_locations, keep_counts
+from ..checks import is_int
+from ..engine import SparseInfo, TokenPolicy, TokenState, sparsify
+from ..flops import linear_macs
+from .dynamicvit import StagePruningPolicy, stage_policy_args
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 # --- shared by the baselines ----------------------------------------------------------------------
 
 
 def mlp_macs(model: VisionTransformer) -> tuple[int, ...]:
     """Multiply-adds per token of each block's MLP: what a token removed before the MLP saves."""
-    return tuple(
-        sum(m.in_features * m.out_features for m in block.mlp.modules() if isinstance(m, nn.Linear))
-        for block in model.blocks
-    )
+    return tuple(linear_macs(block.mlp) for block in model.blocks)
 
 
-def record_mlp_tokens(state: TokenState, tokens: int) -> None:
-    """Note how many tokens the current block's MLP ran on (fewer than its attention when it merged)."""
-    state.extra.setdefault("mlp_tokens", []).append(
-        torch.full((state.batch_size,), tokens, device=state.x.device)
-    )
-
-
-def reduced_mlp_flops(policy: TokenPolicy, info: SparseInfo, num_patches: int) -> torch.Tensor:
+def reduced_mlp_flops(policy: TokenPolicy, info: SparseInfo) -> torch.Tensor:
     """(B,) multiply-adds to add to `backbone_flops` for blocks that reduce tokens between attention and MLP.
 
     `backbone_flops` counts each block on the tokens it started with; ToMe and EViT run the block's MLP
-    on fewer (`info.extra['mlp_tokens']`), so the MLP work on the removed tokens is subtracted.
+    on fewer (`info.mlp_tokens`), so the MLP work on the removed tokens is subtracted.
     """
     attention_tokens = info.tokens_per_block.detach().to("cpu", torch.float64)
-    mlp_tokens = info.extra["mlp_tokens"].detach().to("cpu", torch.float64)
+    mlp_tokens = info.mlp_tokens.detach().to("cpu", torch.float64)
     per_token = torch.tensor(policy.mlp_macs, dtype=torch.float64)
     return -((attention_tokens - mlp_tokens) * per_token).sum(dim=1)
 
@@ -57,31 +52,13 @@ def reduced_mlp_flops(policy: TokenPolicy, info: SparseInfo, num_patches: int) -
 # --- random and static pruning ----------------------------------------------------------------------
 
 
-class StagePruningPolicy(TokenPolicy, nn.Module, metaclass=abc.ABCMeta):
-    """DynamicViT's pruning schedule and mechanics with a ranking that reads no token (no parameters)."""
+@dataclass
+class _Draws:
+    """Where one forward of random pruning draws from: fixed draws (one per stage, in order), a seeded
+    generator, or torch's global generator (both None)."""
 
-    def __init__(self, keep_ratio: float, locations: Sequence[int]):
-        super().__init__()
-        self.keep_ratio = float(keep_ratio)
-        self.locations = tuple(int(i) for i in locations)
-
-    def extra_repr(self) -> str:
-        return f"keep_ratio={self.keep_ratio}, locations={self.locations}"
-
-    @abc.abstractmethod
-    def patch_score(self, state: TokenState, patch_index: torch.Tensor) -> torch.Tensor:
-        """(B, M) score of the original patches `patch_index` (B, M); the highest are kept."""
-
-    def before_block(self, index: int, state: TokenState) -> None:
-        if index not in self.locations:
-            return
-        stage = self.locations.index(index)
-        count = keep_counts(state.num_patches, self.keep_ratio, self.locations)[stage]
-        if state.regime == "gather":
-            state.keep_top(count, lambda: self.patch_score(state, state.patch_index))
-            return
-        every_patch = torch.arange(state.num_patches, device=state.x.device).expand(state.batch_size, -1)
-        state.mask_top(count, self.patch_score(state, every_patch))
+    fixed: list[torch.Tensor] | None = None
+    generator: torch.Generator | None = None
 
 
 class RandomPruningPolicy(StagePruningPolicy):
@@ -115,24 +92,23 @@ class RandomPruningPolicy(StagePruningPolicy):
 
     def begin(self, model: VisionTransformer, state: TokenState) -> None:
         if self.fixed_draws is not None:
-            state.extra["fixed_draws"] = list(self.fixed_draws)
+            state.policy_state = _Draws(fixed=list(self.fixed_draws))
         elif self.seed is not None:
-            state.extra["generator"] = torch.Generator(device=state.x.device).manual_seed(self.seed)
+            state.policy_state = _Draws(
+                generator=torch.Generator(device=state.x.device).manual_seed(self.seed)
+            )
+        else:
+            state.policy_state = _Draws()
 
     def patch_score(self, state: TokenState, patch_index: torch.Tensor) -> torch.Tensor:
         # One draw per original patch, so training's masked form and inference pick the same tokens.
-        fixed = state.extra.get("fixed_draws")
-        if fixed is not None:
-            return fixed.pop(0).gather(1, patch_index)
-        generator = state.extra.get("generator")
+        draws: _Draws = state.policy_state
+        if draws.fixed is not None:
+            return draws.fixed.pop(0).gather(1, patch_index)
         score = torch.rand(
-            state.batch_size, state.num_patches, generator=generator, device=patch_index.device
+            state.batch_size, state.num_patches, generator=draws.generator, device=patch_index.device
         )
         return score.gather(1, patch_index)
-
-    def end(self, state: TokenState) -> None:
-        state.extra.pop("generator", None)
-        state.extra.pop("fixed_draws", None)
 
 
 def centre_rank(grid: tuple[int, int]) -> torch.Tensor:
@@ -165,14 +141,6 @@ class StaticPruningPolicy(StagePruningPolicy):
         return -self.patch_rank[patch_index].float()
 
 
-def _stage_policy_args(model, keep_ratio, locations) -> tuple[float, tuple[int, ...]]:
-    check_vit(model)
-    keep_ratio = check_keep_ratio(keep_ratio)
-    locations = check_locations(locations, len(model.blocks))
-    keep_counts(num_patches(model), keep_ratio, locations)
-    return keep_ratio, locations
-
-
 def random_prune(
     model: VisionTransformer,
     keep_ratio: float = 0.7,
@@ -184,8 +152,8 @@ def random_prune(
     locations defaults to DynamicViT's (3, 6, 9) for 12 blocks. Without `seed` every forward draws anew
     from torch's global generator; with it, each forward uses a generator seeded with `seed`.
     """
-    keep_ratio, locations = _stage_policy_args(model, keep_ratio, locations)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    keep_ratio, locations = stage_policy_args(model, keep_ratio, locations)
+    if seed is not None and not is_int(seed):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
     return sparsify(model, RandomPruningPolicy(keep_ratio, locations, seed), "random_prune")
 
@@ -196,6 +164,16 @@ def static_prune(
     locations: Sequence[int] | None = None,
 ) -> VisionTransformer:
     """Keep the patches nearest the image centre, the same for every image, at DynamicViT's counts (in place)."""
-    keep_ratio, locations = _stage_policy_args(model, keep_ratio, locations)
+    keep_ratio, locations = stage_policy_args(model, keep_ratio, locations)
     grid = tuple(model.patch_embed.grid_size)
     return sparsify(model, StaticPruningPolicy(keep_ratio, locations, grid), "static_prune")
+
+
+def random_from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
+    """`random_prune` with a run's settings (the registry's constructor)."""
+    return random_prune(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
+
+
+def static_from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
+    """`static_prune` with a run's settings (the registry's constructor)."""
+    return static_prune(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)

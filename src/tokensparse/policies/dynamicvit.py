@@ -14,13 +14,19 @@ its log-probabilities means "keep". Stage s keeps int(N * keep_ratio ** (s + 1))
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from ..engine import TokenPolicy, TokenState, check_vit, num_patches, sparsify
+from ..checks import check_number, is_int
+from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, no_extra_flops, num_patches, sparsify
+from ..flops import linear_macs
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 
 def default_locations(depth: int) -> tuple[int, ...]:
@@ -77,6 +83,19 @@ class ScorePredictor(nn.Module):
             image = (image * keep).sum(dim=1, keepdim=True) / count.clamp_min(torch.finfo(count.dtype).tiny)
         return self.out_conv(torch.cat([local, image.expand_as(local)], dim=-1))
 
+    def macs(self, tokens: torch.Tensor, ranking_only: bool) -> torch.Tensor:
+        """Multiply-adds on `tokens` (B,) patch tokens per image.
+
+        ranking_only: inference ranks tokens with `keep_score`, which runs the image half of the first
+        out_conv layer once per image and collapses the last layer to one output.
+        """
+        full = linear_macs(self)
+        if not ranking_only:
+            return tokens * full
+        hidden, last = self.out_conv[0], self.out_conv[-2]
+        image_half = hidden.in_features // 2 * hidden.out_features
+        return tokens * (full - image_half - last.in_features * (last.out_features - 1)) + image_half
+
     def keep_score(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """(B, M) scores ranking tokens as the keep log-probability does, for inference (all kept).
 
@@ -103,13 +122,7 @@ def stage_keep_counts(patches: int, keep_ratio: float, stages: int) -> list[int]
 
 
 def check_keep_ratio(keep_ratio: float) -> float:
-    if (
-        isinstance(keep_ratio, bool)
-        or not isinstance(keep_ratio, (int, float))
-        or not 0.0 < keep_ratio <= 1.0
-    ):
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
-    return float(keep_ratio)
+    return check_number("keep_ratio", keep_ratio, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 
 
 def check_locations(locations: Sequence[int] | None, depth: int) -> tuple[int, ...]:
@@ -117,7 +130,7 @@ def check_locations(locations: Sequence[int] | None, depth: int) -> tuple[int, .
     locations = default_locations(depth) if locations is None else tuple(locations)
     if not locations:
         raise ValueError("locations must name at least one block")
-    if any(not isinstance(i, int) or isinstance(i, bool) for i in locations):
+    if not all(map(is_int, locations)):
         raise ValueError(f"locations must be block indices (ints), got {locations!r}")
     if any(b <= a for a, b in zip(locations, locations[1:])):
         raise ValueError(f"locations must be strictly increasing, got {locations!r}")
@@ -139,32 +152,99 @@ def keep_counts(patches: int, keep_ratio: float, locations: Sequence[int]) -> li
     return counts
 
 
-class DynamicViTPolicy(TokenPolicy, nn.ModuleList):
-    """The predictors of every stage (registered as `score_predictor.{i}`) and the pruning rule."""
+class StagePruningPolicy(TokenPolicy, nn.Module):
+    """DynamicViT's pruning schedule and mechanics: before blocks `locations`, stage s keeps the
+    int(N * keep_ratio ** (s + 1)) highest-scoring patch tokens. A method says how it scores.
 
-    method = "dynamicvit"
+    Inference (gather regime) gathers the kept tokens; training (mask regime) keeps every token and
+    masks attention, a token once dropped staying dropped.
+    """
 
-    def __init__(self, dim: int, keep_ratio: float, locations: Sequence[int]):
-        super().__init__(ScorePredictor(dim) for _ in locations)
+    def __init__(self, keep_ratio: float, locations: Sequence[int]):
+        super().__init__()
         self.keep_ratio = float(keep_ratio)
         self.locations = tuple(int(i) for i in locations)
+
+    def extra_repr(self) -> str:
+        return f"keep_ratio={self.keep_ratio}, locations={self.locations}"
+
+    def patch_score(self, state: TokenState, patch_index: torch.Tensor) -> torch.Tensor:
+        """(B, M) score of the original patches `patch_index` (B, M); the highest are kept.
+
+        The ranking of a method that reads no token; a method that does overrides `gather_score` and
+        `mask_stage` instead.
+        """
+        raise NotImplementedError
+
+    def gather_score(self, stage: int, state: TokenState) -> torch.Tensor:
+        """Gather regime: (B, M) scores of the patch tokens present before stage `stage` prunes."""
+        return self.patch_score(state, state.patch_index)
+
+    def mask_stage(self, stage: int, count: int, state: TokenState) -> None:
+        """Mask regime: set the keep mask of stage `stage`, `count` patches among those still kept."""
+        every_patch = torch.arange(state.num_patches, device=state.x.device).expand(state.batch_size, -1)
+        state.mask_top(count, self.patch_score(state, every_patch))
+
+    def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
+        return no_extra_flops(info)  # a ranking that reads no token computes nothing
 
     def before_block(self, index: int, state: TokenState) -> None:
         if index not in self.locations:
             return
         stage = self.locations.index(index)
         count = keep_counts(state.num_patches, self.keep_ratio, self.locations)[stage]
-        predictor = self[stage]
         if state.regime == "gather":
-            state.keep_top(count, lambda: predictor.keep_score(state.patch_tokens))
-            return
+            state.keep_top(count, lambda: self.gather_score(stage, state))
+        else:
+            self.mask_stage(stage, count, state)
+
+
+def stage_policy_args(
+    model: VisionTransformer, keep_ratio: float, locations: Sequence[int] | None
+) -> tuple[float, tuple[int, ...]]:
+    """Checked (keep_ratio, locations) of a stage-pruning method on `model` (ValueError naming the problem)."""
+    check_vit(model)
+    keep_ratio = check_keep_ratio(keep_ratio)
+    locations = check_locations(locations, len(model.blocks))
+    keep_counts(num_patches(model), keep_ratio, locations)
+    return keep_ratio, locations
+
+
+class DynamicViTPolicy(StagePruningPolicy, nn.ModuleList):
+    """The predictors of every stage (registered as `score_predictor.{i}`) and the pruning rule."""
+
+    method = "dynamicvit"
+
+    def __init__(self, dim: int, keep_ratio: float, locations: Sequence[int]):
+        super().__init__(keep_ratio, locations)
+        self.extend(ScorePredictor(dim) for _ in self.locations)
+
+    def gather_score(self, stage: int, state: TokenState) -> torch.Tensor:
+        return self[stage].keep_score(state.patch_tokens)
+
+    def mask_stage(self, stage: int, count: int, state: TokenState) -> None:
         previous = state.previous_keep()
-        log_probs = predictor(state.patch_tokens, previous.unsqueeze(-1))
+        log_probs = self[stage](state.patch_tokens, previous.unsqueeze(-1))
         if self.training:
             state.set_keep(F.gumbel_softmax(log_probs, hard=True)[..., 0] * previous)
         else:
             # Deterministic mask regime: the same top-k as inference, among tokens still kept.
             state.mask_top(count, log_probs[..., 0])
+
+    def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
+        """Each stage's predictor runs on the patch tokens present before that stage prunes.
+
+        Gather regime (eval): a stage that keeps every token skips its predictor. Mask regime (training):
+        every token stays in the tensor and each predictor scores all of them.
+        """
+        patch_tokens = info.tokens_per_block.detach().to("cpu", torch.float64) - info.num_prefix
+        gathered = bool(info.kept_index)  # kept indices are recorded only when tokens are gathered
+        total = torch.zeros(patch_tokens.shape[0], dtype=torch.float64)
+        for location, predictor in zip(self.locations, self, strict=True):
+            before = patch_tokens[:, location - 1] if location > 0 else torch.full_like(total, num_patches)
+            ran = (patch_tokens[:, location] < before).double() if gathered else torch.ones_like(total)
+            total += ran * predictor.macs(before, ranking_only=gathered)
+        return total
 
 
 def dynamicvit(
@@ -179,8 +259,10 @@ def dynamicvit(
     (class, distillation, registers) are never pruned. The predictors start from random weights; load
     trained ones with `tokensparse.load_checkpoint` or train them with the DynamicViT loss.
     """
-    check_vit(model)
-    keep_ratio = check_keep_ratio(keep_ratio)
-    locations = check_locations(locations, len(model.blocks))
-    keep_counts(num_patches(model), keep_ratio, locations)
+    keep_ratio, locations = stage_policy_args(model, keep_ratio, locations)
     return sparsify(model, DynamicViTPolicy(model.embed_dim, keep_ratio, locations), "score_predictor")
+
+
+def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
+    """`dynamicvit` with a run's settings (the registry's constructor)."""
+    return dynamicvit(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)

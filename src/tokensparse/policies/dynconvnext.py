@@ -20,13 +20,14 @@ import torch.nn as nn
 from timm.layers import Mlp
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock, ConvNeXtStage
 
+from ..flops import linear_macs
 from .dynspatial import (
     SPARSE_STAGE,
     DynamicStageMixin,
-    SpatialScorePredictor,
     check_locations,
+    fast_path,
     gather_positions,
-    linear_macs,
+    make_sparse_stage,
     mlp_position_counts,
     scatter_positions,
     stage_keep_ratios,
@@ -169,20 +170,11 @@ def dynamic_convnext(
         if j < locations[0]:
             continue
         block.__class__ = DynamicConvNeXtBlock
-        fast = nn.Sequential(nn.LayerNorm(dim, eps=1e-6, **factory), nn.Linear(dim, dim, **factory))
-        nn.init.trunc_normal_(fast[1].weight, std=0.02)
-        nn.init.zeros_(fast[1].bias)
-        block.fast_path = fast
+        block.fast_path = fast_path(nn.LayerNorm(dim, eps=1e-6, **factory), dim, factory)
         block.fast_path_gamma = (
             nn.Parameter(torch.full((dim,), 1e-6, **factory)) if block.gamma is not None else None
         )
-    stage.__class__ = DynamicConvNeXtStage
-    stage.score_predictor = nn.ModuleList(SpatialScorePredictor(dim, eps=1e-6) for _ in locations).to(
-        **factory
-    )
-    stage.locations = locations
-    stage.keep_ratios = keep_ratios
-    stage.last_info = None
+    make_sparse_stage(stage, DynamicConvNeXtStage, dim, 1e-6, locations, keep_ratios, factory)
     model.__class__ = DynamicConvNeXt
     return model
 

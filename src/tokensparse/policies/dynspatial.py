@@ -18,10 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..checks import check_number, is_int
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 KEEP_RATIO_STEPS = (0.0, 0.2, 0.4)
 """The authors' SPARSE_RATIO = [rho, rho - 0.2, rho - 0.4] (main.py), one per predictor."""
@@ -32,16 +38,13 @@ SPARSE_STAGE = 2
 
 def stage_keep_ratios(keep_ratio: float) -> tuple[float, ...]:
     """(rho, rho - 0.2, rho - 0.4), computed as the authors do (so int(N * ratio) agrees bit for bit)."""
-    if (
-        isinstance(keep_ratio, bool)
-        or not isinstance(keep_ratio, (int, float))
-        or not KEEP_RATIO_STEPS[-1] < keep_ratio <= 1.0
-    ):
-        raise ValueError(
-            f"keep_ratio must be in (0.4, 1] (the three predictors keep rho, rho - 0.2 and rho - 0.4 of "
-            f"the positions), got {keep_ratio!r}"
-        )
-    return tuple(float(keep_ratio) - step for step in KEEP_RATIO_STEPS)
+    keep_ratio = check_number(
+        "keep_ratio",
+        keep_ratio,
+        lambda v: KEEP_RATIO_STEPS[-1] < v <= 1.0,
+        "in (0.4, 1] (the three predictors keep rho, rho - 0.2 and rho - 0.4 of the positions)",
+    )
+    return tuple(keep_ratio - step for step in KEEP_RATIO_STEPS)
 
 
 def default_locations(depth: int) -> tuple[int, int, int]:
@@ -57,7 +60,7 @@ def check_locations(locations: Sequence[int] | None, depth: int, what: str) -> t
         raise ValueError(
             f"locations must name {len(KEEP_RATIO_STEPS)} blocks (one per predictor), got {locations!r}"
         )
-    if any(not isinstance(i, int) or isinstance(i, bool) for i in locations):
+    if not all(map(is_int, locations)):
         raise ValueError(f"locations must be block indices (ints), got {locations!r}")
     if any(b <= a for a, b in zip(locations, locations[1:])) or locations[0] < 0 or locations[-1] >= depth:
         raise ValueError(
@@ -188,13 +191,6 @@ class DynamicStageMixin:
         return stream
 
 
-def linear_macs(module: nn.Module | None) -> int:
-    """Multiply-adds of every nn.Linear inside `module`, for one position."""
-    if module is None:
-        return 0
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
-
-
 def mlp_position_counts(
     positions: int, depth: int, locations: Sequence[int] | None, keep_ratios: Sequence[float], training: bool
 ) -> list[tuple[int, int]]:
@@ -292,14 +288,14 @@ def dynamic_spatial_param_groups(
     `no_weight_decay()` names. Each group carries "lr_scale" (timm's schedulers apply it) and
     "fix_epochs" (the training loop zeroes the group's lr while epoch < fix_epochs).
     """
-    sparse_stage(model)
+    added = {id(p) for p in new_parameters(model)}
     inner = getattr(model, "module", model)
     skip = set(getattr(inner, "no_weight_decay", lambda: set())())
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in inner.named_parameters():
         if not param.requires_grad:
             continue
-        new = ".score_predictor." in name or ".fast_path" in name
+        new = id(param) in added
         no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip
         groups.setdefault((new, no_decay), []).append(param)
     return [
@@ -311,3 +307,63 @@ def dynamic_spatial_param_groups(
         }
         for (new, no_decay), params in sorted(groups.items())
     ]
+
+
+def fast_path(norm: nn.Module, dim: int, factory: dict, *tail: nn.Module) -> nn.Sequential:
+    """A block's fast path: LayerNorm + Linear(dim, dim) (+ `tail`), the Linear initialised as the authors
+    do (trunc_normal std 0.02, zero bias), on the model's device and dtype (`factory`)."""
+    fast = nn.Sequential(norm, nn.Linear(dim, dim, **factory), *tail)
+    nn.init.trunc_normal_(fast[1].weight, std=0.02)
+    nn.init.zeros_(fast[1].bias)
+    return fast
+
+
+def make_sparse_stage(
+    stage: nn.Module,
+    stage_class: type,
+    dim: int,
+    eps: float,
+    locations: tuple[int, ...],
+    keep_ratios: tuple[float, ...],
+    factory: dict,
+) -> None:
+    """Make `stage` (whose blocks already have their fast paths) the sparse stage, of class
+    `stage_class`: one predictor per location, on the model's device and dtype (`factory`)."""
+    stage.__class__ = stage_class
+    stage.score_predictor = nn.ModuleList(SpatialScorePredictor(dim, eps=eps) for _ in locations).to(
+        **factory
+    )
+    stage.locations = locations
+    stage.keep_ratios = keep_ratios
+    stage.last_info = None
+
+
+def new_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters dynamic spatial sparsification adds: the predictors, and each block's fast path
+    (with its layer scale), which train at the full lr from the start."""
+    stage = sparse_stage(model)
+    params = list(stage.score_predictor.parameters())
+    for block in stage.blocks:
+        if hasattr(block, "fast_path"):
+            params += list(block.fast_path.parameters())
+        if getattr(block, "fast_path_gamma", None) is not None:
+            params.append(block.fast_path_gamma)
+    return params
+
+
+def dynamic_spatial(
+    model: nn.Module, keep_ratio: float = 0.7, locations: Sequence[int] | None = None
+) -> nn.Module:
+    """`dynamic_convnext` or `dynamic_swin`, as `model` is (in place)."""
+    from timm.models.convnext import ConvNeXt
+
+    from .dynconvnext import dynamic_convnext
+    from .dynswin import dynamic_swin
+
+    make = dynamic_convnext if isinstance(model, ConvNeXt) else dynamic_swin
+    return make(model, keep_ratio=keep_ratio, locations=locations)
+
+
+def from_config(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """`dynamic_spatial` with a run's settings (the registry's constructor)."""
+    return dynamic_spatial(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)

@@ -22,13 +22,14 @@ import torch.nn as nn
 from timm.layers import Mlp
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, SwinTransformerStage
 
+from ..flops import linear_macs
 from .dynspatial import (
     SPARSE_STAGE,
     DynamicStageMixin,
-    SpatialScorePredictor,
     check_locations,
+    fast_path,
     gather_positions,
-    linear_macs,
+    make_sparse_stage,
     mlp_position_counts,
     scatter_positions,
     stage_keep_ratios,
@@ -145,21 +146,11 @@ def dynamic_swin(
         if j < locations[0]:
             continue
         block.__class__ = DynamicSwinBlock
-        fast = nn.Sequential(
-            nn.LayerNorm(dim, eps=block.norm2.eps, **factory),
-            nn.Linear(dim, dim, **factory),
-            nn.Dropout(block.mlp.drop2.p),
-        )
-        nn.init.trunc_normal_(fast[1].weight, std=0.02)
-        nn.init.zeros_(fast[1].bias)
-        block.fast_path = fast
-    stage.__class__ = DynamicSwinStage
-    stage.score_predictor = nn.ModuleList(
-        SpatialScorePredictor(dim, eps=stage.blocks[0].norm1.eps) for _ in locations
-    ).to(**factory)
-    stage.locations = locations
-    stage.keep_ratios = keep_ratios
-    stage.last_info = None
+        norm = nn.LayerNorm(dim, eps=block.norm2.eps, **factory)
+        block.fast_path = fast_path(norm, dim, factory, nn.Dropout(block.mlp.drop2.p))
+    make_sparse_stage(
+        stage, DynamicSwinStage, dim, stage.blocks[0].norm1.eps, locations, keep_ratios, factory
+    )
     model.__class__ = DynamicSwinTransformer
     return model
 

@@ -24,7 +24,7 @@ Two token-count rules (`counts`):
   a DeiT distillation token included; here only the tokens after all prefix tokens are ranked.
 - "dynamicvit": DynamicViT's counts, for comparisons with DynamicViT at equal token counts and FLOPs:
   stage s keeps int(N * keep_ratio ** (s + 1)) patch tokens, plus the fused token. Here the fused token
-  is kept outside `state.x` (in `state.extra['fused_token']`, joined for each block) and never ranked;
+  is kept outside `state.x` (`EViTStats.fused_token`, joined for each block) and never ranked;
   a later stage folds it into the new one with its own attention weight, so `patch_index`,
   `kept_index` and `sparsity_info` name real patches only.
 """
@@ -33,16 +33,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ..attention import attention_parts
-from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, sparsify
-from .baselines import mlp_macs, record_mlp_tokens, reduced_mlp_flops
+from ..attention import add_attention, attention_parts, mlp_tail
+from ..checks import check_flag
+from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, policy_stats, sparsify
+from .baselines import mlp_macs, reduced_mlp_flops
 from .dynamicvit import check_keep_ratio, check_locations, keep_counts
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 Counts = Literal["authors", "dynamicvit"]
 COUNTS = ("authors", "dynamicvit")
@@ -61,6 +66,23 @@ def authors_keep_counts(patches: int, keep_ratio: float, stages: int, fuse: bool
         if count < ranked:
             ranked = count + int(fuse)
     return counts
+
+
+@dataclass
+class EViTStats:
+    """What EViT's last forward did (B images).
+
+    fused_token:      with counts="dynamicvit" and fuse, the (B, 1, C) fused token after the last
+                      block, kept outside the patch tokens; else None (the authors' counts keep it in
+                      the sequence, last).
+    class_row_tokens: per location, the tokens of the class-attention row computed to rank them (0
+                      where the location kept every token).
+    mlp_tokens:       (B, depth) tokens that reached each block's MLP.
+    """
+
+    fused_token: torch.Tensor | None
+    class_row_tokens: list[int]
+    mlp_tokens: torch.Tensor | None = None
 
 
 class EViTPolicy(TokenPolicy, nn.Module):
@@ -88,44 +110,43 @@ class EViTPolicy(TokenPolicy, nn.Module):
         return f"keep_ratio={self.keep_ratio}, locations={self.locations}, fuse={self.fuse}, counts={self.counts!r}"
 
     def begin(self, model: VisionTransformer, state: TokenState) -> None:
-        state.extra["fused_token"] = None
-        state.extra["class_row_tokens"] = []
+        state.policy_state = EViTStats(fused_token=None, class_row_tokens=[])
 
     def before_block(self, index: int, state: TokenState) -> None:
         if self.counts == "dynamicvit":
-            tokens = state.x.shape[1] + (state.extra["fused_token"] is not None)
-            state.extra["active_tokens"] = torch.full((state.batch_size,), tokens, device=state.x.device)
+            tokens = state.x.shape[1] + (state.policy_state.fused_token is not None)
+            state.active_tokens = torch.full((state.batch_size,), tokens, device=state.x.device)
 
     def run_block(self, index: int, block: nn.Module, state: TokenState) -> None:
-        fused = state.extra["fused_token"]
+        fused = state.policy_state.fused_token
         x = state.x if fused is None else torch.cat([state.x, fused], dim=1)
         if index not in self.locations:
-            record_mlp_tokens(state, x.shape[1])
+            state.record_mlp_tokens(x.shape[1])
             x = block(x)
         else:
             out, q, k = attention_parts(block.attn, block.norm1(x))
-            x = x + block.drop_path1(block.ls1(out))
+            x = add_attention(block, x, out)
             stage = self.locations.index(index)
             if self.counts == "authors":
                 x = self.reorganize_authors(state, x, q, k, block.attn.scale)
             else:
                 x = self.reorganize(stage, state, x, q, k, block.attn.scale)
-            record_mlp_tokens(state, x.shape[1])
-            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+            state.record_mlp_tokens(x.shape[1])
+            x = mlp_tail(block, x)
         if self.counts == "authors":
             state.x = x
             return
         main = state.x.shape[1]
         state.x = x[:, :main]
-        if state.extra["fused_token"] is not None:
-            state.extra["fused_token"] = x[:, main:]
+        if state.policy_state.fused_token is not None:
+            state.policy_state.fused_token = x[:, main:]
 
     def class_attention(
         self, state: TokenState, q: torch.Tensor, k: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """(B, t): the class token's attention to every token (softmax, mean over heads); records the
         tokens of the row computed for the FLOP count."""
-        state.extra["class_row_tokens"].append(k.shape[2])
+        state.policy_state.class_row_tokens.append(k.shape[2])
         return ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)[:, 0]
 
     def reorganize_authors(
@@ -135,7 +156,7 @@ class EViTPolicy(TokenPolicy, nn.Module):
         prefix, ranked = state.num_prefix, x.shape[1] - state.num_prefix
         count = math.ceil(self.keep_ratio * ranked)
         if count >= ranked:
-            state.extra["class_row_tokens"].append(0)
+            state.policy_state.class_row_tokens.append(0)
             self.record_stage(state, state.patch_index)
             return x
         attention = self.class_attention(state, q, k, scale)[:, prefix:]
@@ -168,9 +189,9 @@ class EViTPolicy(TokenPolicy, nn.Module):
         """DynamicViT's counts: keep the top patch tokens of `x` (B, t, C); return the MLP's input."""
         prefix, present = state.num_prefix, state.patch_tokens.shape[1]
         count = keep_counts(state.num_patches, self.keep_ratio, self.locations)[stage]
-        fused = state.extra["fused_token"]
+        fused = state.policy_state.fused_token
         if count >= present:
-            state.extra["class_row_tokens"].append(0)
+            state.policy_state.class_row_tokens.append(0)
             state.x = x[:, : prefix + present]
             state.keep_top(count, lambda: None)
             return x
@@ -186,20 +207,28 @@ class EViTPolicy(TokenPolicy, nn.Module):
             fused = fused_new
         elif fused is not None:
             fused = x[:, -1:]
-        state.extra["fused_token"] = fused
+        state.policy_state.fused_token = fused
         return state.x if fused is None else torch.cat([state.x, fused], dim=1)
 
     def end(self, state: TokenState) -> None:
-        state.extra["mlp_tokens"] = torch.stack(state.extra["mlp_tokens"], dim=1)
+        state.policy_state.mlp_tokens = torch.stack(state.mlp_tokens, dim=1)
+        state.stats = state.policy_state
+
+    def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
+        """(B,) multiply-adds beyond `backbone_flops`: the class-token attention row each pruning location
+        computes beside its fused attention (tokens x heads x head_dim), minus the MLP work on the tokens
+        removed before that block's MLP."""
+        rows = info.extra["class_row_tokens"]
+        class_row = sum(float(t) * self.attn_dims[i] for t, i in zip(rows, self.locations, strict=True))
+        return class_row + reduced_mlp_flops(self, info)
 
 
-def evit_flops(policy: EViTPolicy, info: SparseInfo, num_patches: int) -> torch.Tensor:
-    """(B,) multiply-adds beyond `backbone_flops`: the class-token attention row each pruning location
-    computes beside its fused attention (tokens x heads x head_dim), minus the MLP work on the tokens
-    removed before that block's MLP."""
-    rows = info.extra["class_row_tokens"]
-    class_row = sum(float(t) * policy.attn_dims[i] for t, i in zip(rows, policy.locations, strict=True))
-    return class_row + reduced_mlp_flops(policy, info, num_patches)
+evit_flops = EViTPolicy.extra_flops  # (policy, info, num_patches) -> (B,): EViT's FLOP term as a function
+
+
+def evit_stats(model: nn.Module) -> EViTStats:
+    """The fused token, class-attention rows and MLP token counts of EViT's last forward (`EViTStats`)."""
+    return policy_stats(model, EViTPolicy, EViTStats, "evit_stats", "evit")
 
 
 def evit(
@@ -225,8 +254,12 @@ def evit(
         raise ValueError(f"counts must be one of {COUNTS}, got {counts!r}")
     if counts == "dynamicvit":
         keep_counts(num_patches(model), keep_ratio, locations)
-    if not isinstance(fuse, bool):
-        raise ValueError(f"fuse must be True or False, got {fuse!r}")
+    check_flag("fuse", fuse)
     if getattr(model, "cls_token", None) is None:
         raise ValueError("EViT ranks patches by the class token's attention; this model has no class token")
     return sparsify(model, EViTPolicy(model, keep_ratio, locations, fuse, counts), "evit")
+
+
+def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
+    """`evit` with a run's settings (the registry's constructor)."""
+    return evit(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)

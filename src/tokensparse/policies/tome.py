@@ -13,24 +13,27 @@ on; they advise prop_attn=False there) and inference, `model.r` settable after p
 per-block list, or ToMe's (r, inflection) schedule), merged tokens ordered as theirs (unmerged A
 tokens, then B), so every block matches the same pairs as their code.
 
-Bookkeeping in `sparsity_info(model).extra`: `token_size` (B, T) input tokens held by each of the T
-output tokens; `token_group` (B, P + N) the output token each input token ended in (prefix first);
-`source` (B, T, P + N), the same as a 0/1 matrix, with trace_source=True; `mlp_tokens` (B, depth);
-`merge_schedule` the r each block merged. `patch_index` names, for each output patch token, the patch
+Bookkeeping of the last forward: `tome_stats(model)` (`ToMeStats`; also by name in
+`sparsity_info(model).extra`). `patch_index` names, for each output patch token, the patch
 it is anchored at (a B token keeps its identity when A tokens merge into it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ..attention import attention_parts
-from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, sparsify
-from .baselines import mlp_macs, record_mlp_tokens, reduced_mlp_flops
+from ..attention import add_attention, attention_parts, mlp_tail
+from ..checks import check_flag, is_int
+from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, policy_stats, sparsify
+from .baselines import mlp_macs, reduced_mlp_flops
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 MergeRate = int | list[int] | tuple[int, float]
 
@@ -40,12 +43,8 @@ def merge_schedule(r: MergeRate, depth: int) -> list[int]:
     merge none) or (r, inflection) with inflection in [-1, 1] (-1: ToMe's decreasing schedule)."""
     if isinstance(r, tuple):
         rate, inflection = r if len(r) == 2 else (None, None)
-        if (
-            isinstance(rate, bool)
-            or not isinstance(rate, int)
-            or rate < 0
-            or not isinstance(inflection, (int, float))
-            or not -1.0 <= inflection <= 1.0
+        if not (
+            is_int(rate) and rate >= 0 and isinstance(inflection, (int, float)) and -1.0 <= inflection <= 1.0
         ):
             raise ValueError(
                 f"an (r, inflection) schedule needs an int r >= 0 and inflection in [-1, 1], got {r!r}"
@@ -54,10 +53,10 @@ def merge_schedule(r: MergeRate, depth: int) -> list[int]:
         step = (2 * rate - 2 * low) / max(depth - 1, 1)
         return [int(low + step * i) for i in range(depth)]
     if isinstance(r, list):
-        if len(r) > depth or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in r):
+        if len(r) > depth or not all(is_int(v) and v >= 0 for v in r):
             raise ValueError(f"a per-block r must list at most {depth} ints >= 0 (one per block), got {r!r}")
         return list(r) + [0] * (depth - len(r))
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+    if not is_int(r) or r < 0:
         raise ValueError(
             f"r must be an int >= 0 (tokens merged per block), a per-block list or (r, inflection); got {r!r}"
         )
@@ -136,6 +135,24 @@ def bipartite_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Matchin
     return Matching(unmerged, merged, target.gather(1, merged), order)
 
 
+@dataclass
+class ToMeStats:
+    """What ToMe's last forward did, per image (B images of P + N input tokens, T output tokens).
+
+    token_size:     (B, T) input tokens each output token holds (None until a block merges).
+    token_group:    (B, P + N) the output token each input token ended in (prefix first).
+    merge_schedule: the r each block merged (capped at half the mergeable tokens).
+    mlp_tokens:     (B, depth) tokens that reached each block's MLP.
+    source:         (B, T, P + N) token_group as a 0/1 matrix, with trace_source=True; else None.
+    """
+
+    token_size: torch.Tensor | None
+    token_group: torch.Tensor
+    merge_schedule: list[int]
+    mlp_tokens: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+
+
 class ToMePolicy(TokenPolicy, nn.Module):
     """ToMe's block: attention (proportional to token size), merge, MLP. No parameters."""
 
@@ -152,57 +169,66 @@ class ToMePolicy(TokenPolicy, nn.Module):
         return f"prop_attn={self.prop_attn}, trace_source={self.trace_source}"
 
     def begin(self, model: VisionTransformer, state: TokenState) -> None:
-        state.extra["merge_schedule"] = merge_schedule(model.r, len(model.blocks))
         tokens = state.x.shape[1]
-        state.extra["token_group"] = torch.arange(tokens, device=state.x.device).expand(state.batch_size, -1)
-        state.extra["token_size"] = None
-
-    def before_block(self, index: int, state: TokenState) -> None:
-        state.extra["active_tokens"] = torch.full(
-            (state.batch_size,), state.x.shape[1], device=state.x.device
+        state.policy_state = ToMeStats(
+            token_size=None,
+            token_group=torch.arange(tokens, device=state.x.device).expand(state.batch_size, -1),
+            merge_schedule=merge_schedule(model.r, len(model.blocks)),
         )
 
+    def before_block(self, index: int, state: TokenState) -> None:
+        state.active_tokens = torch.full((state.batch_size,), state.x.shape[1], device=state.x.device)
+
     def run_block(self, index: int, block: nn.Module, state: TokenState) -> None:
-        size = state.extra["token_size"]
+        run: ToMeStats = state.policy_state
+        size = run.token_size
         bias = size.log() if self.prop_attn and size is not None else None
         out, _, keys = attention_parts(block.attn, block.norm1(state.x), bias)
-        x = state.x + block.drop_path1(block.ls1(out))
+        x = add_attention(block, state.x, out)
         tokens, prefix = x.shape[1], state.num_prefix
-        r = min(state.extra["merge_schedule"][index], (tokens - prefix) // 2)
-        state.extra["merge_schedule"][index] = max(r, 0)
+        r = min(run.merge_schedule[index], (tokens - prefix) // 2)
+        run.merge_schedule[index] = max(r, 0)
         if r > 0:
             matching = bipartite_matching(keys.mean(dim=1), r, prefix)
             weight = (x.new_ones(x.shape[:2]) if size is None else size).unsqueeze(-1)
             x = matching.merge(x * weight)
             weight = matching.merge(weight)
             x = x / weight
-            state.extra["token_size"] = weight.squeeze(-1)
-            state.extra["token_group"] = matching.destination(tokens).gather(1, state.extra["token_group"])
+            run.token_size = weight.squeeze(-1)
+            run.token_group = matching.destination(tokens).gather(1, run.token_group)
             patch_of_row = torch.cat(
                 [state.patch_index.new_full((x.shape[0], prefix), -1), state.patch_index], 1
             )
             state.patch_index = patch_of_row.gather(1, matching.anchors(tokens))[:, prefix:]
-        record_mlp_tokens(state, x.shape[1])
-        state.x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        state.record_mlp_tokens(x.shape[1])
+        state.x = mlp_tail(block, x)
 
     def end(self, state: TokenState) -> None:
-        state.extra["mlp_tokens"] = torch.stack(state.extra["mlp_tokens"], dim=1)
-        if state.extra["token_size"] is None:
-            state.extra["token_size"] = state.x.new_ones(state.x.shape[:2])
+        run: ToMeStats = state.policy_state
+        run.mlp_tokens = torch.stack(state.mlp_tokens, dim=1)
+        if run.token_size is None:
+            run.token_size = state.x.new_ones(state.x.shape[:2])
         if self.trace_source:
-            group = state.extra["token_group"]
-            rows = torch.arange(state.x.shape[1], device=group.device).view(1, -1, 1)
-            state.extra["source"] = (group.unsqueeze(1) == rows).to(state.x.dtype)
+            rows = torch.arange(state.x.shape[1], device=run.token_group.device).view(1, -1, 1)
+            run.source = (run.token_group.unsqueeze(1) == rows).to(state.x.dtype)
+        state.stats = run
+
+    def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
+        """(B,) multiply-adds beyond `backbone_flops` on the tokens each block started with: the similarity
+        matmul of each merging block (A x B x head_dim) minus the MLP work on the tokens merged before it."""
+        tokens = info.tokens_per_block.detach().to("cpu", torch.float64)
+        merged = tokens > info.mlp_tokens.detach().to("cpu", torch.float64)
+        head_dim = torch.tensor(self.head_dims, dtype=torch.float64)
+        matching = torch.ceil(tokens / 2) * torch.floor(tokens / 2) * head_dim * merged
+        return matching.sum(dim=1) + reduced_mlp_flops(self, info)
 
 
-def tome_flops(policy: ToMePolicy, info: SparseInfo, num_patches: int) -> torch.Tensor:
-    """(B,) multiply-adds beyond `backbone_flops` on the tokens each block started with: the similarity
-    matmul of each merging block (A x B x head_dim) minus the MLP work on the tokens merged before it."""
-    tokens = info.tokens_per_block.detach().to("cpu", torch.float64)
-    merged = tokens > info.extra["mlp_tokens"].detach().to("cpu", torch.float64)
-    head_dim = torch.tensor(policy.head_dims, dtype=torch.float64)
-    matching = torch.ceil(tokens / 2) * torch.floor(tokens / 2) * head_dim * merged
-    return matching.sum(dim=1) + reduced_mlp_flops(policy, info, num_patches)
+tome_flops = ToMePolicy.extra_flops  # (policy, info, num_patches) -> (B,): ToMe's FLOP term as a function
+
+
+def tome_stats(model: nn.Module) -> ToMeStats:
+    """Token sizes, groups, the merge schedule and MLP token counts of the last forward (`ToMeStats`)."""
+    return policy_stats(model, ToMePolicy, ToMeStats, "tome_stats", "tome")
 
 
 def tome(
@@ -216,10 +242,14 @@ def tome(
     """
     check_vit(model)
     merge_schedule(r, len(model.blocks))
-    for name, flag in (("prop_attn", prop_attn), ("trace_source", trace_source)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    check_flag("prop_attn", prop_attn)
+    check_flag("trace_source", trace_source)
     policy = ToMePolicy(model, prop_attn, trace_source)
     sparsify(model, policy, "tome")
     model.r = r
     return model
+
+
+def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
+    """`tome` with a run's settings (the registry's constructor)."""
+    return tome(model, r=cfg.tome_r)
