@@ -34,7 +34,7 @@ from .evaluate import evaluate
 from .flops import gflops
 from .models import pretrained, pretrained_entry
 from .study_report import _REUSED, _closest, _figures, _headline_table, _write_report
-from .train import TrainConfig, load_trained, train
+from .train import TrainConfig, config_differences, load_trained, train
 
 
 @dataclass
@@ -176,19 +176,16 @@ def _finetune(cfg: DemoConfig, name: str, progress: _Progress, **kw) -> Path:
 
 
 def _differences(cfg: TrainConfig, out: Path) -> list[str]:
-    """The settings in which the finished run in `out` differs from `cfg` (where it lives aside)."""
+    """The settings in which the finished run in `out` differs from `cfg` (where it lives aside).
+
+    Unlike a resume, a reuse also needs the same number of epochs; an image size left unset matches
+    the one train() derived and recorded."""
     saved = json.loads((out / "config.json").read_text())
-    now = json.loads(json.dumps(dataclasses.asdict(cfg.resolved())))
-    ignored = ("output", "resume", "overwrite", "device", "keep_checkpoints")
-    # train() records what it derived (img_size from the model, ...) in place of settings left None
-    return [
-        f"{key}: {saved.get(key)!r} -> {value!r}"
-        for key, value in now.items()
-        if key not in ignored and saved.get(key) != value and not (value is None and key in _DERIVED)
-    ]
-
-
-_DERIVED = ("img_size", "num_classes", "world_size")
+    cfg = cfg.resolved()
+    derived = {"img_size": saved.get("img_size")} if cfg.img_size is None else {}
+    return config_differences(
+        cfg, saved, derived, ("output", "resume", "overwrite", "device", "keep_checkpoints")
+    )
 
 
 def calibrate_gate_center(

@@ -445,6 +445,20 @@ _RESUME_MAY_CHANGE = (
 _RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "model.safetensors")
 
 
+def config_differences(
+    cfg: TrainConfig, saved: dict[str, Any], extra: dict[str, Any], ignored: tuple[str, ...]
+) -> list[str]:
+    """'key: saved -> now' for each setting of `cfg` (with the run facts `extra` train() derives) in
+    which a run's saved config.json differs, `ignored` aside; a key the file lacks is at its default."""
+    now = json.loads(json.dumps(dataclasses.asdict(cfg) | extra))
+    defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
+    return [
+        f"{key}: {saved.get(key, defaults.get(key))!r} -> {value!r}"
+        for key, value in now.items()
+        if key not in ignored and saved.get(key, defaults.get(key)) != value
+    ]
+
+
 def _claim_output(cfg: TrainConfig, out: Path, extra: dict[str, Any], is_main: bool) -> dict | None:
     """Make sure the run folder belongs to this run; return the saved config when resuming one.
 
@@ -478,13 +492,7 @@ def _claim_output(cfg: TrainConfig, out: Path, extra: dict[str, Any], is_main: b
     saved = _read_json(config_file)
     if not isinstance(saved, dict):
         raise ValueError(f"{config_file} is corrupt: expected a JSON object")
-    now = json.loads(json.dumps(dataclasses.asdict(cfg) | extra))
-    defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
-    differences = [
-        f"{key}: {saved.get(key, defaults.get(key))!r} -> {value!r}"
-        for key, value in now.items()
-        if key not in _RESUME_MAY_CHANGE and saved.get(key, defaults.get(key)) != value
-    ]
+    differences = config_differences(cfg, saved, extra, _RESUME_MAY_CHANGE)
     if differences:
         raise ValueError(
             f"cannot resume {out}: its run has another configuration ({'; '.join(differences)}); only "

@@ -174,7 +174,9 @@ class StagePruningPolicy(TokenPolicy, nn.Module):
         The ranking of a method that reads no token; a method that does overrides `gather_score` and
         `mask_stage` instead.
         """
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must define patch_score, or gather_score and mask_stage"
+        )
 
     def gather_score(self, stage: int, state: TokenState) -> torch.Tensor:
         """Gather regime: (B, M) scores of the patch tokens present before stage `stage` prunes."""
