@@ -239,6 +239,12 @@ def test_token_exactly_on_threshold_halts_without_remainder():
     torch.testing.assert_close(weight, torch.tensor([0.0, 0.2, 0.4]))
     torch.testing.assert_close(ponder_step, torch.tensor([0.0, 0.0, 0.4]))
     torch.testing.assert_close(remainder, torch.tensor([0.3, 0.7, 0.4]))
+    # the in-place form the inference pack uses gives the same values
+    cumulative_ = torch.stack([threshold - 0.5, torch.tensor(0.1), torch.tensor(0.6)])
+    remainder_ = torch.tensor([0.3, 0.9, 0.4])
+    weight_, runs_on_ = policy.halting_step_(cumulative_.add_(h), remainder_, h)
+    assert torch.equal(cumulative_, cumulative) and torch.equal(remainder_, remainder)
+    assert torch.equal(weight_, weight) and runs_on_.tolist() == [False, True, False]
 
 
 @pytest.mark.parametrize(

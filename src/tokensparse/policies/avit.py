@@ -81,18 +81,25 @@ class _MaskedRun(_Run):
 
 @dataclass
 class _PackedRun(_Run):
-    """Inference bookkeeping: the pack of live tokens and, over all B * (P + N) tokens, the results."""
+    """Inference bookkeeping: the pack of live tokens and, over all B * (P + N) tokens, the results.
+
+    A token's halting-weighted sum accumulates in the pack (`acc`) while it runs; its output, depth
+    and ponder cost are written to the (B * (P + N)) results once, when it leaves the pack (it
+    halted, its image exited early, or the last block ran), so that a block where no token halts
+    costs a few elementwise ops of bookkeeping and no scatter.
+    """
 
     tokens: torch.Tensor  # (T, C) live tokens, image after image
     flat: torch.Tensor  # (T,) index of each into the B * (P + N) tokens
     image: torch.Tensor  # (T,) image of each
+    is_head: torch.Tensor  # (T,) bool: a token the head reads
     cumulative: torch.Tensor  # (T,)
     remainder: torch.Tensor  # (T,)
+    acc: torch.Tensor  # (T, C) halting-weighted sum of each live token's block outputs so far
     layout: PackedLayout
     output: torch.Tensor  # (B * (P + N), C) halting-weighted sums
     depth: torch.Tensor  # (B * (P + N),)
     ponder: torch.Tensor  # (B * (P + N),)
-    head_token: torch.Tensor  # (P + N,) bool: tokens whose output the head reads
 
 
 def _head_tokens(model: VisionTransformer, tokens: int, prefix: int, device: torch.device) -> torch.Tensor:
@@ -152,6 +159,18 @@ class AViTPolicy(TokenPolicy, nn.Module):
         ponder_step = remainder * reached
         return cumulative, remainder - runs_on * h, weight, ponder_step, runs_on
 
+    def halting_step_(
+        self, cumulative: torch.Tensor, remainder: torch.Tensor, h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`halting_step` in place, in fewer ops (inference, no gradient), on a `cumulative` that
+        already includes `h` and on `remainder`: returns the weight of this block's output and a bool
+        mask of the tokens that run on. Same values."""
+        runs_on = cumulative < 1 - self.eps
+        halts = (cumulative > 1 - self.eps).float()  # a token exactly at 1 - eps halts with weight 0
+        weight = torch.where(runs_on, h, remainder * halts)
+        remainder.sub_(h * runs_on)
+        return weight, runs_on
+
     def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
         return no_extra_flops(info)  # halting reads channel 0 of each block's output: no matmul of its own
 
@@ -175,20 +194,21 @@ class AViTPolicy(TokenPolicy, nn.Module):
             )
             return
         device = state.x.device
+        total = batch * tokens
+        accumulate = torch.promote_types(state.x.dtype, torch.float32)
         state.policy_state = _PackedRun(
             **common,
-            tokens=state.x.reshape(batch * tokens, channels),
-            flat=torch.arange(batch * tokens, device=device),
+            tokens=state.x.reshape(total, channels),
+            flat=torch.arange(total, device=device),
             image=torch.arange(batch, device=device).repeat_interleave(tokens),
+            is_head=_head_tokens(model, tokens, state.num_prefix, device).repeat(batch),
             cumulative=zeros.flatten(),
             remainder=zeros.flatten() + 1,
+            acc=state.x.new_zeros(total, channels, dtype=accumulate),
             layout=PackedLayout.full(batch, tokens, device),
-            output=state.x.new_zeros(
-                batch * tokens, channels, dtype=torch.promote_types(state.x.dtype, torch.float32)
-            ),
-            depth=torch.zeros(batch * tokens, dtype=torch.long, device=device),
+            output=state.x.new_zeros(total, channels, dtype=accumulate),
+            depth=torch.zeros(total, dtype=torch.long, device=device),
             ponder=zeros.flatten().clone(),
-            head_token=_head_tokens(model, tokens, state.num_prefix, device),
         )
 
     def before_block(self, index: int, state: TokenState) -> None:
@@ -227,34 +247,52 @@ class AViTPolicy(TokenPolicy, nn.Module):
             run.output = run.output + y * weight.unsqueeze(-1)
             run.running = runs_on
             return
-        run.cumulative, run.remainder, weight, ponder_step, runs_on = self.halting_step(
-            run.cumulative, run.remainder, h
-        )
-        run.output.index_add_(0, run.flat, y.to(run.output.dtype) * weight.unsqueeze(-1))
-        run.depth.index_fill_(0, run.flat, index + 1)
-        run.ponder.index_copy_(0, run.flat, ponder_step + (index + 1))
-        if not last:
-            self._repack(run, runs_on > 0, state.batch_size)
+        if not h.numel():  # every image has left the pack
+            return
+        run.cumulative.add_(h)
+        if not last and bool(run.cumulative.max() < 1 - self.eps):
+            # no token reaches 1 - eps: each runs on with weight h (halting_step's values, fewer ops)
+            run.remainder.sub_(h)
+            run.acc += y * h.unsqueeze(-1)
+            return
+        weight, runs_on = self.halting_step_(run.cumulative, run.remainder, h)
+        run.acc += y * weight.unsqueeze(-1)  # y * weight is computed in float32 (acc's dtype)
+        if last:
+            self._leave(run, None, weight, index)
+        elif not bool(runs_on.all()):  # some token halted
+            self._repack(run, runs_on, torch.where(runs_on, 0.0, weight), index, state.batch_size)
 
-    def _repack(self, run: _PackedRun, runs_on: torch.Tensor, batch: int) -> None:
-        """Drop halted tokens (and, with early_exit, every token of images whose head tokens halted)."""
+    @staticmethod
+    def _leave(run: _PackedRun, leaving: torch.Tensor | None, ponder_step: torch.Tensor, index: int) -> None:
+        """Write the results of the pack's tokens at `leaving` (all when None), which ran `index + 1` blocks."""
+        flat, acc = run.flat, run.acc
+        if leaving is not None:
+            flat, acc, ponder_step = flat[leaving], acc[leaving], ponder_step[leaving]
+        run.output.index_copy_(0, flat, acc)
+        run.depth.index_fill_(0, flat, index + 1)
+        run.ponder.index_copy_(0, flat, ponder_step + (index + 1))
+
+    def _repack(
+        self, run: _PackedRun, runs_on: torch.Tensor, ponder_step: torch.Tensor, index: int, batch: int
+    ) -> None:
+        """Drop halted tokens (and, with early_exit, every token of images whose head tokens halted);
+        `ponder_step` is each token's remainder where it halted now, else 0."""
         keep = runs_on
         if self.early_exit:
-            head_running = runs_on & run.head_token[run.flat % run.head_token.numel()]
+            head_running = runs_on & run.is_head
             if batch == 1:  # one image: it stays while any of its head tokens runs
                 keep = keep & head_running.any()
             else:
                 live = torch.zeros(batch, device=keep.device).index_add_(0, run.image, head_running.float())
                 keep = keep & (live[run.image] > 0)
-        index = keep.nonzero().squeeze(1)
-        if index.numel() == keep.numel():
-            return
-        run.tokens, run.flat, run.image = (
-            t.index_select(0, index) for t in (run.tokens, run.flat, run.image)
+        self._leave(run, ~keep, ponder_step, index)
+        kept = keep.nonzero().squeeze(1)
+        run.tokens, run.flat, run.image, run.is_head, run.cumulative, run.remainder, run.acc = (
+            t.index_select(0, kept)
+            for t in (run.tokens, run.flat, run.image, run.is_head, run.cumulative, run.remainder, run.acc)
         )
-        run.cumulative, run.remainder = run.cumulative[index], run.remainder[index]
-        if batch == 1 and index.numel():  # one image is one bucket without padding: skip the bucketing
-            run.layout = PackedLayout.full(1, index.numel(), index.device)
+        if batch == 1 and kept.numel():  # one image is one bucket without padding: skip the bucketing
+            run.layout = PackedLayout.full(1, kept.numel(), kept.device)
         else:
             run.layout = PackedLayout.from_image_ids(run.image, batch)
 
