@@ -92,9 +92,31 @@ def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys, tiny_t
     assert "| dynamicvit@0.7 |" in out and "report:" in out  # the headline table is printed
     run_study(cfg)
     assert "dynamicvit@0.7: reusing" in capsys.readouterr().out
+    # an evaluation is reused only for the same weights: a changed run is evaluated again
+    from safetensors.torch import load_file, save_file
+
+    cache = tmp_path / "work" / "evaluations.json"
+    before = json.loads(cache.read_text())
+    weights = tmp_path / "work" / "dynamicvit@0.7" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["head.bias"] = tensors["head.bias"] + 1.0
+    save_file(tensors, weights, metadata=safe_open_metadata(weights))
+    run_study(cfg)
+    after = json.loads(cache.read_text())
+    assert after["dynamicvit@0.7"]["source"] != before["dynamicvit@0.7"]["source"]
+    assert after["dense"] == before["dense"] and after["random@0.7"] == before["random@0.7"]
+    reused = f"{len(before) - 1} evaluations"
+    assert reused in (tmp_path / "report" / "index.md").read_text()
     # a finished run is reused only under the same settings: a changed schedule is refused, not mixed in
     with pytest.raises(ValueError, match="backbone_lr_scale: 0.01 -> 0.1"):
         run_study(dataclasses.replace(cfg, dynamicvit_backbone_lr_scale=0.1))
+
+
+def safe_open_metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
 
 
 def test_gate_centre_calibration_hits_the_target_depth() -> None:

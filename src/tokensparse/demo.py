@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -244,8 +245,9 @@ def _match(build: Callable[[float], nn.Module], candidates, target: float) -> fl
 
 def _contenders(
     cfg: DemoConfig, runs: dict[str, Path], gate_centers: dict[float, float]
-) -> dict[str, Callable[[], nn.Module]]:
-    """Name -> builder of every model the report evaluates (eval mode)."""
+) -> tuple[dict[str, Callable[[], nn.Module]], dict[str, Path]]:
+    """Name -> builder of every model the report evaluates (eval mode), and name -> the weights file
+    each is built from (the shipped teacher, or a run's model.safetensors)."""
     from .policies.baselines import random_prune, static_prune
     from .policies.evit import evit
     from .policies.tome import tome
@@ -257,6 +259,10 @@ def _contenders(
 
     def run(name: str) -> Callable[[], nn.Module]:
         return lambda: load_trained(runs[name])[0]
+
+    def weights(name: str) -> Path:
+        source = "avit" if name.startswith("avit@") else name  # A-ViT's cuts share its trained weights
+        return runs[source] / "model.safetensors" if source in runs else pretrained_entry(cfg.teacher).path
 
     builders: dict[str, Callable[[], nn.Module]] = {"dense": dense_copy}
     if "dense-ft" in runs:
@@ -287,7 +293,7 @@ def _contenders(
         builders[f"tome@r{r_match}"] = lambda r=r_match: tome(dense_copy(), r=r)
     for name in [n for n in runs if n.startswith(("random-ft", "static-ft", "evit-ft", "tome-ft"))]:
         builders[name] = run(name)
-    return builders
+    return builders, {name: weights(name) for name in builders}
 
 
 def _test_loader(cfg: DemoConfig):
@@ -295,18 +301,29 @@ def _test_loader(cfg: DemoConfig):
     return build_loader(test, cfg.batch_size, is_training=False)
 
 
-def _evaluate_all(cfg: DemoConfig, builders, cache: Path, progress: _Progress) -> dict[str, dict]:
+def _fingerprint(weights: Path, cfg: DemoConfig) -> str:
+    """What an evaluation depends on besides the model's name: its weights' bytes and the test items."""
+    return f"{hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}/test_limit={cfg.test_limit}"
+
+
+def _evaluate_all(
+    cfg: DemoConfig, builders, sources: dict[str, Path], cache: Path, progress: _Progress
+) -> dict[str, dict]:
+    """Test-split metrics of every contender; an evaluation cached in `cache` is reused only when it
+    was made from the same weights file (by content) on the same test items."""
     loader = _test_loader(cfg)
-    results = json.loads(cache.read_text()) if cache.is_file() else {}
+    cached = json.loads(cache.read_text()) if cache.is_file() else {}
+    keys = {name: _fingerprint(sources[name], cfg) for name in builders}
+    results = {name: cached[name] for name in builders if cached.get(name, {}).get("source") == keys[name]}
     if results:
-        _REUSED.append(f"{len(set(results) & set(builders))} evaluations")
+        _REUSED.append(f"{len(results)} evaluations")
     progress.step(f"evaluating {len(builders)} models on the test split")
     for name, build in tqdm(builders.items(), desc="evaluations", leave=False):
         if name in results:
             continue
-        results[name] = evaluate(build(), loader, device=cfg.device, progress=False)
-        cache.write_text(json.dumps(results, indent=1))
-    return {name: results[name] for name in builders}
+        results[name] = {**evaluate(build(), loader, device=cfg.device, progress=False), "source": keys[name]}
+        cache.write_text(json.dumps({**cached, **results}, indent=1))
+    return {name: {k: v for k, v in results[name].items() if k != "source"} for name in builders}
 
 
 def _time_all(cfg: DemoConfig, builders, names: list[str]) -> dict[str, float]:
@@ -414,8 +431,8 @@ def run_study(cfg: DemoConfig) -> Path:
     _log(f"A-ViT gate centres for {', '.join(f'{c:.0%}' for c in cuts)} fewer FLOPs on validation: "
          f"{list(gate_centers.values())}")  # fmt: skip
     headline_center = gate_centers[cfg.avit_headline_cut]
-    builders = _contenders(cfg, runs, gate_centers)
-    results = _evaluate_all(cfg, builders, work / "evaluations.json", progress)
+    builders, sources = _contenders(cfg, runs, gate_centers)
+    results = _evaluate_all(cfg, builders, sources, work / "evaluations.json", progress)
     headline = _headline(cfg, results, headline_center)
     progress.step("timing the headline rows (paired, interleaved)")
     seconds = _time_all(cfg, builders, headline)
