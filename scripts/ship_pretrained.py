@@ -5,7 +5,12 @@
 
 --previous names the run(s) the shipped run started from (its --checkpoint), in order: their
 validation curves come first in the shipped metrics and the card (one curve over all stages, each
-line with its stage), and the plateau rule reads the whole curve.
+line with its stage), and the plateau rule reads the whole curve. A run that started from the
+package's shipped weights themselves (--checkpoint src/tokensparse/models/<name>.safetensors) takes
+--continues-shipped instead: the shipped metrics (all earlier stages) come first.
+
+    .venv/bin/python scripts/ship_pretrained.py runs/teacher-stage3 clutter-vit --continues-shipped \
+        --command "make teacher"
 
 Checks before writing: the run's config matches the registry entry (architecture, classes, image size);
 the weights are stored in fp16 if that keeps the fp32 logits within 1e-3 of the run's on 256 validation
@@ -29,6 +34,20 @@ from tokensparse.models import PRETRAINED, pretrained
 from tokensparse.study_report import plateau_gain
 
 
+def stage_metrics(shipped: str | None, runs: list[Path]) -> list[dict]:
+    """One validation curve over all stages: the shipped metrics (if the first run continued them),
+    then each run's metrics.jsonl, every line numbered by its epoch overall and its stage."""
+    metrics = [json.loads(line) for line in (shipped or "").splitlines() if line.strip()]
+    first = (metrics[-1]["stage"] if metrics else 0) + 1
+    for stage, run in enumerate(runs, start=first):
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            if line.strip():
+                m = json.loads(line)
+                m["stage_epoch"], m["epoch"], m["stage"] = m["epoch"], len(metrics) + 1, stage
+                metrics.append(m)
+    return metrics
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -39,10 +58,23 @@ def main() -> None:
     parser.add_argument(
         "--previous", type=Path, nargs="*", default=[], help="earlier stages the run started from, in order"
     )
+    parser.add_argument(
+        "--continues-shipped",
+        action="store_true",
+        help="the run started from the shipped weights: the shipped metrics are its earlier stages",
+    )
     parser.add_argument("--note", default="", help="a sentence for the card (how the stages were run)")
     args = parser.parse_args()
     entry = PRETRAINED[args.name]
     config = json.loads((args.run / "config.json").read_text())
+    shipped_metrics = None
+    if args.continues_shipped:
+        started = Path(config.get("checkpoint") or "")
+        if not started.is_file() or started.resolve() != entry.path.resolve():
+            raise SystemExit(
+                f"{args.run} did not start from the shipped {entry.path} (its checkpoint: {started})"
+            )
+        shipped_metrics = entry.path.with_suffix(".metrics.jsonl").read_text()  # read before it is replaced
     for key, want in (
         ("model", entry.model),
         ("num_classes", entry.num_classes),
@@ -67,13 +99,7 @@ def main() -> None:
         if gap <= 1e-3:
             break
 
-    metrics = []
-    for stage, run in enumerate([*args.previous, args.run], start=1):
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            if line.strip():
-                m = json.loads(line)
-                m["stage_epoch"], m["epoch"], m["stage"] = m["epoch"], len(metrics) + 1, stage
-                metrics.append(m)
+    metrics = stage_metrics(shipped_metrics, [*args.previous, args.run])
     entry.path.with_suffix(".metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     top1 = [m["val_top1"] for m in metrics]
     tail = max(1, math.ceil(0.2 * len(top1)))  # the epochs the card names
@@ -90,7 +116,7 @@ def main() -> None:
   when the fp32 logits stay within 1e-3), logits within {gap:.1e} of the trained weights on 256 validation canvases.
 - Data: `{entry.dataset}` training split (55000 Fashion-MNIST training items, a fresh layout every epoch);
   validation = the 5000 held-out training items (fixed canvases). The test split was not used.
-- Command: `{args.command}` (it trains {", ".join(f"`{r}`" for r in [*args.previous, args.run])}, each stage
+- Command: `{args.command}` (it trains {", ".join(f"`{r}`" for r in [*args.previous, args.run])}{" after the stages shipped before" if args.continues_shipped else ""}, each stage
   from the previous one's weights, then ships the last with `scripts/ship_pretrained.py`). {args.note}
 - Machine: {machine_description()}. Date shipped: {today()}.
 - Final validation top-1 {top1[-1]:.2f}% (top-5 {metrics[-1]["val_top5"]:.2f}%). The last {tail} of {len(top1)} epochs

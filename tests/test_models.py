@@ -48,3 +48,28 @@ def test_unknown_shipped_model_names_the_choices() -> None:
     with pytest.raises(ValueError, match="available: clutter-vit"):
         tokensparse.pretrained("imagenet-vit")
     assert "clutter-vit" in PRETRAINED
+
+
+def test_a_stage_that_continues_the_shipped_model_extends_its_curve(tmp_path) -> None:
+    """ship_pretrained --continues-shipped: the shipped stages come first, the new run is the next stage."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "ship_pretrained.py"
+    spec = importlib.util.spec_from_file_location("ship_pretrained", path)
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    shipped = pretrained_entry("clutter-vit").path.with_suffix(".metrics.jsonl").read_text()
+    before = [json.loads(line) for line in shipped.splitlines() if line.strip()]
+    run = tmp_path / "stage"
+    run.mkdir()
+    run.joinpath("metrics.jsonl").write_text(
+        "".join(json.dumps({"epoch": e, "val_top1": 70.0 + e}) + "\n" for e in (1, 2))
+    )
+    metrics = ship.stage_metrics(shipped, [run])
+    assert metrics[: len(before)] == before
+    added = metrics[len(before) :]
+    assert [m["epoch"] for m in added] == [len(before) + 1, len(before) + 2]
+    assert [m["stage"] for m in added] == [before[-1]["stage"] + 1] * 2
+    assert [m["stage_epoch"] for m in added] == [1, 2]
+    assert [m["stage"] for m in ship.stage_metrics(None, [run])] == [1, 1]  # a first stage alone
