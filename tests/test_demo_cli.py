@@ -110,6 +110,16 @@ def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys, tiny_t
     # a finished run is reused only under the same settings: a changed schedule is refused, not mixed in
     with pytest.raises(ValueError, match="backbone_lr_scale: 0.01 -> 0.1"):
         run_study(dataclasses.replace(cfg, dynamicvit_backbone_lr_scale=0.1))
+    # a newly shipped teacher (same name and path, other weights) does not reuse runs made from the old one
+    teacher = load_file(tmp_path / "tiny_teacher.safetensors")
+    teacher["head.bias"] = teacher["head.bias"] + 1.0
+    save_file(
+        teacher,
+        tmp_path / "tiny_teacher.safetensors",
+        metadata=safe_open_metadata(tmp_path / "tiny_teacher.safetensors"),
+    )
+    with pytest.raises(ValueError, match="holds runs fine-tuned from another 'tiny'"):
+        run_study(cfg)
 
 
 def safe_open_metadata(path) -> dict:

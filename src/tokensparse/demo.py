@@ -301,6 +301,22 @@ def _test_loader(cfg: DemoConfig):
     return build_loader(test, cfg.batch_size, is_training=False)
 
 
+def _claim_work(work: Path, teacher: str) -> None:
+    """Tie the work folder to the shipped teacher's weights (by content): its runs were fine-tuned from
+    them, and a run's config.json names only the teacher's path, which a newly shipped teacher keeps."""
+    sha = hashlib.sha256(pretrained_entry(teacher).path.read_bytes()).hexdigest()
+    record = work / "teacher.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("sha256") != sha:
+            raise ValueError(
+                f"{work} holds runs fine-tuned from another {saved.get('name', teacher)!r} (weights sha256 "
+                f"{saved.get('sha256', '?')[:12]}, now {sha[:12]}); move it aside or choose another work folder"
+            )
+        return
+    record.write_text(json.dumps({"name": teacher, "sha256": sha}) + "\n")
+
+
 def _fingerprint(weights: Path, cfg: DemoConfig) -> str:
     """What an evaluation depends on besides the model's name: its weights' bytes and the test items."""
     return f"{hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}/test_limit={cfg.test_limit}"
@@ -347,6 +363,7 @@ def run_study(cfg: DemoConfig) -> Path:
     _REUSED.clear()
     work, report = Path(cfg.work), Path(cfg.report)
     work.mkdir(parents=True, exist_ok=True)
+    _claim_work(work, cfg.teacher)
     report.mkdir(parents=True, exist_ok=True)
     baselines = ("random", "static", "evit", "tome") if cfg.baseline_epochs else ()
     progress = _Progress(
