@@ -304,7 +304,7 @@ def _test_loader(cfg: DemoConfig):
 def _claim_work(work: Path, teacher: str) -> None:
     """Tie the work folder to the shipped teacher's weights (by content): its runs were fine-tuned from
     them, and a run's config.json names only the teacher's path, which a newly shipped teacher keeps."""
-    sha = hashlib.sha256(pretrained_entry(teacher).path.read_bytes()).hexdigest()
+    sha = _sha256(pretrained_entry(teacher).path)
     record = work / "teacher.json"
     if record.is_file():
         saved = json.loads(record.read_text())
@@ -317,9 +317,8 @@ def _claim_work(work: Path, teacher: str) -> None:
     record.write_text(json.dumps({"name": teacher, "sha256": sha}) + "\n")
 
 
-def _fingerprint(weights: Path, cfg: DemoConfig) -> str:
-    """What an evaluation depends on besides the model's name: its weights' bytes and the test items."""
-    return f"{hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}/test_limit={cfg.test_limit}"
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _evaluate_all(
@@ -329,7 +328,10 @@ def _evaluate_all(
     was made from the same weights file (by content) on the same test items."""
     loader = _test_loader(cfg)
     cached = json.loads(cache.read_text()) if cache.is_file() else {}
-    keys = {name: _fingerprint(sources[name], cfg) for name in builders}
+    # what an evaluation depends on besides the model's name: its weights' bytes (each file hashed
+    # once; most contenders share the teacher's) and the test items
+    digests = {path: _sha256(path)[:16] for path in set(sources.values())}
+    keys = {name: f"{digests[sources[name]]}/test_limit={cfg.test_limit}" for name in builders}
     results = {name: cached[name] for name in builders if cached.get(name, {}).get("source") == keys[name]}
     if results:
         _REUSED.append(f"{len(results)} evaluations")
