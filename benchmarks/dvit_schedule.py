@@ -92,7 +92,9 @@ def main() -> None:
     lines = [
         "# DynamicViT's fine-tuning schedule, chosen on validation",
         "",
-        f"- command: `.venv/bin/python benchmarks/dvit_schedule.py{' --epochs ' + ' '.join(map(str, args.epochs)) if args.epochs != [4, 6] else ''}`",
+        f"- command: `.venv/bin/python benchmarks/dvit_schedule.py"
+        f"{' --scales ' + ' '.join(f'{x:g}' for x in args.scales) if args.scales != [0.1, 0.01, 0.3] else ''}"
+        f"{' --epochs ' + ' '.join(map(str, args.epochs)) if args.epochs != [4, 6] else ''}`",
         f"- date: {today()}",
         f"- machine: {machine_description()}",
         f"- from `tokensparse.pretrained('clutter-vit')` (validation top-1 {teacher_top1:.2f} after its training); "
