@@ -22,7 +22,7 @@ from pathlib import Path
 from tokensparse.bench import machine_description, today
 from tokensparse.config import TrainConfig
 from tokensparse.demo import DemoConfig, _model_settings
-from tokensparse.models import PRETRAINED
+from tokensparse.models import pretrained_entry
 from tokensparse.train import train
 
 LR = 1e-2  # the predictors' lr in the study (DemoConfig.dynamicvit_lr)
@@ -84,7 +84,8 @@ def main() -> None:
         rows.append((name, None, f"all weights {dense_lr:g}, cross-entropy only", curve))
     # chosen on validation, by the final epoch's top-1 (the study reports the final weights)
     best = max((row for row in rows if row[1] is not None), key=lambda row: row[3][-1]["val_top1"])
-    shipped = PRETRAINED["clutter-vit"].path.with_suffix(".metrics.jsonl").read_text().splitlines()
+    teacher = DemoConfig().teacher  # the model _model_settings fine-tunes from
+    shipped = pretrained_entry(teacher).path.with_suffix(".metrics.jsonl").read_text().splitlines()
     teacher_top1 = json.loads(shipped[-1])["val_top1"]
     minutes = sum(m["epoch_seconds"] for *_, curve in rows for m in curve) / 60
     longest = max(args.epochs)
@@ -93,11 +94,11 @@ def main() -> None:
         "# DynamicViT's fine-tuning schedule, chosen on validation",
         "",
         f"- command: `.venv/bin/python benchmarks/dvit_schedule.py"
-        f"{' --scales ' + ' '.join(f'{x:g}' for x in args.scales) if args.scales != [0.1, 0.01, 0.3] else ''}"
-        f"{' --epochs ' + ' '.join(map(str, args.epochs)) if args.epochs != [4, 6] else ''}`",
+        f"{' --scales ' + ' '.join(f'{x:g}' for x in args.scales) if args.scales != parser.get_default('scales') else ''}"
+        f"{' --epochs ' + ' '.join(map(str, args.epochs)) if args.epochs != parser.get_default('epochs') else ''}`",
         f"- date: {today()}",
         f"- machine: {machine_description()}",
-        f"- from `tokensparse.pretrained('clutter-vit')` (validation top-1 {teacher_top1:.2f} after its training); "
+        f"- from `tokensparse.pretrained('{teacher}')` (validation top-1 {teacher_top1:.2f} after its training); "
         f"{args.limit} fresh training canvases per epoch, batch 128, cosine lr, no warm-up; "
         "DynamicViT rho 0.7 with the authors' loss (ratio 2, MSE token + KL logits distillation 0.5), "
         "cls_token/pos_embed frozen",
