@@ -85,6 +85,14 @@ def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys, tiny_t
     results = saved["results"]
     assert results["dynamicvit@0.7"]["gflops"] < results["dense"]["gflops"]
     assert results["dense"]["images"] == 64  # the test split's first 64 items
+    # vs dense: paired on the same items, with its interval; the per-item strings stay in the work folder
+    assert results["dense"]["vs_dense"] == 0.0 and results["dense"]["vs_dense_ci"] == 0.0
+    dvit = results["dynamicvit@0.7"]
+    assert dvit["vs_dense"] == pytest.approx(dvit["top1"] - results["dense"]["top1"])
+    assert dvit["vs_dense_ci"] >= 0 and "correct" not in dvit
+    cached = json.loads((tmp_path / "work" / "evaluations.json").read_text())
+    assert len(cached["dense"]["correct"]) == 64
+    assert "vs dense (pt, 95% CI)" in text
     assert [p["epoch"] for p in saved["curves"]["dynamicvit@0.7"]] == [1, 2]
     assert list(saved["gate_centers"]) == ["0.3"]  # one evaluation centre per FLOP cut, chosen on val
     assert f"| avit@{saved['gate_centers']['0.3']:g} |" in text

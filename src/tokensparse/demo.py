@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .bench import interleaved
 from .data import build_dataset, build_loader
-from .evaluate import evaluate
+from .evaluate import evaluate, paired_difference
 from .flops import gflops
 from .models import pretrained, pretrained_entry
 from .study_report import _REUSED, _closest, _figures, _headline_table, _write_report
@@ -327,23 +327,37 @@ def _evaluate_all(
     cfg: DemoConfig, builders, sources: dict[str, Path], cache: Path, progress: _Progress
 ) -> dict[str, dict]:
     """Test-split metrics of every contender; an evaluation cached in `cache` is reused only when it
-    was made from the same weights file (by content) on the same test items."""
+    was made from the same weights file (by content) on the same test items. Each contender's
+    `vs_dense` is its top-1 difference to the dense model on the same items (pt) and `vs_dense_ci`
+    the half-width of that difference's 95% confidence interval, paired per item."""
     loader = _test_loader(cfg)
     cached = json.loads(cache.read_text()) if cache.is_file() else {}
     # what an evaluation depends on besides the model's name: its weights' bytes (each file hashed
     # once; most contenders share the teacher's) and the test items
     digests = {path: _sha256(path)[:16] for path in set(sources.values())}
     keys = {name: f"{digests[sources[name]]}/test_limit={cfg.test_limit}" for name in builders}
-    results = {name: cached[name] for name in builders if cached.get(name, {}).get("source") == keys[name]}
+    results = {
+        name: cached[name]
+        for name in builders
+        if cached.get(name, {}).get("source") == keys[name] and "correct" in cached[name]
+    }
     if results:
         _REUSED.append(f"{len(results)} evaluations")
     progress.step(f"evaluating {len(builders)} models on the test split")
     for name, build in tqdm(builders.items(), desc="evaluations", leave=False):
         if name in results:
             continue
-        results[name] = {**evaluate(build(), loader, device=cfg.device, progress=False), "source": keys[name]}
+        results[name] = {
+            **evaluate(build(), loader, device=cfg.device, progress=False, per_item=True),
+            "source": keys[name],
+        }
         cache.write_text(json.dumps({**cached, **results}, indent=1))
-    return {name: {k: v for k, v in results[name].items() if k != "source"} for name in builders}
+    out = {}
+    for name in builders:
+        out[name] = {k: v for k, v in results[name].items() if k not in ("source", "correct")}
+        diff, half = paired_difference(results[name]["correct"], results["dense"]["correct"])
+        out[name] |= {"vs_dense": diff, "vs_dense_ci": half}
+    return out
 
 
 def _time_all(cfg: DemoConfig, builders, names: list[str]) -> dict[str, float]:

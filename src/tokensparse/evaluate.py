@@ -22,6 +22,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: bool = True,
     amp: bool = False,
+    per_item: bool = False,
 ) -> dict[str, Any]:
     """Top-1/top-5 (%), mean executed GFLOPs per image, img/s, and keep ratio per stage or mean depth.
 
@@ -29,8 +30,12 @@ def evaluate(
     counts are summed over ranks, each rank reading its own shard. When the loader also yields object
     boxes (fashion-mnist-clutter with return_box=True), `object_kept` is the share of the patches
     overlapping the object that survive to the last block (pruning methods) and `object_depth` /
-    `background_depth` the mean halting depth on and off the object (A-ViT).
+    `background_depth` the mean halting depth on and off the object (A-ViT). With `per_item`,
+    `correct` is a string of '1'/'0' (top-1 right or not) per item in the loader's order, for paired
+    comparisons of two models on the same items (`paired_difference`); one process only.
     """
+    if per_item and dist.is_available() and dist.is_initialized():
+        raise ValueError("evaluate(per_item=True) needs a single process: each rank sees only its shard")
     device = torch.device(device)
     model = getattr(model, "module", model)
     was_training = model.training
@@ -40,6 +45,7 @@ def evaluate(
     stage_kept: torch.Tensor | None = None
     depth_sum, halting = 0.0, False
     seconds = 0.0
+    right: list[torch.Tensor] = []
     cover = torch.zeros(
         5, dtype=torch.float64
     )  # object patches, kept of them, object depth, bg patches, bg depth
@@ -58,6 +64,8 @@ def evaluate(
         finite = torch.isfinite(logits).all(1)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct = (top5 == labels.unsqueeze(1)) & finite.unsqueeze(1)  # a NaN output is never right
+        if per_item:
+            right.append(correct[:, 0].cpu())
         flops = flops_from_info(model) if policy is not None else model_flops(model, images)
         totals += torch.tensor(
             [
@@ -103,6 +111,8 @@ def evaluate(
         "img_s": totals[0].item() / extra[1].item() if extra[1] > 0 else float("nan"),
         "images": int(totals[0].item()),
     }
+    if per_item:
+        result["correct"] = "".join("1" if r else "0" for r in torch.cat(right).tolist())
     if totals[4] > 0:
         result["nonfinite_outputs"] = int(totals[4].item())
         warnings.warn(
@@ -121,6 +131,23 @@ def evaluate(
         result["object_kept"] = extra[3].item() / extra[2].item()
     model.train(was_training)
     return result
+
+
+def paired_difference(correct: str, reference: str, z: float = 1.96) -> tuple[float, float]:
+    """Top-1 difference (pt) of a model against a reference on the same items, and the half-width of
+    its 95% confidence interval (normal approximation over the paired per-item differences).
+
+    `correct` and `reference` are `evaluate(per_item=True)["correct"]` strings over the same items in
+    the same order. Pairing removes the items both get right or both get wrong from the spread, so the
+    interval is much narrower than that of two independent accuracies.
+    """
+    if len(correct) != len(reference) or not correct:
+        raise ValueError(
+            f"paired_difference needs two evaluations of the same items, got {len(correct)} and {len(reference)}"
+        )
+    d = torch.tensor([int(a) - int(b) for a, b in zip(correct, reference)], dtype=torch.float64)
+    spread = d.std().item() if len(d) > 1 else 0.0
+    return 100.0 * d.mean().item(), 100.0 * z * spread / len(d) ** 0.5
 
 
 def _object_cover(model: nn.Module, info, boxes: torch.Tensor) -> torch.Tensor:

@@ -28,16 +28,22 @@ def _closest(results: dict[str, dict], prefix: str, target: float) -> str | None
     return min(names, key=lambda n: abs(results[n]["gflops"] - target)) if names else None
 
 
+def _vs_dense(r: dict, dense: dict) -> str:
+    """Top-1 vs dense in pt, with the 95% confidence interval of the paired difference when known."""
+    diff = r.get("vs_dense", r["top1"] - dense["top1"])
+    return f"{diff:+.2f}" + (f" ± {r['vs_dense_ci']:.2f}" if r.get("vs_dense_ci") else "")
+
+
 def _headline_table(results: dict[str, dict], headline: list[str]) -> str:
     dense = results["dense"]
     lines = [
-        "| method | top-1 (%) | vs dense (pt) | GMACs | MACs vs dense | speedup |",
+        "| method | top-1 (%) | vs dense (pt, 95% CI) | GMACs | MACs vs dense | speedup |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name in headline:
         r = results[name]
         lines.append(
-            f"| {name} | {r['top1']:.2f} | {r['top1'] - dense['top1']:+.2f} | {r['gflops']:.4f} | "
+            f"| {name} | {r['top1']:.2f} | {_vs_dense(r, dense)} | {r['gflops']:.4f} | "
             f"{r['gflops'] / dense['gflops']:.2f} | {_fmt(r.get('speedup'), '.2f')}x |"
         )
     return "\n".join(lines)
@@ -218,10 +224,12 @@ def _write_report(
             if cfg.baseline_epochs
             else "The baselines are training-free."
         ),
+        "- vs dense: top-1 difference on the same test items, ± the half-width of its 95% confidence interval "
+        "(normal approximation over the per-item paired differences); a claim is read on the point estimate",
         "- GMACs: executed multiply-adds per image (what the papers call FLOPs); speedup: one paired, interleaved "
         f"timing run of the table's rows (median per batch of {cfg.bench_batch}, {cfg.bench_rounds} rounds) vs dense",
         "",
-        "| method | top-1 (%) | vs dense (pt) | top-5 (%) | executed GMACs | vs dense | img/s | speedup | object patches kept at last stage |",
+        "| method | top-1 (%) | vs dense (pt, 95% CI) | top-5 (%) | executed GMACs | vs dense | img/s | speedup | object patches kept at last stage |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in headline:
@@ -231,7 +239,7 @@ def _write_report(
         if "object_depth" in r:
             extra = f"depth {r['object_depth']:.2f} on object vs {r['background_depth']:.2f} off"
         lines.append(
-            f"| {name} | {r['top1']:.2f} | {r['top1'] - dense['top1']:+.2f} | {r['top5']:.2f} | {r['gflops']:.4f} | "
+            f"| {name} | {r['top1']:.2f} | {_vs_dense(r, dense)} | {r['top5']:.2f} | {r['gflops']:.4f} | "
             f"{r['gflops'] / dense['gflops']:.2f} | {_fmt(r.get('bench_img_s'), '.0f')} | {_fmt(r.get('speedup'), '.2f')}x "
             f"| {extra} |"
         )
@@ -299,12 +307,12 @@ def _claims(cfg: DemoConfig, results: dict[str, dict], gate_center: float) -> li
         line(
             saved_d >= 0.30 and dense["top1"] - dvit["top1"] <= 0.5,
             f"DynamicViT rho {rho}: {100 * saved_d:.1f}% fewer executed FLOPs (claim >= 30%), top-1 "
-            f"{dvit['top1']:.2f} vs dense {dense['top1']:.2f} ({dvit['top1'] - dense['top1']:+.2f} pt; claim >= -0.5)",
+            f"{dvit['top1']:.2f} vs dense {dense['top1']:.2f} ({_vs_dense(dvit, dense)} pt; claim >= -0.5)",
         ),
         line(
             saved_a >= 0.25 and dense["top1"] - avit["top1"] <= 0.5,
             f"A-ViT (gate centre {gate_center:g}): {100 * saved_a:.1f}% fewer executed FLOPs (claim >= 25%), top-1 "
-            f"{avit['top1']:.2f} ({avit['top1'] - dense['top1']:+.2f} pt; claim >= -0.5)",
+            f"{avit['top1']:.2f} ({_vs_dense(avit, dense)} pt; claim >= -0.5)",
         ),
     ]
     if "dense-ft" in results:
