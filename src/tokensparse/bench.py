@@ -503,6 +503,8 @@ def write_results(
     for r in results:
         lines += [f"## batch {r.batch_size} ({r.rounds} rounds, {r.device} {r.dtype})", "", r.table(), ""]
     (folder / f"{stem}.md").write_text("\n".join(lines))
+    from .train import json_safe  # a value not measured (NaN) is null: JSON has no NaN
+
     payload = {"command": command, "results": [r.to_dict() for r in results]}
-    (folder / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (folder / f"{stem}.json").write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
     return str(folder / f"{stem}.md")

@@ -35,7 +35,7 @@ from .evaluate import evaluate, paired_difference
 from .flops import gflops
 from .models import pretrained, pretrained_entry
 from .study_report import _REUSED, _closest, _figures, _headline_table, _write_report
-from .train import TrainConfig, config_differences, load_trained, train
+from .train import TrainConfig, config_differences, json_safe, load_trained, train
 
 
 @dataclass
@@ -482,15 +482,18 @@ def run_study(cfg: DemoConfig) -> Path:
     )
     (report / "results.json").write_text(
         json.dumps(
-            {
-                "config": dataclasses.asdict(cfg),
-                "gate_center": gate_center,
-                "gate_centers": {str(cut): center for cut, center in gate_centers.items()},
-                "avit_starts_val": {f"{start:g}": v for start, v in avit_val.items()},
-                "results": results,
-                "curves": curves,
-            },
+            json_safe(
+                {
+                    "config": dataclasses.asdict(cfg),
+                    "gate_center": gate_center,
+                    "gate_centers": {str(cut): center for cut, center in gate_centers.items()},
+                    "avit_starts_val": {f"{start:g}": v for start, v in avit_val.items()},
+                    "results": results,
+                    "curves": curves,
+                }
+            ),
             indent=1,
+            allow_nan=False,
         )
     )
     progress.step(f"report written: {index}")
