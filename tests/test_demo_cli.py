@@ -50,8 +50,10 @@ def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys, tiny_t
         batch_size=32,
         val_limit=32,
         test_limit=64,
-        dynamicvit_epochs=2,
+        dynamicvit_epochs=1,
+        dynamicvit_epochs_at=((0.7, 2),),  # per-ratio epochs override the common count (dense-ft: 1)
         avit_epochs=1,
+        avit_start_depths=(3.5,),
         baseline_epochs=1,
         bench_rounds=2,
         bench_batch=8,
@@ -94,6 +96,12 @@ def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys, tiny_t
     assert len(cached["dense"]["correct"]) == 64
     assert "vs dense (pt, 95% CI)" in text
     assert [p["epoch"] for p in saved["curves"]["dynamicvit@0.7"]] == [1, 2]
+    assert [p["epoch"] for p in saved["curves"]["dense-ft"]] == [1]
+    assert "- DynamicViT: rho 0.7 (2 epochs), " in text
+    # A-ViT fine-tunes from the authors' centre, the prior's depth (3 of 4 blocks) and depth 3.5
+    origins = sorted(v["origin"] for v in saved["avit_starts_val"].values())
+    assert origins == ["the authors' DeiT-T centre", "untrained mean depth 3", "untrained mean depth 3.5"]
+    assert all(f"avit-from@{start}" in saved["curves"] for start in saved["avit_starts_val"])
     assert list(saved["gate_centers"]) == ["0.3"]  # one evaluation centre per FLOP cut, chosen on val
     assert f"| avit@{saved['gate_centers']['0.3']:g} |" in text
     out = capsys.readouterr().out

@@ -59,6 +59,8 @@ class DemoConfig:
     warmup_epochs: int = 0
     dynamicvit_ratios: tuple[float, ...] = (0.7,)
     dynamicvit_epochs: int = 2
+    # (ratio, epochs) pairs for ratios that need another epoch count than `dynamicvit_epochs` to plateau
+    dynamicvit_epochs_at: tuple[tuple[float, int], ...] = ()
     dynamicvit_lr: float = 1e-2
     # The backbone's lr as a multiple of `dynamicvit_lr` once it trains (the authors' 0.01 over 30 epochs);
     # the study's value is chosen on validation by benchmarks/dvit_schedule.py.
@@ -74,6 +76,8 @@ class DemoConfig:
     # model barely halts and keeps the dense model's accuracy; None: the centre at which the untrained
     # model's mean depth is the prior's (benchmarks/avit_gate_start.py: far below the dense model).
     avit_starts: tuple[float | None, ...] = (30.0, None)
+    # Further starts, each the centre at which the untrained model's mean depth is the given depth.
+    avit_start_depths: tuple[float, ...] = ()
     # Fewer executed FLOPs than dense at which the fine-tuned A-ViT is evaluated (its gate centre moved,
     # chosen on validation images); the headline row is `avit_headline_cut`.
     avit_cuts: tuple[float, ...] = (0.2, 0.3, 0.4)
@@ -103,12 +107,18 @@ def study_config(**overrides) -> DemoConfig:
         # 4 epochs with the backbone at the authors' 0.01x: benchmarks/dvit_schedule.py on the shipped
         # teacher's validation split (rho 0.7: 77.98 against 77.58 at 0.1x; 8 epochs at 0.01x: 77.92)
         dynamicvit_epochs=4,
+        # rho 0.5 still gained 0.58 pt in its 4th epoch (2026-12-03)
+        dynamicvit_epochs_at=((0.5, 8),),
         dynamicvit_backbone_lr_scale=0.01,
         dense_finetune=True,
         backbone_fixed_epochs=1,
         # 3 epochs left both A-ViT runs far below dense (validation 60.92 and 74.92 at their own depths,
         # 2026-12-03); the papers fine-tune 100 epochs, this is what fits in the study's hour
         avit_epochs=10,
+        # 11: the untrained model's gate starts in its sigmoid's live range (at the authors' 30 the depth
+        # stayed at 11.4 through 10 epochs, 2026-12-03), yet near the dense model (69.2% on validation
+        # before training, benchmarks/results/avit_gate_start.md, against 32.5% at the prior's depth 8)
+        avit_start_depths=(11.0,),
         baseline_epochs=1,
         curve_ratios=(0.5, 0.7, 0.9),
         avit_cuts=(0.2, 0.3, 0.4, 0.5, 0.6),
@@ -385,7 +395,13 @@ def run_study(cfg: DemoConfig) -> Path:
     report.mkdir(parents=True, exist_ok=True)
     baselines = ("random", "static", "evit", "tome") if cfg.baseline_epochs else ()
     progress = _Progress(
-        len(cfg.dynamicvit_ratios) + len(cfg.avit_starts) + 2 + len(baselines) + cfg.dense_finetune + 4
+        len(cfg.dynamicvit_ratios)
+        + len(cfg.avit_starts)
+        + len(cfg.avit_start_depths)
+        + 2
+        + len(baselines)
+        + cfg.dense_finetune
+        + 4
     )
 
     progress.step("A-ViT's starting gate centres")
@@ -393,27 +409,31 @@ def run_study(cfg: DemoConfig) -> Path:
     val_images = torch.stack([val[i][0] for i in range(len(val))])
     teacher = pretrained(cfg.teacher)
     prior_depth = cfg.avit_prior_depth or max(1, round(len(teacher.blocks) * 8 / 12))
-    starts = [
-        start
-        if start is not None
-        else calibrate_gate_center(teacher, val_images, cfg.gate_scale, prior_depth)
+    # each starting centre and where it comes from
+    origins = {
+        start: "the authors' DeiT-T centre" if start == 30.0 else "set in the config"
         for start in cfg.avit_starts
-    ]
+        if start is not None
+    }
+    for depth in [prior_depth] * (None in cfg.avit_starts) + list(cfg.avit_start_depths):
+        center = calibrate_gate_center(teacher, val_images, cfg.gate_scale, depth)
+        origins.setdefault(center, f"untrained mean depth {depth:g}")
+    starts = list(origins)
     _log(f"A-ViT fine-tunes from gate centres {starts}")
 
     runs: dict[str, Path] = {}
-    fixed = min(cfg.backbone_fixed_epochs, cfg.dynamicvit_epochs)
     for ratio in cfg.dynamicvit_ratios:
+        epochs = dict(cfg.dynamicvit_epochs_at).get(ratio, cfg.dynamicvit_epochs)
         runs[f"dynamicvit@{ratio}"] = _finetune(
             cfg,
             f"dynamicvit@{ratio}",
             progress,
             method="dynamicvit",
             keep_ratio=ratio,
-            epochs=cfg.dynamicvit_epochs,
+            epochs=epochs,
             lr=cfg.dynamicvit_lr,
             backbone_lr_scale=cfg.dynamicvit_backbone_lr_scale,
-            backbone_fixed_epochs=fixed,
+            backbone_fixed_epochs=min(cfg.backbone_fixed_epochs, epochs),
         )
     if cfg.dense_finetune:
         runs["dense-ft"] = _finetune(
@@ -452,7 +472,7 @@ def run_study(cfg: DemoConfig) -> Path:
         )
 
     dense_gflops = gflops(teacher, val_images)
-    avit_val = _choose_avit_start(cfg, runs, starts, val_images, dense_gflops)
+    avit_val = _choose_avit_start(cfg, runs, origins, val_images, dense_gflops)
     gate_center = max(avit_val, key=lambda start: avit_val[start]["top1"])
     runs["avit"] = runs[f"avit-from@{gate_center:g}"]
     trained_avit = load_trained(runs["avit"])[0]
@@ -504,7 +524,11 @@ def run_study(cfg: DemoConfig) -> Path:
 
 
 def _choose_avit_start(
-    cfg: DemoConfig, runs: dict[str, Path], starts: list[float], images: torch.Tensor, dense_gflops: float
+    cfg: DemoConfig,
+    runs: dict[str, Path],
+    origins: dict[float, str],
+    images: torch.Tensor,
+    dense_gflops: float,
 ) -> dict[float, dict]:
     """Each A-ViT run's validation top-1 at the headline FLOP cut (its gate centre moved there)."""
     loader = build_loader(
@@ -513,12 +537,17 @@ def _choose_avit_start(
         is_training=False,
     )
     scores = {}
-    for start in starts:
+    for start in origins:
         model = load_trained(runs[f"avit-from@{start:g}"])[0]
         center = gate_center_for_cut(model, images, cfg.avit_headline_cut, dense_gflops)
         model.halting.gate_center = center
         result = evaluate(model, loader, device=cfg.device, progress=False)
-        scores[start] = {"gate_center": center, "top1": result["top1"], "gflops": result["gflops"]}
+        scores[start] = {
+            "gate_center": center,
+            "top1": result["top1"],
+            "gflops": result["gflops"],
+            "origin": origins[start],
+        }
         _log(f"A-ViT from gate centre {start:g}: validation top-1 {result['top1']:.2f} at centre {center:g} "
              f"({1 - result['gflops'] / dense_gflops:.0%} fewer FLOPs)")  # fmt: skip
     return scores

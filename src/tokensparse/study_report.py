@@ -151,6 +151,18 @@ def plateau_gain(top1: list[float]) -> float:
     return top1[-1] - top1[-tail - 1] if len(top1) > tail else float("nan")
 
 
+def _dynamicvit_epochs(cfg: DemoConfig) -> str:
+    """'0.5 (8 epochs), 0.7, 0.9 (4 epochs each)': the ratios and how long each fine-tuned."""
+    at = dict(cfg.dynamicvit_epochs_at)
+    other = [r for r in cfg.dynamicvit_ratios if r not in at]
+    parts = [f"{r} ({at[r]} epochs)" for r in cfg.dynamicvit_ratios if r in at]
+    if other:
+        parts.append(
+            f"{', '.join(map(str, other))} ({cfg.dynamicvit_epochs} epochs{' each' * (len(other) > 1)})"
+        )
+    return ", ".join(parts)
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
@@ -188,7 +200,7 @@ def _write_report(
         f"canvases every epoch); choices (A-ViT's evaluation gate centres, curves) on the validation split "
         f"(held-out training items{'' if cfg.val_limit is None else f', first {cfg.val_limit}'}); every number below on "
         f"{'all 10000' if cfg.test_limit is None else f'the first {test_items}'} items of Fashion-MNIST's test split",
-        f"- DynamicViT: rho {', '.join(map(str, cfg.dynamicvit_ratios))}, {cfg.dynamicvit_epochs} epochs each, the authors' "
+        f"- DynamicViT: rho {_dynamicvit_epochs(cfg)}, the authors' "
         f"recipe scaled: predictors at lr {cfg.dynamicvit_lr:g} from the start, backbone at "
         f"{cfg.dynamicvit_backbone_lr_scale:g}x (theirs: 0.01x over 30 epochs) after "
         f"{min(cfg.backbone_fixed_epochs, cfg.dynamicvit_epochs)} epoch(s) at lr 0 (theirs: 5 of 30), cls_token/pos_embed "
@@ -205,12 +217,7 @@ def _write_report(
         f"- A-ViT: gate scale {cfg.gate_scale:g}, prior centred at depth {prior_depth}, {cfg.avit_epochs} epochs at lr "
         f"{cfg.avit_lr:g}, no distillation (the authors' default), fine-tuned from each starting gate centre ("
         + "; ".join(
-            f"{start:g}: validation top-1 {v['top1']:.2f} at the headline cut"
-            + (
-                " (the authors' DeiT-T centre)"
-                if start in cfg.avit_starts
-                else f" (untrained mean depth {prior_depth})"
-            )
+            f"{start:g}: validation top-1 {v['top1']:.2f} at the headline cut ({v['origin']})"
             for start, v in avit_val.items()
         )
         + f"); the run from {gate_center:g} is reported, evaluated with its gate centre moved to execute "
