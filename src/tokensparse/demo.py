@@ -115,10 +115,10 @@ def study_config(**overrides) -> DemoConfig:
         # 3 epochs left both A-ViT runs far below dense (validation 60.92 and 74.92 at their own depths,
         # 2026-12-03); the papers fine-tune 100 epochs, this is what fits in the study's hour
         avit_epochs=10,
-        # 11: the untrained model's gate starts in its sigmoid's live range (at the authors' 30 the depth
-        # stayed at 11.4 through 10 epochs, 2026-12-03), yet near the dense model (69.2% on validation
-        # before training, benchmarks/results/avit_gate_start.md, against 32.5% at the prior's depth 8)
-        avit_start_depths=(11.0,),
+        # Between the authors' 30 (the depth stayed at 11.4 through 10 epochs: the gate sits in its
+        # sigmoid's flat tail) and the prior's depth 8 (3.79: the depth collapsed to 2.8), 2026-12-03;
+        # untrained validation top-1 42.7% and 69.2% (benchmarks/results/avit_gate_start.md)
+        avit_start_depths=(10.0, 11.0),
         baseline_epochs=1,
         curve_ratios=(0.5, 0.7, 0.9),
         avit_cuts=(0.2, 0.3, 0.4, 0.5, 0.6),
