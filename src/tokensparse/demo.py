@@ -71,7 +71,7 @@ class DemoConfig:
     avit_lr: float = 2e-4
     avit_prior_depth: int | None = None  # None: 2/3 of the depth (the paper's 8 of 12)
     gate_scale: float = 10.0
-    # The gate centres A-ViT fine-tunes from, one run each; the run with the higher validation top-1 at
+    # The gate centres A-ViT fine-tunes from, one run each; the run with the highest validation top-1 at
     # the headline FLOP cut is reported. 30: the authors' DeiT-T value (scale 10), at which the untrained
     # model barely halts and keeps the dense model's accuracy; None: the centre at which the untrained
     # model's mean depth is the prior's (benchmarks/avit_gate_start.py: far below the dense model).
