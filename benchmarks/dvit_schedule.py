@@ -10,7 +10,8 @@ first sixth of them, the authors' 5 of 30) and the dense model fine-tuned on the
 best schedule's backbone lr (`dense-ft`: how much of a gain is only more training of the dense model),
 and writes each run's validation top-1 after every epoch (held-out training items; the test split
 is not used) to benchmarks/results/dvit_schedule.md. The study's DynamicViT schedule is chosen from
-this table. Runs live in runs/dvit-schedule/ and are reused when finished.
+this table. With --predictor-lrs the first bracket also runs at other predictor lrs, the backbone's
+lr held at the chosen one. Runs live in runs/dvit-schedule/ and are reused when finished.
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ def main() -> None:
     )
     parser.add_argument("--scales", type=float, nargs="+", default=[0.1, 0.01, 0.3])
     parser.add_argument("--epochs", type=int, nargs="+", default=[4, 6])
+    parser.add_argument(
+        "--predictor-lrs",
+        type=float,
+        nargs="*",
+        default=[],
+        help=f"also run the first bracket with these predictor lrs (default {LR:g}), the backbone's lr held at the chosen one",
+    )
     parser.add_argument("--limit", type=int, default=12000, help="training items per epoch")
     parser.add_argument("--work", type=Path, default=Path("runs/dvit-schedule"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dvit_schedule.md")
@@ -77,6 +85,27 @@ def main() -> None:
             )
         if epochs == args.epochs[0]:
             chosen_scale = max(rows, key=lambda row: row[3][-1]["val_top1"])[1]
+            for predictor_lr in args.predictor_lrs:  # the predictors' lr, the backbone's held
+                scale = LR * chosen_scale / predictor_lr
+                name = f"dynamicvit@0.7-plr{predictor_lr:g}-bb{LR * chosen_scale:g}-{epochs}ep"
+                curve = run(
+                    args.work / name,
+                    args.limit,
+                    method="dynamicvit",
+                    keep_ratio=0.7,
+                    epochs=epochs,
+                    lr=predictor_lr,
+                    backbone_lr_scale=scale,
+                    backbone_fixed_epochs=fixed,
+                )
+                rows.append(
+                    (
+                        name,
+                        None,
+                        f"predictors {predictor_lr:g}, backbone {LR * chosen_scale:g} after {fixed} fixed",
+                        curve,
+                    )
+                )
         # the control: the dense model trained as long, at the backbone's lr
         dense_lr = LR * chosen_scale
         name = f"dense-ft-lr{dense_lr:g}-{epochs}ep"
@@ -95,7 +124,8 @@ def main() -> None:
         "",
         f"- command: `.venv/bin/python benchmarks/dvit_schedule.py"
         f"{' --scales ' + ' '.join(f'{x:g}' for x in args.scales) if args.scales != parser.get_default('scales') else ''}"
-        f"{' --epochs ' + ' '.join(map(str, args.epochs)) if args.epochs != parser.get_default('epochs') else ''}`",
+        f"{' --epochs ' + ' '.join(map(str, args.epochs)) if args.epochs != parser.get_default('epochs') else ''}"
+        f"{' --predictor-lrs ' + ' '.join(f'{x:g}' for x in args.predictor_lrs) if args.predictor_lrs else ''}`",
         f"- date: {today()}",
         f"- machine: {machine_description()}",
         f"- from `tokensparse.pretrained('{teacher}')` (validation top-1 {teacher_top1:.2f} after its training); "
