@@ -45,6 +45,22 @@ def run(out: Path, limit: int, **kw) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def dvit_row(args, name: str, lr: float, scale: float, epochs: int, fixed: int, key: float | None) -> tuple:
+    """One DynamicViT rho 0.7 run (predictors at `lr`, backbone at `lr * scale` after `fixed` epochs) as a
+    table row; `key` is the backbone lr scale the row competes under when the scale is chosen (None: it does not)."""
+    curve = run(
+        args.work / name,
+        args.limit,
+        method="dynamicvit",
+        keep_ratio=0.7,
+        epochs=epochs,
+        lr=lr,
+        backbone_lr_scale=scale,
+        backbone_fixed_epochs=fixed,
+    )
+    return name, key, f"predictors {lr:g}, backbone {lr * scale:g} after {fixed} fixed", curve
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -69,43 +85,15 @@ def main() -> None:
         # the 4-epoch bracket sweeps the lr scale; longer schedules run at the scale it chose
         scales = args.scales if epochs == args.epochs[0] else [chosen_scale]
         for scale in scales:
-            name = f"dynamicvit@0.7-bb{scale:g}-{epochs}ep"
-            curve = run(
-                args.work / name,
-                args.limit,
-                method="dynamicvit",
-                keep_ratio=0.7,
-                epochs=epochs,
-                lr=LR,
-                backbone_lr_scale=scale,
-                backbone_fixed_epochs=fixed,
-            )
             rows.append(
-                (name, scale, f"predictors {LR:g}, backbone {LR * scale:g} after {fixed} fixed", curve)
+                dvit_row(args, f"dynamicvit@0.7-bb{scale:g}-{epochs}ep", LR, scale, epochs, fixed, scale)
             )
         if epochs == args.epochs[0]:
             chosen_scale = max(rows, key=lambda row: row[3][-1]["val_top1"])[1]
             for predictor_lr in args.predictor_lrs:  # the predictors' lr, the backbone's held
-                scale = LR * chosen_scale / predictor_lr
                 name = f"dynamicvit@0.7-plr{predictor_lr:g}-bb{LR * chosen_scale:g}-{epochs}ep"
-                curve = run(
-                    args.work / name,
-                    args.limit,
-                    method="dynamicvit",
-                    keep_ratio=0.7,
-                    epochs=epochs,
-                    lr=predictor_lr,
-                    backbone_lr_scale=scale,
-                    backbone_fixed_epochs=fixed,
-                )
-                rows.append(
-                    (
-                        name,
-                        None,
-                        f"predictors {predictor_lr:g}, backbone {LR * chosen_scale:g} after {fixed} fixed",
-                        curve,
-                    )
-                )
+                scale = LR * chosen_scale / predictor_lr
+                rows.append(dvit_row(args, name, predictor_lr, scale, epochs, fixed, None))
         # the control: the dense model trained as long, at the backbone's lr
         dense_lr = LR * chosen_scale
         name = f"dense-ft-lr{dense_lr:g}-{epochs}ep"
