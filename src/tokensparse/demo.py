@@ -96,6 +96,10 @@ class DemoConfig:
     seed: int = 0
     command: str = "tokensparse demo"
 
+    def dynamicvit_epochs_for(self, ratio: float) -> int:
+        """The epochs DynamicViT at `ratio` fine-tunes: its `dynamicvit_epochs_at` entry, else the common count."""
+        return dict(self.dynamicvit_epochs_at).get(ratio, self.dynamicvit_epochs)
+
 
 def study_config(**overrides) -> DemoConfig:
     """The full study (`tokensparse demo --study`, committed in benchmarks/results/study)."""
@@ -423,7 +427,7 @@ def run_study(cfg: DemoConfig) -> Path:
 
     runs: dict[str, Path] = {}
     for ratio in cfg.dynamicvit_ratios:
-        epochs = dict(cfg.dynamicvit_epochs_at).get(ratio, cfg.dynamicvit_epochs)
+        epochs = cfg.dynamicvit_epochs_for(ratio)
         runs[f"dynamicvit@{ratio}"] = _finetune(
             cfg,
             f"dynamicvit@{ratio}",

@@ -153,9 +153,9 @@ def plateau_gain(top1: list[float]) -> float:
 
 def _dynamicvit_epochs(cfg: DemoConfig) -> str:
     """'0.5 (8 epochs), 0.7, 0.9 (4 epochs each)': the ratios and how long each fine-tuned."""
-    at = dict(cfg.dynamicvit_epochs_at)
-    other = [r for r in cfg.dynamicvit_ratios if r not in at]
-    parts = [f"{r} ({at[r]} epochs)" for r in cfg.dynamicvit_ratios if r in at]
+    own = [r for r in cfg.dynamicvit_ratios if cfg.dynamicvit_epochs_for(r) != cfg.dynamicvit_epochs]
+    other = [r for r in cfg.dynamicvit_ratios if r not in own]
+    parts = [f"{r} ({cfg.dynamicvit_epochs_for(r)} epochs)" for r in own]
     if other:
         parts.append(
             f"{', '.join(map(str, other))} ({cfg.dynamicvit_epochs} epochs{' each' * (len(other) > 1)})"
