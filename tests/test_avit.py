@@ -242,9 +242,11 @@ def test_token_exactly_on_threshold_halts_without_remainder():
     # the in-place form the inference pack uses gives the same values
     cumulative_ = torch.stack([threshold - 0.5, torch.tensor(0.1), torch.tensor(0.6)])
     remainder_ = torch.tensor([0.3, 0.9, 0.4])
-    weight_, runs_on_ = policy.halting_step_(cumulative_.add_(h), remainder_, h)
-    assert torch.equal(cumulative_, cumulative) and torch.equal(remainder_, remainder)
-    assert torch.equal(weight_, weight) and runs_on_.tolist() == [False, True, False]
+    ponder_step_ = torch.full((3,), float("nan"))
+    weight_, runs_on_ = policy.halting_step_(cumulative_.add_(h), remainder_, h, ponder_step_)
+    assert torch.equal(cumulative_, cumulative) and torch.equal(weight_, weight)
+    assert torch.equal(ponder_step_, ponder_step) and runs_on_.tolist() == [False, True, False]
+    assert torch.equal(remainder_[runs_on_], remainder[runs_on_])  # the others leave the pack
 
 
 @pytest.mark.parametrize(

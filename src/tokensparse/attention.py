@@ -175,23 +175,24 @@ class PackedLayout:
     by token count into a few buckets (`length_buckets`) so that short images are not padded to the
     longest one.
 
-    counts:    (num_images,) tokens of each image in the pack (0 for images not in it).
+    counts:    (num_images,) tokens of each image in the pack (0 for images not in it); None when
+               the pack is one image's tokens (its count is the pack's length).
     buckets:   (images, length) of each padded batch; their rows are concatenated in one buffer.
     pad_index: (T,) row of each packed token in that buffer; None when the pack is the buffer already
                (one bucket, every image of full length).
     key_masks: per bucket, (images, 1, 1, length) True for real tokens, or None without padding.
     """
 
-    counts: torch.Tensor
     buckets: list[tuple[int, int]]
     pad_index: torch.Tensor | None
     key_masks: list[torch.Tensor | None]
+    counts: torch.Tensor | None = None
 
     @classmethod
     def full(cls, num_images: int, length: int, device: torch.device | None = None) -> PackedLayout:
         """Every image with `length` tokens: no padding."""
         counts = torch.full((num_images,), length, dtype=torch.long, device=device)
-        return cls(counts, [(num_images, length)], None, [None])
+        return cls([(num_images, length)], None, [None], counts)
 
     @classmethod
     def from_image_ids(cls, image: torch.Tensor, num_images: int, max_buckets: int = 4) -> PackedLayout:
@@ -200,10 +201,10 @@ class PackedLayout:
         lengths = counts.tolist()
         order = sorted((i for i in range(num_images) if lengths[i]), key=lambda i: -lengths[i])
         if not order:
-            return cls(counts, [], None, [])
+            return cls([], None, [], counts)
         runs = length_buckets([lengths[i] for i in order], max_buckets)
         if len(runs) == 1 and lengths[order[0]] == lengths[order[-1]]:
-            return cls(counts, [(len(order), lengths[order[0]])], None, [None])
+            return cls([(len(order), lengths[order[0]])], None, [None], counts)
         slot, buckets, key_masks, offset = [0] * num_images, [], [], 0
         for a, b in runs:
             length = lengths[order[a]]
@@ -220,7 +221,7 @@ class PackedLayout:
         start = counts.cumsum(0) - counts
         position = torch.arange(image.numel(), device=image.device) - start[image]
         pad_index = torch.tensor(slot, device=image.device)[image] + position
-        return cls(counts, buckets, pad_index, key_masks)
+        return cls(buckets, pad_index, key_masks, counts)
 
 
 def packed_attention(attn: nn.Module, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:

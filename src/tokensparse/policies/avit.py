@@ -79,27 +79,31 @@ class _MaskedRun(_Run):
     output: torch.Tensor | float = 0.0
 
 
+# Rows of `_PackedRun.rows`: one float32 value per live token (HEAD and ONE adjacent: one product
+# and one sum count the running head tokens and the running tokens together).
+CUMULATIVE, REMAINDER, PONDER_STEP, IMAGE, POSITION, HEAD, ONE = range(7)
+
+
 @dataclass
 class _PackedRun(_Run):
-    """Inference bookkeeping: the pack of live tokens and, over all B * (P + N) tokens, the results.
+    """Inference bookkeeping: the pack of live tokens, their halting state, and the tokens that left.
 
-    A token's halting-weighted sum accumulates in the pack (`acc`) while it runs; its output, depth
-    and ponder cost are written to the (B * (P + N)) results once, when it leaves the pack (it
-    halted, its image exited early, or the last block ran), so that a block where no token halts
-    costs a few elementwise ops of bookkeeping and no scatter.
+    At batch 1 a tensor op costs about the same whatever its size (tens of microseconds right after
+    a block's matmuls, on a CPU), so the bookkeeping's cost is its number of ops. The per-token
+    scalars therefore live in the rows of one (7, T) float32 tensor (cumulative score, remainder,
+    this block's ponder step, image, position in the image, 1.0 for a token the head reads, 1.0), so
+    that dropping tokens is one gather for all of them, and a block reads back one pair of numbers
+    (running head tokens, running tokens) once. A token's halting-weighted sum accumulates in the
+    pack (`acc`) while it runs; when it leaves (it halted, its image exited early, or the last block
+    ran) its sum and rows go to `left` with its depth, and `end` writes them to their places.
     """
 
     tokens: torch.Tensor  # (T, C) live tokens, image after image
-    flat: torch.Tensor  # (T,) index of each into the B * (P + N) tokens
-    image: torch.Tensor  # (T,) image of each
-    is_head: torch.Tensor  # (T,) bool: a token the head reads
-    cumulative: torch.Tensor  # (T,)
-    remainder: torch.Tensor  # (T,)
     acc: torch.Tensor  # (T, C) halting-weighted sum of each live token's block outputs so far
+    rows: torch.Tensor  # (7, T) float32: CUMULATIVE, REMAINDER, PONDER_STEP, IMAGE, POSITION, HEAD, ONE
     layout: PackedLayout
-    output: torch.Tensor  # (B * (P + N), C) halting-weighted sums
-    depth: torch.Tensor  # (B * (P + N),)
-    ponder: torch.Tensor  # (B * (P + N),)
+    left: list[tuple[torch.Tensor, torch.Tensor, int]]  # (acc, rows, blocks run) of tokens that left
+    scores: list[torch.Tensor]  # per block, the halting scores of the tokens it computed
 
 
 def _head_tokens(model: VisionTransformer, tokens: int, prefix: int, device: torch.device) -> torch.Tensor:
@@ -159,18 +163,6 @@ class AViTPolicy(TokenPolicy, nn.Module):
         ponder_step = remainder * reached
         return cumulative, remainder - runs_on * h, weight, ponder_step, runs_on
 
-    def halting_step_(
-        self, cumulative: torch.Tensor, remainder: torch.Tensor, h: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`halting_step` in place, in fewer ops (inference, no gradient), on a `cumulative` that
-        already includes `h` and on `remainder`: returns the weight of this block's output and a bool
-        mask of the tokens that run on. Same values."""
-        runs_on = cumulative < 1 - self.eps
-        halts = (cumulative > 1 - self.eps).float()  # a token exactly at 1 - eps halts with weight 0
-        weight = torch.where(runs_on, h, remainder * halts)
-        remainder.sub_(h * runs_on)
-        return weight, runs_on
-
     def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
         return no_extra_flops(info)  # halting reads channel 0 of each block's output: no matmul of its own
 
@@ -196,25 +188,26 @@ class AViTPolicy(TokenPolicy, nn.Module):
         device = state.x.device
         total = batch * tokens
         accumulate = torch.promote_types(state.x.dtype, torch.float32)
+        rows = torch.ones(7, total, device=device)
+        rows[CUMULATIVE] = 0.0
+        rows[PONDER_STEP] = 0.0
+        rows[IMAGE] = torch.arange(batch, device=device).repeat_interleave(tokens)
+        rows[POSITION] = torch.arange(tokens, device=device).repeat(batch)
+        rows[HEAD] = _head_tokens(model, tokens, state.num_prefix, device).repeat(batch)
         state.policy_state = _PackedRun(
             **common,
             tokens=state.x.reshape(total, channels),
-            flat=torch.arange(total, device=device),
-            image=torch.arange(batch, device=device).repeat_interleave(tokens),
-            is_head=_head_tokens(model, tokens, state.num_prefix, device).repeat(batch),
-            cumulative=zeros.flatten(),
-            remainder=zeros.flatten() + 1,
             acc=state.x.new_zeros(total, channels, dtype=accumulate),
+            rows=rows,
             layout=PackedLayout.full(batch, tokens, device),
-            output=state.x.new_zeros(total, channels, dtype=accumulate),
-            depth=torch.zeros(total, dtype=torch.long, device=device),
-            ponder=zeros.flatten().clone(),
+            left=[],
+            scores=[],
         )
 
     def before_block(self, index: int, state: TokenState) -> None:
         run = state.policy_state
         if isinstance(run, _PackedRun):
-            state.active_tokens = run.layout.counts
+            state.active_tokens = run.tokens.shape[0] if state.batch_size == 1 else run.layout.counts
 
     def run_block(self, index: int, block: nn.Module, state: TokenState) -> None:
         run = state.policy_state
@@ -227,85 +220,118 @@ class AViTPolicy(TokenPolicy, nn.Module):
 
     def after_block(self, index: int, state: TokenState) -> None:
         run = state.policy_state
-        last = index == run.blocks - 1
-        y = state.x if isinstance(run, _MaskedRun) else run.tokens
+        if isinstance(run, _PackedRun):
+            self._pack_after_block(index, run, state.batch_size)
+            return
+        y = state.x
         h = self.halting_score(y)
         # Mean over all images and tokens, halted ones included. The authors' code takes
         # torch.mean(h[1:]), dropping image 0 of every batch from the prior: a slip, not reproduced
         # (tests/test_avit_grads.py holds the prior's gradient to theirs over all images).
-        # Gather regime: over computed tokens.
         run.halting_score_layer.append(h.mean())
-        if last:
+        if index == run.blocks - 1:
             h = torch.ones_like(h)
-        if isinstance(run, _MaskedRun):
-            run.ponder = run.ponder + run.running
-            run.depth = run.depth + run.running
-            run.cumulative, run.remainder, weight, ponder_step, runs_on = self.halting_step(
-                run.cumulative, run.remainder, h, run.running
-            )
-            run.ponder = run.ponder + ponder_step
-            run.output = run.output + y * weight.unsqueeze(-1)
-            run.running = runs_on
-            return
-        if not h.numel():  # every image has left the pack
-            return
-        run.cumulative.add_(h)
-        if not last and bool(run.cumulative.max() < 1 - self.eps):
-            # no token reaches 1 - eps: each runs on with weight h (halting_step's values, fewer ops)
-            run.remainder.sub_(h)
-            run.acc += y * h.unsqueeze(-1)
-            return
-        weight, runs_on = self.halting_step_(run.cumulative, run.remainder, h)
-        run.acc += y * weight.unsqueeze(-1)  # y * weight is computed in float32 (acc's dtype)
-        if last:
-            self._leave(run, None, weight, index)
-        elif not bool(runs_on.all()):  # some token halted
-            self._repack(run, runs_on, torch.where(runs_on, 0.0, weight), index, state.batch_size)
+        run.ponder = run.ponder + run.running
+        run.depth = run.depth + run.running
+        run.cumulative, run.remainder, weight, ponder_step, runs_on = self.halting_step(
+            run.cumulative, run.remainder, h, run.running
+        )
+        run.ponder = run.ponder + ponder_step
+        run.output = run.output + y * weight.unsqueeze(-1)
+        run.running = runs_on
 
-    @staticmethod
-    def _leave(run: _PackedRun, leaving: torch.Tensor | None, ponder_step: torch.Tensor, index: int) -> None:
-        """Write the results of the pack's tokens at `leaving` (all when None), which ran `index + 1` blocks."""
-        flat, acc = run.flat, run.acc
-        if leaving is not None:
-            flat, acc, ponder_step = flat[leaving], acc[leaving], ponder_step[leaving]
-        run.output.index_copy_(0, flat, acc)
-        run.depth.index_fill_(0, flat, index + 1)
-        run.ponder.index_copy_(0, flat, ponder_step + (index + 1))
+    def halting_step_(
+        self,
+        cumulative: torch.Tensor,
+        remainder: torch.Tensor,
+        h: torch.Tensor,
+        ponder_step: torch.Tensor,
+        runs_on: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`halting_step` in place and in fewer ops (inference, no gradient), on a `cumulative` that
+        already includes `h`: writes each token's ponder step (its remainder where it halts now, else
+        0) into `ponder_step` and returns the weight of this block's output and a bool mask of the
+        tokens that run on (`cumulative < 1 - eps`, computed unless given). `remainder` is updated where
+        a token runs on (the others leave the pack; theirs is then meaningless). Same values as
+        `halting_step` for every token."""
+        if runs_on is None:
+            runs_on = cumulative < 1 - self.eps
+        # a token exactly at 1 - eps halts with weight 0 (the authors' strict comparisons)
+        torch.mul(remainder, cumulative > 1 - self.eps, out=ponder_step)
+        weight = torch.where(runs_on, h, ponder_step)
+        remainder.sub_(h)
+        return weight, runs_on
+
+    def _pack_after_block(self, index: int, run: _PackedRun, batch: int) -> None:
+        """The halting rule on the pack, in few tensor ops and one read-back (see `_PackedRun`)."""
+        y = run.tokens
+        h = self.halting_score(y)
+        run.scores.append(h)  # `end` averages them per block (over the tokens each block computed)
+        tokens = h.shape[0]
+        if not tokens:  # every image has left the pack
+            return
+        cumulative, remainder, ponder_step = run.rows[CUMULATIVE], run.rows[REMAINDER], run.rows[PONDER_STEP]
+        if index == run.blocks - 1:  # h = 1: every token halts with its remainder as weight and ponder step
+            run.acc.addcmul_(y, remainder.unsqueeze(1))  # y * weight is computed in float32 (acc's dtype)
+            ponder_step.copy_(remainder)
+            run.left.append((run.acc, run.rows, index + 1))
+            return
+        cumulative.add_(h)
+        runs_on = cumulative < 1 - self.eps
+        running = run.rows[HEAD : ONE + 1] * runs_on  # (2, T): running head tokens, running tokens
+        head_running, still = running.sum(1).tolist()
+        if still == tokens:  # no token halts: each runs on with weight h
+            remainder.sub_(h)
+            run.acc.addcmul_(y, h.unsqueeze(1))
+            return
+        weight, runs_on = self.halting_step_(cumulative, remainder, h, ponder_step, runs_on)
+        run.acc.addcmul_(y, weight.unsqueeze(1))
+        self._repack(run, runs_on, running[0], head_running, int(still), index, batch)
 
     def _repack(
-        self, run: _PackedRun, runs_on: torch.Tensor, ponder_step: torch.Tensor, index: int, batch: int
+        self,
+        run: _PackedRun,
+        runs_on: torch.Tensor,
+        head_running: torch.Tensor,
+        any_head_running: float,
+        still: int,
+        index: int,
+        batch: int,
     ) -> None:
-        """Drop halted tokens (and, with early_exit, every token of images whose head tokens halted);
-        `ponder_step` is each token's remainder where it halted now, else 0."""
-        keep = runs_on
-        if self.early_exit:
-            head_running = runs_on & run.is_head
-            if batch == 1:  # one image: it stays while any of its head tokens runs
-                keep = keep & head_running.any()
-            else:
-                live = torch.zeros(batch, device=keep.device).index_add_(0, run.image, head_running.float())
-                keep = keep & (live[run.image] > 0)
-        self._leave(run, ~keep, ponder_step, index)
-        kept = keep.nonzero().squeeze(1)
-        run.tokens, run.flat, run.image, run.is_head, run.cumulative, run.remainder, run.acc = (
-            t.index_select(0, kept)
-            for t in (run.tokens, run.flat, run.image, run.is_head, run.cumulative, run.remainder, run.acc)
-        )
-        if batch == 1 and kept.numel():  # one image is one bucket without padding: skip the bucketing
-            run.layout = PackedLayout.full(1, kept.numel(), kept.device)
+        """Move the tokens that do not run on (`still` tokens do; with early_exit, every token of an
+        image whose head tokens all halted leaves too) from the pack to `run.left`."""
+        keep, kept = runs_on, still
+        if self.early_exit and batch == 1 and not any_head_running:  # the image leaves: all its tokens
+            keep, kept = torch.zeros_like(runs_on), 0
+        elif self.early_exit and batch > 1:
+            image = run.rows[IMAGE].long()
+            live = torch.zeros(batch, device=keep.device).index_add_(0, image, head_running)
+            keep = keep & (live[image] > 0)
+            kept = int(keep.sum())
+        if not kept:
+            run.left.append((run.acc, run.rows, index + 1))
+            run.tokens, run.acc, run.rows = run.tokens[:0], run.acc[:0], run.rows[:, :0]
         else:
-            run.layout = PackedLayout.from_image_ids(run.image, batch)
+            # kept tokens first, each part in pack order: one gather splits acc and rows in two
+            order = torch.argsort(keep, descending=True, stable=True)
+            acc, rows = run.acc.index_select(0, order), run.rows.index_select(1, order)
+            run.left.append((acc[kept:], rows[:, kept:], index + 1))
+            run.tokens = run.tokens.index_select(0, order[:kept])
+            run.acc, run.rows = acc[:kept], rows[:, :kept]
+        if batch == 1:  # one image is one bucket without padding: no bucketing (its count is the pack's)
+            run.layout = PackedLayout([(1, kept)], None, [None])
+        else:
+            run.layout = PackedLayout.from_image_ids(run.rows[IMAGE].long(), batch)
 
     def end(self, state: TokenState) -> None:
         run = state.policy_state
         batch, tokens = state.batch_size, state.num_prefix + state.num_patches
-        # The halting-weighted sums accumulate in float32; the final norm runs in the model's dtype.
-        dtype = state.x.dtype if isinstance(run, _MaskedRun) else run.tokens.dtype
         if isinstance(run, _MaskedRun):
-            state.x, depth, ponder = run.output.to(dtype), run.depth.long(), run.ponder
+            # The halting-weighted sums accumulate in float32; the final norm runs in the model's dtype.
+            state.x, depth, ponder = run.output.to(state.x.dtype), run.depth.long(), run.ponder
+            halting_score_layer = torch.stack(run.halting_score_layer)
         else:
-            state.x = run.output.view(batch, tokens, -1).to(dtype)
-            depth, ponder = run.depth.view(batch, tokens), run.ponder.view(batch, tokens)
+            depth, ponder, halting_score_layer = self._pack_end(run, state, batch, tokens)
         grid = run.grid
         patches = depth[:, state.num_prefix :]
         depth_map = patches.reshape(batch, *grid) if grid[0] * grid[1] == patches.shape[1] else None
@@ -313,9 +339,33 @@ class AViTPolicy(TokenPolicy, nn.Module):
             token_depth=depth,
             mean_depth=depth.float().mean(dim=1),
             ponder=ponder,
-            halting_score_layer=torch.stack(run.halting_score_layer),
+            halting_score_layer=halting_score_layer,
             depth_map=depth_map,
         )
+
+    @staticmethod
+    def _pack_end(
+        run: _PackedRun, state: TokenState, batch: int, tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every token left the pack once: write its sum, depth and ponder cost to its place."""
+        device = run.acc.device
+        acc = torch.cat([a for a, _, _ in run.left])
+        rows = torch.cat([r for _, r, _ in run.left], dim=1)
+        depth = torch.tensor([d for a, _, d in run.left for _ in range(a.shape[0])], device=device)
+        flat = rows[POSITION].long()
+        if batch > 1:
+            flat += rows[IMAGE].long() * tokens
+        total = batch * tokens
+        output = acc.new_zeros(total, acc.shape[1]).index_copy_(0, flat, acc)
+        state.x = output.view(batch, tokens, -1).to(run.tokens.dtype)
+        token_depth = torch.zeros(total, dtype=torch.long, device=device).index_copy_(0, flat, depth)
+        ponder = torch.zeros(total, device=device).index_copy_(0, flat, rows[PONDER_STEP] + depth)
+        scores = torch.cat(run.scores)
+        lengths = torch.tensor([h.numel() for h in run.scores], device=device)
+        halting_score_layer = torch.segment_reduce(
+            scores, "mean", lengths=lengths
+        )  # nan where a block ran none
+        return token_depth.view(batch, tokens), ponder.view(batch, tokens), halting_score_layer
 
 
 def avit_stats(model: nn.Module) -> HaltingStats:
