@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import inspect
 import statistics
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ HOOKS = (
     "halting_score",
     "halting_step_",
     "_repack",
+    "_pack_end",
 )
 
 
@@ -62,7 +64,8 @@ def main() -> None:
             finally:
                 spent[name] += time.perf_counter() - start
 
-        setattr(owner, name, wrapper)
+        static = isinstance(inspect.getattr_static(owner, name), staticmethod)
+        setattr(owner, name, staticmethod(wrapper) if static else wrapper)
 
     for name in HOOKS:
         timed(avit_module.AViTPolicy, name)
@@ -77,7 +80,7 @@ def main() -> None:
         f"- method: random weights, one image (`tokensparse.bench.mixed_batch(1)`), gate scale 10, gate centre "
         f"{args.gate_center:g}, inference form; {args.rounds} rounds, A-ViT, its bound (timm's blocks on A-ViT's own "
         "per-block token counts) and dense in rotating order; medians per forward. Hooks nest: `after_block` "
-        "includes `halting_score`, `halting_step_` and `_repack`.",
+        "includes `halting_score`, `halting_step_` and `_repack`; `end` includes `_pack_end`.",
         "",
     ]
     for model_name in args.models:
