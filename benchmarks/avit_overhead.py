@@ -8,7 +8,10 @@ wall-clock timers and runs the same batch-1 forward as benchmarks/bench_avit.py 
 one plain-or-busy image, gate scale 10, gate centre 3), next to the dense blocks run on A-ViT's own
 per-block token counts (`tokensparse.bench.truncated_forward`, the bound), in rotating order.
 `run_block` is the blocks themselves; everything else is overhead a zero-cost implementation would
-not pay. Writes benchmarks/results/avit_overhead.md. Run it alone: it is a timing.
+not pay. It also counts the ATen ops each hook dispatches, and times a few small tensor ops and a
+short Python list comprehension alone and right after one of the model's blocks (what the
+bookkeeping's work costs where it runs). Writes benchmarks/results/avit_overhead.md. Run it alone:
+it is a timing.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokensparse
 from tokensparse import engine
@@ -112,6 +116,7 @@ def main() -> None:
                     if key == "avit":
                         for name in (*HOOKS, "embed"):
                             per_hook[name].append(spent.get(name, 0.0))
+        ops = ops_per_forward(sparse, images)
         ms = {k: 1e3 * statistics.median(v) for k, v in totals.items()}
         hooks = {k: 1e3 * statistics.median(v) for k, v in per_hook.items()}
         outside = ms["avit"] - hooks["run_block"] - hooks["embed"]
@@ -130,12 +135,99 @@ def main() -> None:
             *(f"| {k} | {v:.2f} |" for k, v in hooks.items()),
             f"| everything outside the blocks and the embedding | {outside:.2f} |",
             "",
+            "ATen ops (views included) per forward: "
+            + ", ".join(f"`{name}` {count}" for name, count in ops.items())
+            + f" ({ops['after_block'] / len(dense.blocks):.0f} per block after the blocks).",
+            "",
             f"A-ViT {ms['dense'] / ms['avit']:.2f}x dense, the bound {ms['dense'] / ms['bound']:.2f}x; the blocks "
             f"inside A-ViT take {hooks['run_block']:.2f} ms against the bound's whole forward of {ms['bound']:.2f} ms.",
             "",
         ]
+    lines += cold_ops_section(args.models[0])
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the ATen ops dispatched inside it (views included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_forward(model: torch.nn.Module, images: torch.Tensor) -> dict[str, int]:
+    """ATen ops dispatched by each A-ViT hook in one forward (outside the blocks: the bookkeeping)."""
+    counted: dict[str, int] = collections.defaultdict(int)
+    originals = {name: getattr(avit_module.AViTPolicy, name) for name in ("begin", "after_block", "end")}
+
+    def counting(name: str, inner):
+        def wrapper(*a, **k):
+            with _CountOps() as mode:
+                try:
+                    return inner(*a, **k)
+                finally:
+                    counted[name] += mode.count
+
+        return wrapper
+
+    try:
+        for name, inner in originals.items():
+            setattr(avit_module.AViTPolicy, name, counting(name, inner))
+        with torch.no_grad():
+            model(images)
+    finally:
+        for name, inner in originals.items():
+            setattr(avit_module.AViTPolicy, name, inner)
+    return dict(counted)
+
+
+def cold_ops_section(model_name: str, rounds: int = 300) -> list[str]:
+    """What a few small ops (and a little Python) cost alone and right after one of the model's blocks."""
+    torch.manual_seed(0)
+    dense = timm.create_model(model_name, pretrained=False).eval()
+    block, tokens = dense.blocks[6], 110
+    x = torch.randn(1, tokens, dense.embed_dim)
+    cumulative, values = torch.zeros(tokens), [0.1 * i for i in range(tokens)]
+
+    def tensor_ops():  # the halting score and the cumulative sum: select, mul, sub, sigmoid, add_
+        cumulative.add_(torch.sigmoid(x[0, :, 0] * 10.0 - 3.0))
+
+    def python_list():
+        return [v + 1.0 for v in values if v < 1e9]
+
+    work = {
+        "5 small tensor ops (halting score + cumulative sum)": tensor_ops,
+        f"a {tokens}-item list comprehension": python_list,
+    }
+    times: dict[tuple[str, bool], list[float]] = collections.defaultdict(list)
+    with torch.no_grad():
+        for r in range(rounds):
+            for name, job in work.items():
+                for after_block in (r % 2 == 0, r % 2 == 1):
+                    if after_block:
+                        block(x)
+                    start = time.perf_counter()
+                    job()
+                    times[(name, after_block)].append(time.perf_counter() - start)
+    us = {key: 1e6 * statistics.median(v) for key, v in times.items()}
+    return [
+        f"## What small work costs right after a block ({model_name}, block 6 on {tokens} tokens)",
+        "",
+        f"{rounds} rounds, alone and right after the block alternating; median microseconds.",
+        "",
+        "| work | alone | right after a block | ratio |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {name} | {us[(name, False)]:.1f} | {us[(name, True)]:.1f} | {us[(name, True)] / us[(name, False)]:.1f}x |"
+            for name in work
+        ),
+        "",
+    ]
 
 
 if __name__ == "__main__":

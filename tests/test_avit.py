@@ -88,14 +88,21 @@ def test_mask_regime_equals_gather_regime(official):
     assert torch.equal(avit_stats(model).token_depth, mask_depth.minimum(head_depth(mask_depth)[:, None]))
 
 
-def test_batch_of_one_equals_batched(official):
-    model = golden_avit(official, 2)
+@pytest.mark.parametrize("early_exit", [True, False])
+def test_batch_of_one_equals_batched(official, early_exit):
+    """Batch 1 takes its own shortcuts (no bucketing, the image's exit read with the running count)."""
+    model = golden_avit(official, 2, early_exit=early_exit)
     with torch.no_grad():
         batched = model(official["input"])
-        depth = avit_stats(model).token_depth
-        single = model(official["input"][1:2])
-    torch.testing.assert_close(single, batched[1:2], atol=1e-5, rtol=0)
-    assert torch.equal(avit_stats(model).token_depth, depth[1:2])
+        stats = avit_stats(model)
+        for i in range(official["input"].shape[0]):
+            single = model(official["input"][i : i + 1])
+            torch.testing.assert_close(single, batched[i : i + 1], atol=1e-5, rtol=0)
+            one = avit_stats(model)
+            assert torch.equal(one.token_depth, stats.token_depth[i : i + 1])
+            torch.testing.assert_close(one.ponder, stats.ponder[i : i + 1], atol=1e-5, rtol=0)
+            counts = tokensparse.sparsity_info(model).tokens_per_block
+            assert counts.shape == (1, 12) and counts.sum() == one.token_depth.sum()  # blocks ran its tokens
 
 
 def test_state_dict_is_timms(official):
