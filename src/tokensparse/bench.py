@@ -501,7 +501,12 @@ def write_results(
         "",
     ]
     for r in results:
-        lines += [f"## batch {r.batch_size} ({r.rounds} rounds, {r.device} {r.dtype})", "", r.table(), ""]
+        lines += [
+            f"## {r.model}, batch {r.batch_size} ({r.rounds} rounds, {r.device} {r.dtype})",
+            "",
+            r.table(),
+            "",
+        ]
     (folder / f"{stem}.md").write_text("\n".join(lines))
     from .train import json_safe  # a value not measured (NaN) is null: JSON has no NaN
 
