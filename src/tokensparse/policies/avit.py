@@ -88,8 +88,9 @@ CUMULATIVE, REMAINDER, PONDER_STEP, IMAGE, POSITION, HEAD, ONE = range(7)
 class _PackedRun(_Run):
     """Inference bookkeeping: the pack of live tokens, their halting state, and the tokens that left.
 
-    At batch 1 a tensor op costs about the same whatever its size (tens of microseconds right after
-    a block's matmuls, on a CPU), so the bookkeeping's cost is its number of ops. The per-token
+    At batch 1 a tensor op costs about the same whatever its size (10-15 us on this project's CPU,
+    more right after a block's matmuls: benchmarks/avit_overhead.py), so the bookkeeping's cost is its
+    number of ops. The per-token
     scalars therefore live in the rows of one (7, T) float32 tensor (cumulative score, remainder,
     this block's ponder step, image, position in the image, 1.0 for a token the head reads, 1.0), so
     that dropping tokens is one gather for all of them, and a block reads back one pair of numbers
