@@ -94,7 +94,7 @@ def main() -> None:
         sparse = tokensparse.avit(copy.deepcopy(dense), gate_scale=10.0, gate_center=args.gate_center).eval()
         with torch.no_grad():
             sparse(images)
-        counts = [max(int(c), 1) for c in tokensparse.sparsity_info(sparse).tokens_per_block[0].tolist()]
+        counts = [int(c) for c in tokensparse.sparsity_info(sparse).tokens_per_block[0].tolist()]
         runs = {
             "avit": lambda s=sparse, x=images: s(x),
             "bound": lambda d=dense, x=images, c=counts: truncated_forward(d, x, c),

@@ -27,6 +27,22 @@ def test_predictor_bound_runs_the_predictors_and_returns_the_truncated_logits():
     assert torch.allclose(logits, truncated_forward(model, images, counts))
 
 
+def test_truncated_forward_stops_where_the_image_exits():
+    """A count of 0 (A-ViT's early exit) runs no later block: the A-ViT bound at batch 1."""
+    torch.manual_seed(0)
+    model = tiny(depth=4, img_size=32).eval()
+    images = torch.randn(1, 3, 32, 32)
+    ran = []
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda m, a, out, i=i: ran.append((i, out.shape[1])))
+    with torch.no_grad():
+        logits = truncated_forward(model, images, [17, 9, 0, 0])
+        assert ran == [(0, 17), (1, 9)]  # blocks 2 and 3 never ran
+        x = model.blocks[1](model.blocks[0](tokensparse.engine.embed(model, images))[:, :9])
+        expected = model.forward_head(model.norm(x))
+    torch.testing.assert_close(logits, expected, atol=0, rtol=0)
+
+
 def test_bench_reports_the_share_of_the_predictor_bound():
     result = bench_dynamicvit(
         tiny(depth=4, img_size=32), keep_ratios=[0.7], batch_size=2, rounds=1, warmup=0, progress=False

@@ -87,9 +87,13 @@ def truncated_forward(
     """The dense model with its sequence sliced to `tokens_per_block[i]` tokens before block i.
 
     No scoring, no gather: the speed of pruning with zero overhead, the bound a pruning method can reach.
+    A count of 0 stops there (the image exited early, as A-ViT's does): the head reads the tokens as
+    the last block that ran left them.
     """
     x = embed(model, images)
     for block, tokens in zip(model.blocks, tokens_per_block):
+        if tokens == 0:
+            break
         if tokens < x.shape[1]:
             x = x[:, :tokens]
         x = block(x)
@@ -448,10 +452,10 @@ def bench_avit(
         sparse = avit(copy.deepcopy(dense), gate_scale=gate_scale, gate_center=center).eval()
         sparse_models[center] = sparse
         contenders[f"avit@{center}"] = lambda m=sparse: m(images)
-        if batch_size == 1:  # one image: the dense blocks on its per-block token counts are a strict bound
+        if batch_size == 1:  # one image: dense blocks on its token counts, up to its exit, are a bound
             with torch.no_grad():
                 sparse(images)
-            counts = [max(int(c), 1) for c in sparsity_info(sparse).tokens_per_block[0].tolist()]
+            counts = [int(c) for c in sparsity_info(sparse).tokens_per_block[0].tolist()]
             contenders[f"trunc@{center}"] = lambda c=counts: truncated_forward(dense, images, c)
     timings = _time_all(contenders, f"bench {name} b{batch_size}", rounds, warmup, device, progress)
     seconds = {key: timing.median for key, timing in timings.items()}
