@@ -10,7 +10,8 @@ per-block token counts (`tokensparse.bench.truncated_forward`, the bound), in ro
 `run_block` is the blocks themselves; everything else is overhead a zero-cost implementation would
 not pay. It also counts the ATen ops each hook dispatches, and times a few small tensor ops and a
 short Python list comprehension alone and right after one of the model's blocks (what the
-bookkeeping's work costs where it runs). Writes benchmarks/results/avit_overhead.md. Run it alone:
+bookkeeping's work costs where it runs), and the per-block halting step eager against
+torch.compile (the one fusion PyTorch offers without a hand-written kernel). Writes benchmarks/results/avit_overhead.md. Run it alone:
 it is a timing.
 """
 
@@ -200,7 +201,28 @@ def cold_ops_section(model_name: str, rounds: int = 300) -> list[str]:
     def python_list():
         return [v + 1.0 for v in values if v < 1e9]
 
+    def halting_step(y, rows, acc):  # one block's halting rule on the pack, as AViTPolicy runs it
+        h = torch.sigmoid(y[:, 0] * 10.0 - 3.0)
+        cumulative = rows[0] + h
+        runs_on = cumulative < 0.99
+        ponder_step = rows[1] * (cumulative > 0.99)
+        weight = torch.where(runs_on, h, ponder_step)
+        counts = (rows[2:4] * runs_on).sum(1)
+        return cumulative, rows[1] - h, ponder_step, acc + y * weight[:, None], counts
+
+    compiled = torch.compile(halting_step, dynamic=True, fullgraph=True)
+    rows, acc = torch.rand(4, tokens), torch.zeros(tokens, dense.embed_dim)
+    with torch.no_grad():
+        start = time.perf_counter()
+        compiled(x[0], rows, acc)
+        compile_seconds = time.perf_counter() - start
+        identical = all(
+            torch.equal(a, b)
+            for a, b in zip(halting_step(x[0], rows, acc), compiled(x[0], rows, acc), strict=True)
+        )
     work = {
+        "the halting step, eager": lambda: halting_step(x[0], rows, acc)[-1].tolist(),
+        "the halting step, torch.compile(dynamic=True)": lambda: compiled(x[0], rows, acc)[-1].tolist(),
         "5 small tensor ops (halting score + cumulative sum)": tensor_ops,
         f"a {tokens}-item list comprehension": python_list,
     }
@@ -226,6 +248,9 @@ def cold_ops_section(model_name: str, rounds: int = 300) -> list[str]:
             f"| {name} | {us[(name, False)]:.1f} | {us[(name, True)]:.1f} | {us[(name, True)] / us[(name, False)]:.1f}x |"
             for name in work
         ),
+        "",
+        f"torch.compile of the halting step took {compile_seconds:.1f} s to compile here; its outputs are "
+        f"{'' if identical else 'not '}bitwise identical to eager's.",
         "",
     ]
 
