@@ -136,6 +136,7 @@ class AViTPolicy(TokenPolicy, nn.Module):
         self.eps = float(eps)
         self.early_exit = bool(early_exit)
         self.straight_through_zeroing = bool(straight_through_zeroing)
+        self._templates: dict[tuple, torch.Tensor] = {}  # `_initial_rows` per input shape (not state)
 
     def extra_repr(self) -> str:
         return (
@@ -180,30 +181,49 @@ class AViTPolicy(TokenPolicy, nn.Module):
             "grid": tuple(model.patch_embed.grid_size),
             "halting_score_layer": [],
         }
-        zeros = state.x.new_zeros(batch, tokens, dtype=torch.float32)
         if state.regime == "mask":
+            zeros = state.x.new_zeros(batch, tokens, dtype=torch.float32)
             state.policy_state = _MaskedRun(
                 **common, running=zeros + 1, cumulative=zeros, remainder=zeros + 1, ponder=zeros, depth=zeros
             )
             return
-        device = state.x.device
         total = batch * tokens
         accumulate = torch.promote_types(state.x.dtype, torch.float32)
-        rows = torch.ones(7, total, device=device)
-        rows[CUMULATIVE] = 0.0
-        rows[PONDER_STEP] = 0.0
-        rows[IMAGE] = torch.arange(batch, device=device).repeat_interleave(tokens)
-        rows[POSITION] = torch.arange(tokens, device=device).repeat(batch)
-        rows[HEAD] = _head_tokens(model, tokens, state.num_prefix, device).repeat(batch)
         state.policy_state = _PackedRun(
             **common,
             tokens=state.x.reshape(total, channels),
             acc=state.x.new_zeros(total, channels, dtype=accumulate),
-            rows=rows,
-            layout=PackedLayout.full(batch, tokens, device),
+            rows=self._initial_rows(model, batch, tokens, state.num_prefix, state.x.device),
+            # one image is one bucket without padding, and its count is the pack's length
+            layout=PackedLayout([(1, tokens)], None, [None])
+            if batch == 1
+            else PackedLayout.full(batch, tokens, state.x.device),
             left=[],
             scores=[],
         )
+
+    def _initial_rows(
+        self, model: VisionTransformer, batch: int, tokens: int, prefix: int, device: torch.device
+    ) -> torch.Tensor:
+        """A fresh copy of the pack's rows before block 0 (one op: the template is kept per shape)."""
+        head = (
+            model.global_pool,
+            getattr(model, "pool_include_prefix", False),
+            getattr(model, "head_dist", None) is not None,
+        )
+        key = (batch, tokens, prefix, str(device), head)
+        template = self._templates.get(key)
+        if template is None:
+            template = torch.ones(7, batch * tokens, device=device)
+            template[CUMULATIVE] = 0.0
+            template[PONDER_STEP] = 0.0
+            template[IMAGE] = torch.arange(batch, device=device).repeat_interleave(tokens)
+            template[POSITION] = torch.arange(tokens, device=device).repeat(batch)
+            template[HEAD] = _head_tokens(model, tokens, prefix, device).repeat(batch)
+            if len(self._templates) >= 8:  # a few batch sizes in use; never grow without bound
+                self._templates.clear()
+            self._templates[key] = template
+        return template.clone()
 
     def before_block(self, index: int, state: TokenState) -> None:
         run = state.policy_state
@@ -266,11 +286,12 @@ class AViTPolicy(TokenPolicy, nn.Module):
     def _pack_after_block(self, index: int, run: _PackedRun, batch: int) -> None:
         """The halting rule on the pack, in few tensor ops and one read-back (see `_PackedRun`)."""
         y = run.tokens
+        tokens = y.shape[0]
+        if not tokens:  # every image has left the pack: this block computed nothing
+            run.scores.append(run.scores[-1][:0])
+            return
         h = self.halting_score(y)
         run.scores.append(h)  # `end` averages them per block (over the tokens each block computed)
-        tokens = h.shape[0]
-        if not tokens:  # every image has left the pack
-            return
         cumulative, remainder, ponder_step = run.rows[CUMULATIVE], run.rows[REMAINDER], run.rows[PONDER_STEP]
         if index == run.blocks - 1:  # h = 1: every token halts with its remainder as weight and ponder step
             run.acc.addcmul_(y, remainder.unsqueeze(1))  # y * weight is computed in float32 (acc's dtype)
