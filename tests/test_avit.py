@@ -170,9 +170,11 @@ def test_image_whose_class_token_halted_costs_nothing_more(official):
     with torch.no_grad():
         logits = model(official["input"])
         tokens = tokensparse.sparsity_info(model).tokens_per_block
+        scores = avit_stats(model).halting_score_layer  # blocks that computed no token have no mean
         masked = model.forward_head(run(model, official["input"], regime="mask"))
     torch.testing.assert_close(logits, masked, atol=1e-5, rtol=0)
     assert tokens[:, 0].tolist() == [197] * 4 and not tokens[:, 1:].any()
+    assert scores.shape == (12,) and scores[0].isfinite() and scores[1:].isnan().all()
 
 
 def test_distilled_deit_runs_and_exits_on_both_head_tokens():
