@@ -324,7 +324,7 @@ class AViTPolicy(TokenPolicy, nn.Module):
         image whose head tokens all halted leaves too) from the pack to `run.left`."""
         keep, kept = runs_on, still
         if self.early_exit and batch == 1 and not any_head_running:  # the image leaves: all its tokens
-            keep, kept = torch.zeros_like(runs_on), 0
+            kept = 0
         elif self.early_exit and batch > 1:
             image = run.rows[IMAGE].long()
             live = torch.zeros(batch, device=keep.device).index_add_(0, image, head_running)
