@@ -11,8 +11,8 @@ per-block token counts (`tokensparse.bench.truncated_forward`, the bound), in ro
 not pay. It also counts the ATen ops each hook dispatches, and times a few small tensor ops and a
 short Python list comprehension alone and right after one of the model's blocks (what the
 bookkeeping's work costs where it runs), and the per-block halting step eager against
-torch.compile (the one fusion PyTorch offers without a hand-written kernel). Writes benchmarks/results/avit_overhead.md. Run it alone:
-it is a timing.
+torch.compile (the one fusion PyTorch offers without a hand-written kernel). Writes
+benchmarks/results/avit_overhead.md. Run it alone: it is a timing.
 """
 
 from __future__ import annotations

@@ -195,6 +195,11 @@ class PackedLayout:
         return cls([(num_images, length)], None, [None], counts)
 
     @classmethod
+    def single(cls, length: int) -> PackedLayout:
+        """One image's `length` tokens: one bucket without padding, and no counts (the pack's length)."""
+        return cls([(1, length)], None, [None])
+
+    @classmethod
     def from_image_ids(cls, image: torch.Tensor, num_images: int, max_buckets: int = 4) -> PackedLayout:
         """Layout of a pack whose token t belongs to image `image[t]` (non-decreasing)."""
         counts = torch.bincount(image, minlength=num_images)

@@ -64,13 +64,13 @@ class HaltingStats:
 class _Run:
     blocks: int  # depth of the model
     grid: tuple[int, int]  # patch grid of the model
-    halting_score_layer: list[torch.Tensor]  # per block so far, the mean halting score
 
 
 @dataclass
 class _MaskedRun(_Run):
     """Training-form bookkeeping: every token of every image, (B, P + N)."""
 
+    halting_score_layer: list[torch.Tensor]  # per block so far, the mean halting score (with gradient)
     running: torch.Tensor
     cumulative: torch.Tensor
     remainder: torch.Tensor
@@ -179,12 +179,17 @@ class AViTPolicy(TokenPolicy, nn.Module):
         common = {
             "blocks": len(model.blocks),
             "grid": tuple(model.patch_embed.grid_size),
-            "halting_score_layer": [],
         }
         if state.regime == "mask":
             zeros = state.x.new_zeros(batch, tokens, dtype=torch.float32)
             state.policy_state = _MaskedRun(
-                **common, running=zeros + 1, cumulative=zeros, remainder=zeros + 1, ponder=zeros, depth=zeros
+                **common,
+                halting_score_layer=[],
+                running=zeros + 1,
+                cumulative=zeros,
+                remainder=zeros + 1,
+                ponder=zeros,
+                depth=zeros,
             )
             return
         total = batch * tokens
@@ -194,8 +199,7 @@ class AViTPolicy(TokenPolicy, nn.Module):
             tokens=state.x.reshape(total, channels),
             acc=state.x.new_zeros(total, channels, dtype=accumulate),
             rows=self._initial_rows(model, batch, tokens, state.num_prefix, state.x.device),
-            # one image is one bucket without padding, and its count is the pack's length
-            layout=PackedLayout([(1, tokens)], None, [None])
+            layout=PackedLayout.single(tokens)
             if batch == 1
             else PackedLayout.full(batch, tokens, state.x.device),
             left=[],
@@ -308,26 +312,27 @@ class AViTPolicy(TokenPolicy, nn.Module):
             return
         weight, runs_on = self.halting_step_(cumulative, remainder, h, ponder_step, runs_on)
         run.acc.addcmul_(y, weight.unsqueeze(1))
-        self._repack(run, runs_on, running[0], head_running, int(still), index, batch)
+        self._repack(run, runs_on, running, head_running, int(still), index, batch)
 
     def _repack(
         self,
         run: _PackedRun,
         runs_on: torch.Tensor,
-        head_running: torch.Tensor,
+        running: torch.Tensor,
         any_head_running: float,
         still: int,
         index: int,
         batch: int,
     ) -> None:
         """Move the tokens that do not run on (`still` tokens do; with early_exit, every token of an
-        image whose head tokens all halted leaves too) from the pack to `run.left`."""
+        image whose head tokens all halted leaves too) from the pack to `run.left`. `running` (2, T):
+        the running head tokens and the running tokens, as 1.0."""
         keep, kept = runs_on, still
         if self.early_exit and batch == 1 and not any_head_running:  # the image leaves: all its tokens
             kept = 0
         elif self.early_exit and batch > 1:
             image = run.rows[IMAGE].long()
-            live = torch.zeros(batch, device=keep.device).index_add_(0, image, head_running)
+            live = torch.zeros(batch, device=keep.device).index_add_(0, image, running[0])
             keep = keep & (live[image] > 0)
             kept = int(keep.sum())
         if not kept:
@@ -340,8 +345,8 @@ class AViTPolicy(TokenPolicy, nn.Module):
             run.left.append((acc[kept:], rows[:, kept:], index + 1))
             run.tokens = run.tokens.index_select(0, order[:kept])
             run.acc, run.rows = acc[:kept], rows[:, :kept]
-        if batch == 1:  # one image is one bucket without padding: no bucketing (its count is the pack's)
-            run.layout = PackedLayout([(1, kept)], None, [None])
+        if batch == 1:
+            run.layout = PackedLayout.single(kept)
         else:
             run.layout = PackedLayout.from_image_ids(run.rows[IMAGE].long(), batch)
 
