@@ -299,3 +299,42 @@ def test_training_canvases_are_fresh_every_epoch_and_reproducible(fake_root) -> 
         before = fixed[1][0]
         fixed.set_epoch(5)
         assert not fixed.fresh_layouts and torch.equal(before, fixed[1][0])
+
+
+def test_fresh_subset_draws_each_epoch_from_the_whole_split(fake_root) -> None:
+    """A short epoch (`limit` items) visits every item over a run, reproducibly; the first-n limit does not."""
+    subset = build_dataset(
+        "fashion-mnist-clutter", fake_root, "train", limit=8, fresh_subset=True, limit_seed=3
+    )
+    whole = FashionMNISTClutter("train", root=fake_root)
+    assert len(subset) == 8 and num_classes(subset) == 10
+
+    def labels_and_brightness(epoch: int) -> list[tuple[int, int]]:
+        subset.set_epoch(epoch)
+        return [
+            (int(subset[i][1]), int(subset.dataset.canvas(int(subset.indices[i])).max())) for i in range(8)
+        ]
+
+    first, second = labels_and_brightness(0), labels_and_brightness(1)
+    assert first != second
+    assert labels_and_brightness(0) == first  # the same epoch, the same items (a resumed run)
+    seen = set()
+    for epoch in range(12):
+        subset.set_epoch(epoch)
+        seen |= set(subset.indices.tolist())
+        assert subset.dataset.epoch == epoch  # fresh canvases reach the wrapped set too
+    assert seen == set(range(len(whole)))
+    other_seed = build_dataset(
+        "fashion-mnist-clutter", fake_root, "train", limit=8, fresh_subset=True, limit_seed=4
+    )
+    assert (
+        other_seed.indices.tolist()
+        != build_dataset(
+            "fashion-mnist-clutter", fake_root, "train", limit=8, fresh_subset=True, limit_seed=3
+        ).indices.tolist()
+    )
+    fixed = build_dataset("fashion-mnist-clutter", fake_root, "train", limit=8)
+    fixed.set_epoch(5)
+    assert len(fixed) == 8 and fixed._item(7) == int(whole.items[7])  # the first-n limit stays the first n
+    with pytest.raises(IndexError):
+        subset[8]

@@ -36,6 +36,8 @@ class TrainConfig:
     data_root: str | None = None
     img_size: int | None = None
     train_limit: int | None = None
+    # with train_limit: each epoch draws its items afresh (seeded by `seed` and the epoch) from the whole split
+    fresh_subset: bool = False
     val_limit: int | None = None
     epochs: int = 30
     batch_size: int = 64

@@ -390,6 +390,7 @@ def build_dataset(
     limit: int | None = None,
     download: bool = False,
     limit_seed: int = 0,
+    fresh_subset: bool = False,
     **kw,
 ) -> Dataset:
     """A data set by name: `fashion-mnist-clutter`, `torch/<name>` (torchvision) or an ImageFolder root.
@@ -399,10 +400,15 @@ def build_dataset(
     has no augmentation. `**kw` go to FashionMNISTClutter (num_fragments, seed, return_box, ...) or to
     `timm.data.create_transform` (auto_augment, re_prob, hflip, interpolation, crop_pct, ...). `limit`
     keeps n items, for quick runs: the clutter set's first n; of other sets a seeded sample spread evenly
-    over the classes (`limit_seed`). Find the class count with `num_classes(dataset)`.
+    over the classes (`limit_seed`). With `fresh_subset`, `limit` items are instead drawn afresh every
+    epoch (seeded by `limit_seed` and the epoch, see `FreshSubset`) from the whole split, so a short
+    epoch still visits all items over a run. Find the class count with `num_classes(dataset)`.
     """
     if name == CLUTTER_NAME:
         split = "train" if _is_training_split(split) else "test" if split == "test" else "val"
+        if fresh_subset and limit is not None:
+            whole = FashionMNISTClutter(split, img_size or 64, mean=mean, std=std, root=root, **kw)
+            return FreshSubset(whole, limit, limit_seed)
         return FashionMNISTClutter(split, img_size or 64, limit=limit, mean=mean, std=std, root=root, **kw)
     training_split = _is_training_split(split)
     is_training = training_split if is_training is None else is_training
@@ -446,7 +452,43 @@ def build_dataset(
             class_map=_folder_classes(root, folder),
         )
         dataset.transform = transform
-    return dataset if limit is None else Subset(dataset, spread_over_classes(dataset, limit, limit_seed))
+    if limit is None:
+        return dataset
+    if fresh_subset:
+        return FreshSubset(dataset, limit, limit_seed)
+    return Subset(dataset, spread_over_classes(dataset, limit, limit_seed))
+
+
+class FreshSubset(Dataset):
+    """`limit` items of `dataset`, drawn afresh for every epoch from all of its items.
+
+    Epoch e's items are the first `limit` of a permutation seeded by (`seed`, e): reproducible, so a
+    resumed run sees the same items, and over a run every item is visited (an epoch of `limit` items
+    is a fraction of a pass; the first-n `limit` would show the same n items every epoch). The loop's
+    `set_epoch(e)` reaches the wrapped set too (the clutter set's fresh canvases).
+    """
+
+    def __init__(self, dataset: Dataset, limit: int, seed: int = 0) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1 (or None for all items), got {limit}")
+        self.dataset, self.seed = dataset, int(seed)
+        self.length = min(int(limit), len(dataset))
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        order = np.random.default_rng([self.seed, 11, self.epoch]).permutation(len(self.dataset))
+        self.indices = order[: self.length]
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        if not -self.length <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} items")
+        return self.dataset[int(self.indices[index])]
 
 
 def _targets(dataset: Dataset) -> list[int] | None:
@@ -484,7 +526,7 @@ def spread_over_classes(dataset: Dataset, limit: int, seed: int = 0) -> list[int
 
 def class_names(dataset: Dataset) -> list[str] | None:
     """The class names in index order (None when the data set does not know them)."""
-    while isinstance(dataset, Subset):
+    while isinstance(dataset, (Subset, FreshSubset)):
         dataset = dataset.dataset
     for holder in (dataset, getattr(dataset, "reader", None)):
         mapping = getattr(holder, "class_to_idx", None)
@@ -498,7 +540,7 @@ def class_names(dataset: Dataset) -> list[str] | None:
 
 def num_classes(dataset: Dataset) -> int:
     """The number of classes, read from the data set (not from a model head)."""
-    while isinstance(dataset, Subset):
+    while isinstance(dataset, (Subset, FreshSubset)):
         dataset = dataset.dataset
     if isinstance(getattr(dataset, "num_classes", None), int):
         return dataset.num_classes

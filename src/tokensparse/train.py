@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from . import config
 from .checkpoints import atomic_write_bytes, read_state_dict, save_checkpoint
 from .config import TrainConfig
-from .data import build_dataset, build_loader, class_names, num_classes
+from .data import CLUTTER_NAME, build_dataset, build_loader, class_names, num_classes
 from .evaluate import evaluate
 from .losses import ClassificationLoss
 from .policies.registry import get_method, resolve, setting_methods
@@ -547,8 +547,13 @@ def build_run(cfg: TrainConfig) -> Run:
     rank, world, device = setup_distributed(cfg.device)
     _seed_everything(cfg.seed)  # every rank builds the same model (and the same teacher from it)
 
-    train_set = build_dataset(cfg.dataset, cfg.data_root, "train", cfg.img_size, limit=cfg.train_limit)
-    val_set = build_dataset(cfg.dataset, cfg.data_root, "val", cfg.img_size, limit=cfg.val_limit)
+    subset = dict(fresh_subset=True, limit_seed=cfg.seed) if cfg.fresh_subset else {}
+    train_set = build_dataset(
+        cfg.dataset, cfg.data_root, "train", cfg.img_size, limit=cfg.train_limit, **subset
+    )
+    # the clutter set's object boxes: validation then reports halting depth / kept share on the object
+    boxes = {"return_box": True} if cfg.dataset == CLUTTER_NAME else {}
+    val_set = build_dataset(cfg.dataset, cfg.data_root, "val", cfg.img_size, limit=cfg.val_limit, **boxes)
     classes = num_classes(train_set)
     image = train_set[0][0]
     img_size = int(image.shape[-1])
