@@ -451,3 +451,32 @@ def test_errors_name_the_problem(dense):
         )
     with pytest.raises(ValueError, match="already sparsified with tome"):
         evit(tome(fresh()))
+
+
+def test_seeded_random_pruning_does_not_depend_on_the_evaluation_batch_size():
+    """Each image's draw comes from (seed, its data set index): batches of 3 and of 8 prune alike."""
+    from tokensparse.data import build_loader
+    from tokensparse.evaluate import evaluate
+
+    torch.manual_seed(1)
+    images, labels = torch.randn(8, 3, 64, 64), torch.randint(0, 7, (8,))
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    model = random_prune(tiny(), keep_ratio=0.5, locations=(1, 3), seed=5)
+    answers = {
+        batch: evaluate(model, build_loader(dataset, batch, is_training=False), progress=False, per_item=True)
+        for batch in (3, 8)
+    }
+    assert answers[3]["correct"] == answers[8]["correct"] and answers[3]["gflops"] == answers[8]["gflops"]
+    # the same seeded draws as one forward of the whole batch outside evaluate (indices = positions)
+    model.eval()
+    with torch.no_grad():
+        whole = model(images)
+    kept = info(model).kept_index
+    model.get_submodule(model._tokensparse_policy_name).image_indices = torch.arange(4, 8)
+    with torch.no_grad():
+        tail = model(images[4:])
+    torch.testing.assert_close(tail, whole[4:], atol=1e-5, rtol=0)
+    assert torch.equal(info(model).kept_index[1], kept[1][4:])
+    model.get_submodule(model._tokensparse_policy_name).image_indices = torch.arange(3)
+    with pytest.raises(ValueError, match="image_indices names 3 images but the forward has 4"):
+        model(images[4:])

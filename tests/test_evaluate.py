@@ -41,3 +41,11 @@ def test_paired_difference_and_its_interval():
     assert wide[0] == pytest.approx(-10.0) and wide[1] > half
     with pytest.raises(ValueError, match="same items"):
         paired_difference("101", "10")
+
+
+def test_paired_difference_over_seeds_averages_each_items_answers():
+    diff, half = paired_difference(["1100", "1000"], "1000")  # per item: 0, +0.5, 0, 0
+    assert diff == pytest.approx(12.5) and half > 0
+    assert paired_difference(["1010"], "1010") == paired_difference("1010", "1010")
+    with pytest.raises(ValueError, match="same items"):
+        paired_difference(["101", "10"], "101")

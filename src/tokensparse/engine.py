@@ -152,6 +152,10 @@ class TokenPolicy:
     """Hooks the engine calls at block boundaries; mixed into a policy's nn.Module class."""
 
     method: str = "dense"
+    # The data set index of each image of the next forward (`evaluate` sets it); a policy whose
+    # decisions are random per image seeds each image's draw from its index, so a result does not
+    # depend on the batch size. None: the images' positions in the batch.
+    image_indices: torch.Tensor | None = None
 
     def begin(self, model: VisionTransformer, state: TokenState) -> None:
         """Called once per forward, after the embeddings and before block 0."""

@@ -49,8 +49,15 @@ def evaluate(
     cover = torch.zeros(
         5, dtype=torch.float64
     )  # object patches, kept of them, object depth, bg patches, bg depth
+    # each image's data set index, for policies whose decisions are random per image (TokenPolicy.image_indices)
+    order = getattr(loader.sampler, "indices", None)
+    seen = 0
     for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
         images, labels = batch[0].to(device), batch[1].to(device)
+        if policy is not None:
+            span = range(seen, seen + len(labels))
+            policy.image_indices = torch.tensor([order[i] for i in span] if order is not None else list(span))
+        seen += len(labels)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         tic = time.perf_counter()
@@ -85,7 +92,7 @@ def evaluate(
             if "mean_depth" in info.extra:  # a halting method (A-ViT): report token depths
                 halting = True
                 depth_sum += float(info.extra["mean_depth"].double().sum())
-            if len(batch) > 2:
+            if len(batch) > 2 and hasattr(model, "patch_embed"):  # token models; not ConvNeXt / Swin
                 cover += _object_cover(model, info, batch[2])
     extra = torch.cat([torch.tensor([depth_sum, seconds], dtype=torch.float64), cover])
     if dist.is_available() and dist.is_initialized():
@@ -129,23 +136,29 @@ def evaluate(
             result["background_depth"] = extra[6].item() / max(extra[5].item(), 1.0)
     elif extra[2] > 0:
         result["object_kept"] = extra[3].item() / extra[2].item()
+    if policy is not None:
+        policy.image_indices = None
     model.train(was_training)
     return result
 
 
-def paired_difference(correct: str, reference: str, z: float = 1.96) -> tuple[float, float]:
+def paired_difference(correct: str | list[str], reference: str, z: float = 1.96) -> tuple[float, float]:
     """Top-1 difference (pt) of a model against a reference on the same items, and the half-width of
     its 95% confidence interval (normal approximation over the paired per-item differences).
 
     `correct` and `reference` are `evaluate(per_item=True)["correct"]` strings over the same items in
-    the same order. Pairing removes the items both get right or both get wrong from the spread, so the
-    interval is much narrower than that of two independent accuracies.
+    the same order; `correct` may be a list of them (one model trained with several seeds), whose
+    per-item answers are averaged first. Pairing removes the items both get right or both get wrong
+    from the spread, so the interval is much narrower than that of two independent accuracies.
     """
-    if len(correct) != len(reference) or not correct:
+    runs = [correct] if isinstance(correct, str) else list(correct)
+    if not runs or any(len(c) != len(reference) for c in runs) or not reference:
         raise ValueError(
-            f"paired_difference needs two evaluations of the same items, got {len(correct)} and {len(reference)}"
+            "paired_difference needs evaluations of the same items, got "
+            f"{[len(c) for c in runs]} and {len(reference)}"
         )
-    d = torch.tensor([int(a) - int(b) for a, b in zip(correct, reference)], dtype=torch.float64)
+    mean = torch.tensor([[int(a) for a in c] for c in runs], dtype=torch.float64).mean(0)
+    d = mean - torch.tensor([int(b) for b in reference], dtype=torch.float64)
     spread = d.std().item() if len(d) > 1 else 0.0
     return 100.0 * d.mean().item(), 100.0 * z * spread / len(d) ** 0.5
 

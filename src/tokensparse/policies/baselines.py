@@ -5,8 +5,10 @@ Both prune where DynamicViT does (before blocks `locations`, stage s keeping int
 ordinary blocks on the shorter sequence; training (mask regime) keeps every token and masks attention,
 a token once dropped staying dropped. Only the ranking differs, and it reads no token:
 
-- random: a fresh random ranking per image and per forward (with `seed`, every forward draws from a
-  generator seeded with it, so repeated forwards prune the same tokens);
+- random: a fresh random ranking per image and per forward (with `seed`, image i's ranking comes from
+  a generator seeded with (seed, i), i its data set index (`TokenPolicy.image_indices`, which
+  `evaluate` sets) or else its position in the batch: repeated forwards prune the same tokens and an
+  evaluation does not depend on its batch size);
 - static: the patches nearest the image centre, the same for every image.
 
 Also the MLP-accounting pieces EViT and ToMe share.
@@ -54,11 +56,23 @@ def reduced_mlp_flops(policy: TokenPolicy, info: SparseInfo) -> torch.Tensor:
 
 @dataclass
 class _Draws:
-    """Where one forward of random pruning draws from: fixed draws (one per stage, in order), a seeded
-    generator, or torch's global generator (both None)."""
+    """Where one forward of random pruning draws from: fixed draws (one per stage, in order), or
+    torch's global generator (None)."""
 
     fixed: list[torch.Tensor] | None = None
-    generator: torch.Generator | None = None
+
+
+def seeded_draws(
+    seed: int, image_indices: torch.Tensor, stages: int, num_patches: int, device: torch.device | str = "cpu"
+) -> list[torch.Tensor]:
+    """Per stage, (B, num_patches) uniform draws; image b's from a generator seeded with
+    (seed, image_indices[b]), so an image draws the same whatever batch it is in."""
+    rows = []
+    for index in image_indices.tolist():
+        generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+        rows.append(torch.rand(stages, num_patches, generator=generator))
+    draws = torch.stack(rows, dim=1).to(device)  # (stages, B, N)
+    return list(draws.unbind(0))
 
 
 class RandomPruningPolicy(StagePruningPolicy):
@@ -85,18 +99,23 @@ class RandomPruningPolicy(StagePruningPolicy):
             return
         if self.seed is None:
             raise ValueError("only seeded random pruning has draws that can be fixed; pass seed=...")
-        generator = torch.Generator(device=device).manual_seed(self.seed)
-        self.fixed_draws = [
-            torch.rand(batch_size, num_patches, generator=generator, device=device) for _ in self.locations
-        ]
+        self.fixed_draws = seeded_draws(
+            self.seed, torch.arange(batch_size), len(self.locations), num_patches, device
+        )
 
     def begin(self, model: VisionTransformer, state: TokenState) -> None:
         if self.fixed_draws is not None:
             state.policy_state = _Draws(fixed=list(self.fixed_draws))
         elif self.seed is not None:
-            state.policy_state = _Draws(
-                generator=torch.Generator(device=state.x.device).manual_seed(self.seed)
-            )
+            indices = self.image_indices
+            if indices is None:
+                indices = torch.arange(state.batch_size)
+            elif len(indices) != state.batch_size:
+                raise ValueError(
+                    f"image_indices names {len(indices)} images but the forward has {state.batch_size}"
+                )
+            draws = seeded_draws(self.seed, indices, len(self.locations), state.num_patches, state.x.device)
+            state.policy_state = _Draws(fixed=draws)
         else:
             state.policy_state = _Draws()
 
@@ -105,9 +124,7 @@ class RandomPruningPolicy(StagePruningPolicy):
         draws: _Draws = state.policy_state
         if draws.fixed is not None:
             return draws.fixed.pop(0).gather(1, patch_index)
-        score = torch.rand(
-            state.batch_size, state.num_patches, generator=draws.generator, device=patch_index.device
-        )
+        score = torch.rand(state.batch_size, state.num_patches, device=patch_index.device)
         return score.gather(1, patch_index)
 
 
