@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tokensparse.bench import machine_description, today
 from tokensparse.config import TrainConfig
-from tokensparse.demo import DemoConfig, _model_settings
+from tokensparse.demo import DemoConfig, model_settings
 from tokensparse.models import pretrained_entry
 from tokensparse.train import train
 
@@ -32,7 +32,7 @@ LR = 1e-2  # the predictors' lr in the study (DemoConfig.dynamicvit_lr)
 def run(out: Path, limit: int, **kw) -> list[dict]:
     if not (out / "model.safetensors").is_file():
         settings = dict(
-            **_model_settings(DemoConfig()),
+            **model_settings(DemoConfig()),
             batch_size=128,
             train_limit=limit,
             val_limit=None,

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tokensparse.bench import machine_description, today
 from tokensparse.data import build_dataset
 from tokensparse.models import PRETRAINED, pretrained
-from tokensparse.study_report import plateau_gain
+from tokensparse.study.report import plateau_gain
 
 
 def stage_metrics(shipped: str | None, runs: list[Path]) -> list[dict]:

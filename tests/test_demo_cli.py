@@ -52,29 +52,30 @@ def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys, tiny_t
         test_limit=64,
         dynamicvit_epochs=1,
         dynamicvit_epochs_at=((0.7, 2),),  # per-ratio epochs override the common count (dense-ft: 1)
+        seeds=(0, 1),
         avit_epochs=1,
-        avit_start_depths=(3.5,),
+        avit_grid=((5e-4, 1e-3, 0.0), (5e-5, 1e-2, 0.5)),
+        avit_grid_epochs=1,
+        avit_grid_limit=32,
         baseline_epochs=1,
         bench_rounds=2,
         bench_batch=8,
         curve_ratios=(0.5, 0.7),
         avit_cuts=(0.3,),
+        calibration_images=16,
         dense_finetune=True,
     )
     index = run_study(cfg)
     text = index.read_text()
-    for row in (
-        "| dense |",
-        "| dense-ft |",
-        "| dynamicvit@0.7 |",
-        "| random@0.7 |",
-        "| static@0.7 |",
-        "| random-ft@0.7 |",
-    ):
+    for row in ("| dense |", "| dense-ft |", "| dynamicvit@0.7 |", "| avit |", "| random@0.7 |", "| static@0.7 |",
+                "| random-ft@0.7 |", "| oracle@0.7 |", "| oracle-ft@0.7 |", "| avit-moved@0.3 |"):  # fmt: skip
         assert row in text, row
-    assert "## Claims" in text and "| tome@r" in text and "| evit@" in text and "| avit@" in text
+    assert "## Claims" in text and "| tome@r" in text and "| evit@" in text
     assert "## Fine-tuning curves" in text and "Fashion-MNIST's test split" in text
     assert "- control: the dense model fine-tuned on the same data and schedule" in text
+    assert "wall time of this command:" in text and "INTERIM" not in text
+    assert "## A-ViT: loss weights chosen on validation" in text and "| chosen |" in text
+    assert "- bound: the best object oracle" in text
     for picture in (
         "accuracy_vs_gflops.png",
         "finetune_curves.png",
@@ -90,20 +91,30 @@ def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys, tiny_t
     # vs dense: paired on the same items, with its interval; the per-item strings stay in the work folder
     assert results["dense"]["vs_dense"] == 0.0 and results["dense"]["vs_dense_ci"] == 0.0
     dvit = results["dynamicvit@0.7"]
+    # two seeds: the row's top-1 is their mean, each listed, and the paired difference is the mean's
+    assert set(dvit["seeds"]) == {"0", "1"}
+    assert dvit["top1"] == pytest.approx(sum(dvit["seeds"].values()) / 2)
+    assert dvit["seed_spread"] == pytest.approx(max(dvit["seeds"].values()) - min(dvit["seeds"].values()))
     assert dvit["vs_dense"] == pytest.approx(dvit["top1"] - results["dense"]["top1"])
     assert dvit["vs_dense_ci"] >= 0 and "correct" not in dvit
+    assert "seeds" in results["dense-ft"] and "seeds" in results["avit"] and "seeds" not in results["dense"]
+    # A-ViT is read at the gate centre it trained with; the moved-gate row says where it was moved
+    avit = results["avit"]
+    assert avit["gate_center_trained"] == avit["gate_center_evaluated"] == saved["avit_start"]["gate_center"]
+    moved = results["avit-moved@0.3"]
+    assert moved["gate_center_trained"] == avit["gate_center_trained"] != moved["gate_center_evaluated"]
+    assert sum(m["chosen"] for m in saved["avit_grid"].values()) == 1
+    assert avit["grid_run"] in saved["avit_grid"]
     cached = json.loads((tmp_path / "work" / "evaluations.json").read_text())
-    assert len(cached["dense"]["correct"]) == 64
+    assert len(cached["dense"]["correct"]) == 64 and "dynamicvit@0.7-seed1" in cached
     assert "vs dense (pt, 95% CI)" in text
     assert [p["epoch"] for p in saved["curves"]["dynamicvit@0.7"]] == [1, 2]
     assert [p["epoch"] for p in saved["curves"]["dense-ft"]] == [1]
-    assert "- DynamicViT: rho 0.7 (2 epochs), " in text
-    # A-ViT fine-tunes from the authors' centre, the prior's depth (3 of 4 blocks) and depth 3.5
-    origins = sorted(v["origin"] for v in saved["avit_starts_val"].values())
-    assert origins == ["the authors' DeiT-T centre", "untrained mean depth 3", "untrained mean depth 3.5"]
-    assert all(f"avit-from@{start}" in saved["curves"] for start in saved["avit_starts_val"])
-    assert list(saved["gate_centers"]) == ["0.3"]  # one evaluation centre per FLOP cut, chosen on val
-    assert f"| avit@{saved['gate_centers']['0.3']:g} |" in text
+    # halting on and off the object, per epoch, for the A-ViT runs
+    assert {"val_object_depth", "val_background_depth"} <= set(saved["curves"]["avit-seed1"][0])
+    # every epoch drew its items afresh from the whole training split
+    config = json.loads((tmp_path / "work" / "dynamicvit@0.7" / "config.json").read_text())
+    assert config["fresh_subset"] is True and config["train_limit"] == 64
     out = capsys.readouterr().out
     assert "| dynamicvit@0.7 |" in out and "report:" in out  # the headline table is printed
     run_study(cfg)
@@ -121,10 +132,12 @@ def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys, tiny_t
     after = json.loads(cache.read_text())
     assert after["dynamicvit@0.7"]["source"] != before["dynamicvit@0.7"]["source"]
     assert after["dense"] == before["dense"] and after["random@0.7"] == before["random@0.7"]
-    reused = f"{len(before) - 1} evaluations"
-    assert reused in (tmp_path / "report" / "index.md").read_text()
+    # an interim report from finished runs only names what is missing
+    interim = dataclasses.replace(cfg, train=False, seeds=(0, 1, 2), report=str(tmp_path / "interim"))
+    text = run_study(interim).read_text()
+    assert "INTERIM: not trained yet" in text and "dynamicvit@0.7-seed2" in text
     # a finished run is reused only under the same settings: a changed schedule is refused, not mixed in
-    with pytest.raises(ValueError, match="backbone_lr_scale: 0.01 -> 0.1"):
+    with pytest.raises(ValueError, match="holds a finished run with other settings .*lr"):
         run_study(dataclasses.replace(cfg, dynamicvit_backbone_lr_scale=0.1))
     # a newly shipped teacher (same name and path, other weights) does not reuse runs made from the old one
     teacher = load_file(tmp_path / "tiny_teacher.safetensors")

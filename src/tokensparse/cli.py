@@ -254,6 +254,8 @@ _HELP = {
     "dataset": "fashion-mnist-clutter (built in), 'folder' (ImageFolder with train/ and val/) or torch/<name>",
     "data_root": "data folder (ImageFolder root or torchvision root)",
     "train_limit": "use N training images (a seeded sample over all classes; the clutter set: the first N)",
+    "fresh_subset": "with --train-limit N: every epoch draws N items afresh from the whole training split "
+    "(seeded by --seed and the epoch) instead of always the same N",
     "val_limit": "use N validation images (a seeded sample over all classes; the clutter set: the first N)",
     "pretrained": "start from timm's own pretrained weights of --model (needs them downloaded or cached)",
     "warmup_epochs": "linear warm-up epochs; when not shorter than --epochs, the CLI scales it to epochs // 6",
@@ -450,8 +452,22 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "--replication",
         dest="study",
         action="store_true",
-        help="the full study: DynamicViT at rho 0.5/0.7/0.9, longer fine-tunes, fine-tuned baselines, "
+        help="the full study: DynamicViT at rho 0.5/0.7/0.9, fine-tunes at the authors' relative budget, "
+        "three seeds of the headline rows, A-ViT's loss weights chosen on validation, fine-tuned baselines, "
         "the whole test split",
+    )
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="train only these runs (their work-folder names, e.g. dynamicvit@0.7 avit-seed1); the others are "
+        "used when finished: two processes can share the study's training this way",
+    )
+    p.add_argument(
+        "--train-only",
+        action="store_true",
+        help="run (or resume) the fine-tunes only; a later run without it reuses them, evaluates and reports",
     )
     _add_device(p)
     p.set_defaults(func=_demo)
@@ -462,8 +478,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     overrides = {"device": resolve_device(args.device)}
     overrides |= {k: getattr(args, k) for k in ("work", "report") if getattr(args, k) is not None}
+    if args.runs is not None:
+        overrides["only"] = tuple(args.runs)
     cfg = study_config(**overrides) if args.study else DemoConfig(**overrides)
-    run_study(cfg)
+    run_study(cfg, train_only=args.train_only)
     return 0
 
 
