@@ -281,7 +281,7 @@ def test_random_differs_across_forwards_but_not_with_a_seed(official, dense):
     logits(model, images)
     assert not torch.equal(first[0], info(model).kept_index[0])
     assert info(model).tokens_per_block[0].tolist() == DYNAMICVIT_TOKENS
-    seeded = random_prune(copy.deepcopy(dense), keep_ratio=0.7, seed=3)
+    seeded = random_prune(copy.deepcopy(dense), keep_ratio=0.7, seed=3).eval()
     a = logits(seeded, images)
     kept = info(seeded).kept_index
     b = logits(seeded, images)
@@ -289,6 +289,9 @@ def test_random_differs_across_forwards_but_not_with_a_seed(official, dense):
     assert not torch.equal(kept[0][0], kept[0][1])  # per image
     for before, after in zip(kept, kept[1:]):  # a dropped token stays dropped
         assert all(set(a.tolist()) >= set(b.tolist()) for a, b in zip(before, after))
+    seeded.train()  # training draws afresh every step, seed or not
+    first = run(seeded, images, regime="gather")
+    assert not torch.equal(first, run(seeded, images, regime="gather"))
 
 
 def test_static_keeps_the_centre_for_every_image(official, dense):

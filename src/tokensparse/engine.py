@@ -313,6 +313,7 @@ def sparsify(model: VisionTransformer, policy: TokenPolicy, attr: str) -> Vision
     base = type(model)
     model.__class__ = _sparse_class(base)
     model.add_module(attr, policy)
+    policy.train(model.training)  # a new module starts in training mode; it follows the model's
     setattr(model, _POLICY_ATTR, attr)
     return model
 

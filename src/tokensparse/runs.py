@@ -53,15 +53,12 @@ def load_with_config(
     if not path.exists():
         raise FileNotFoundError(f"run or checkpoint not found: {path}")
     if path.is_dir():
-        model_, cfg = load_trained(path)
         overrides = {k: v for k, v in config.items() if k not in ("img_size", "model_kwargs")}
+        model_, cfg = load_trained(path, overrides=overrides)
         if model is not None and model != cfg.model:
             raise ValueError(f"{path} is a run of {cfg.model}, not --model {model}")
         if method is not None and method != cfg.method:
             raise ValueError(f"{path} is a {cfg.method} run, not --method {method}")
-        if overrides:
-            cfg = dataclasses.replace(cfg, **overrides)
-            _apply_settings(model_, cfg)
         return model_, cfg
     if model is None or method is None:
         raise ValueError(
@@ -75,20 +72,6 @@ def load_with_config(
     if cfg.img_size is None:
         cfg.img_size = _image_size_of(read_state_dict(path))
     return load_trained(path, cfg)
-
-
-def _apply_settings(model: nn.Module, cfg: Any) -> None:
-    from .engine import get_policy
-
-    policy = get_policy(model)
-    if policy is None:
-        return
-    if cfg.method == "dynamicvit":
-        model.score_predictor.keep_ratio = cfg.keep_ratio
-    elif cfg.method == "avit":
-        model.halting.gate_center = cfg.gate_center
-    elif cfg.method == "tome":
-        model.r = cfg.tome_r
 
 
 def _image_size_of(state: dict[str, torch.Tensor]) -> int | None:

@@ -857,9 +857,16 @@ def _tensorboard(out: Path):
 
 
 def load_trained(
-    run_or_checkpoint: str | os.PathLike, cfg: TrainConfig | None = None
+    run_or_checkpoint: str | os.PathLike,
+    cfg: TrainConfig | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, TrainConfig]:
-    """Rebuild a trained model from a run folder (config.json + model.safetensors, or the last epoch)."""
+    """Rebuild a trained model from a run folder (config.json + model.safetensors, or the last epoch).
+
+    `overrides` replace fields of the run's config before the model is built (keep_ratio=0.5 to run a
+    pruning method at another ratio, gate_center= for A-ViT, tome_r= for ToMe): the method is built
+    from the changed settings, so every setting it reads takes effect, and one it does not read is
+    refused (ValueError) as `train` refuses it."""
     from .checkpoints import load_checkpoint
 
     path = Path(run_or_checkpoint)
@@ -883,6 +890,8 @@ def load_trained(
         if cfg is None:
             raise ValueError("loading a bare checkpoint needs a TrainConfig naming the model and method")
         weights, classes, img_size = path, None, cfg.img_size
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
     cfg = cfg.resolved()
     dense_cfg = dataclasses.replace(cfg, checkpoint=None, pretrained=False, drop_path=0.0)
     if classes is None:

@@ -5,10 +5,11 @@ Both prune where DynamicViT does (before blocks `locations`, stage s keeping int
 ordinary blocks on the shorter sequence; training (mask regime) keeps every token and masks attention,
 a token once dropped staying dropped. Only the ranking differs, and it reads no token:
 
-- random: a fresh random ranking per image and per forward (with `seed`, image i's ranking comes from
-  a generator seeded with (seed, i), i its data set index (`TokenPolicy.image_indices`, which
-  `evaluate` sets) or else its position in the batch: repeated forwards prune the same tokens and an
-  evaluation does not depend on its batch size);
+- random: a fresh random ranking per image and per forward (with `seed`, in eval mode image i's
+  ranking comes from a generator seeded with (seed, i), i its data set index
+  (`TokenPolicy.image_indices`, which `evaluate` sets) or else its position in the batch: repeated
+  forwards prune the same tokens and an evaluation does not depend on its batch size; training
+  always draws afresh, and a trained run evaluates with its config's seed);
 - static: the patches nearest the image centre, the same for every image.
 
 Also the MLP-accounting pieces EViT and ToMe share.
@@ -106,7 +107,7 @@ class RandomPruningPolicy(StagePruningPolicy):
     def begin(self, model: VisionTransformer, state: TokenState) -> None:
         if self.fixed_draws is not None:
             state.policy_state = _Draws(fixed=list(self.fixed_draws))
-        elif self.seed is not None:
+        elif self.seed is not None and not self.training:
             indices = self.image_indices
             if indices is None:
                 indices = torch.arange(state.batch_size)
@@ -188,7 +189,7 @@ def static_prune(
 
 def random_from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
     """`random_prune` with a run's settings (the registry's constructor)."""
-    return random_prune(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
+    return random_prune(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations, seed=cfg.seed)
 
 
 def static_from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
