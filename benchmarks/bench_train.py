@@ -20,7 +20,7 @@ AND backward, as executed; FLOPs / 2), with the fused CPU attention kernels adde
 the teacher's forward is counted alone and subtracted for the "without teacher" rows. The count is
 also given as a multiple of the step's forward MACs (the usual "training ~ 3x forward": backward
 computes two products per forward product, except the input gradient of the patch embedding).
-Targets (issue 8): DynamicViT and A-ViT steps without the teacher <= 1.3x the dense step; data
+Targets: DynamicViT and A-ViT steps without the teacher <= 1.3x the dense step; data
 <= 5% of a step.
 """
 

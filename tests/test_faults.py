@@ -1,4 +1,4 @@
-"""Faults: no silent wrong result, no lost run (project issue 10). One test per kind of fault.
+"""Faults: no silent wrong result, no lost run. One test per kind of fault.
 
 Kills at the worst moment are simulated by raising inside the checkpoint code (monkeypatch), or by
 a rank exiting there under torchrun.

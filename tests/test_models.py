@@ -17,7 +17,7 @@ needs_data = pytest.mark.skipif(
 )
 
 
-def test_shipped_model_is_a_small_fp16_file_with_its_card() -> None:
+def test_shipped_model_is_a_small_fp32_file_with_its_card() -> None:
     entry = pretrained_entry("clutter-vit")
     assert entry.path.stat().st_size < 4_000_000
     card = entry.card.read_text()

@@ -76,7 +76,7 @@ def test_method_defaults_are_the_authors_recipes() -> None:
 @pytest.mark.parametrize(
     ("method", "setting", "flag"),
     [
-        ("dynamicvit", {"gate_center": 3.0}, "--gate-center applies to --method avit only"),
+        ("dynamicvit", {"gate_center": 3.0}, "--gate-center applies to --method avit, not dynamicvit"),
         ("avit", {"keep_ratio": 0.5}, "--keep-ratio applies to --method dynamicvit / evit / random / static"),
         ("dense", {"distill_weight": 0.5}, "--distill-weight applies to"),
         ("evit", {"tome_r": 4}, "--tome-r applies to --method tome"),
@@ -84,7 +84,7 @@ def test_method_defaults_are_the_authors_recipes() -> None:
     ],
 )
 def test_a_setting_of_another_method_is_an_error_that_names_it(method, setting, flag) -> None:
-    with pytest.raises(ValueError, match=flag.replace("/", "/").replace(" only", "")):
+    with pytest.raises(ValueError, match=flag):
         TrainConfig(method=method, **setting).validate()
 
 
