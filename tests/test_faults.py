@@ -21,7 +21,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import tokensparse.checkpoints as checkpoints_module
-import tokensparse.train as train_module
+import tokensparse.training.loop as train_module
+import tokensparse.training.run_dir as run_dir_module
 from tokensparse import save_checkpoint
 from tokensparse.cli import main as cli_main
 from tokensparse.data import build_dataset, fashion_mnist_dir, num_classes
@@ -170,21 +171,21 @@ def test_3_kill_after_last_json_with_skipped_steps_resumes_bit_identically(tmp_p
     assert whole["nan_skipped"] == 2
 
     calls["n"] = 0
-    real_write = train_module._write_metrics
+    real_write = run_dir_module.write_metrics
 
     def killed_in_epoch_2(path, history):  # after last.json names epoch 2, before metrics.jsonl has it
         if len(history) == 2:
             raise Killed
         real_write(path, history)
 
-    monkeypatch.setattr(train_module, "_write_metrics", killed_in_epoch_2)
+    monkeypatch.setattr(run_dir_module, "write_metrics", killed_in_epoch_2)
     with pytest.raises(Killed):
         train(cfg(tmp_path / "killed", epochs=3, lr=5e-3))
     killed = tmp_path / "killed"
     assert json.loads((killed / "checkpoints" / "last.json").read_text())["epoch"] == 1
     assert len(strict_lines(killed / "metrics.jsonl")) == 1  # the line of epoch 2 is lost
 
-    monkeypatch.setattr(train_module, "_write_metrics", real_write)
+    monkeypatch.setattr(run_dir_module, "write_metrics", real_write)
     calls["armed"] = False
     train(cfg(killed, epochs=3, lr=5e-3, resume=True))
     same_metrics(strict_lines(tmp_path / "whole" / "metrics.jsonl"), strict_lines(killed / "metrics.jsonl"))
@@ -216,14 +217,14 @@ def _ddp_rank(rank: int, world: int, port: int, settings: dict, die_after_epoch:
         MASTER_PORT=str(port),
     )
     if die_after_epoch is not None:
-        real = train_module._write_metrics
+        real = run_dir_module.write_metrics
 
         def write(path, history):  # rank 0 dies after last.json, before metrics.jsonl
             if len(history) == die_after_epoch:
                 os._exit(9)
             real(path, history)
 
-        train_module._write_metrics = write
+        run_dir_module.write_metrics = write
     try:
         train(TrainConfig(**settings))
         torch.distributed.destroy_process_group()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tokensparse.train as train_module
+import tokensparse.training.loop as train_module
 from tokensparse import CheckpointError
 from tokensparse.cli import main as cli_main
 from tokensparse.data import fashion_mnist_dir

@@ -512,7 +512,7 @@ def write_results(
             "",
         ]
     (folder / f"{stem}.md").write_text("\n".join(lines))
-    from .train import json_safe  # a value not measured (NaN) is null: JSON has no NaN
+    from .training import json_safe  # a value not measured (NaN) is null: JSON has no NaN
 
     payload = {"command": command, "results": [r.to_dict() for r in results]}
     (folder / f"{stem}.json").write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")

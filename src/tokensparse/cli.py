@@ -172,7 +172,7 @@ def _bench_run(args: argparse.Namespace):
     import dataclasses
 
     from .runs import load_with_config
-    from .train import build_model
+    from .training import build_model
 
     sparse, cfg = load_with_config(
         args.run, model=args.model, method=args.method, img_size=args.img_size, model_kwargs=args.model_kwargs
@@ -345,7 +345,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     resolve_device(args.device)
     if (
@@ -369,7 +369,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         metrics = train(cfg)
     if metrics:
-        from .train import json_safe
+        from .training import json_safe
 
         print(json.dumps(json_safe(metrics)))
     return 0
@@ -423,7 +423,7 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate(model.to(device), loader, device=device, progress=not args.json)
     result = {"run": args.run, "method": cfg.method, "model": cfg.model, **result}
     if args.json:
-        from .train import json_safe
+        from .training import json_safe
 
         print(json.dumps(json_safe(result)))
     else:
@@ -593,7 +593,7 @@ def _export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
     if args.run is not None:
-        from .train import load_trained
+        from .training import load_trained
 
         model = load_trained(args.run)[0]
     else:

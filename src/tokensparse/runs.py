@@ -46,7 +46,7 @@ def load_with_config(
     path: str | os.PathLike, model: str | None = None, method: str | None = None, **config: Any
 ) -> tuple[nn.Module, Any]:
     """(model, TrainConfig) of a run folder or a bare weights file; ValueError/FileNotFoundError if neither."""
-    from .train import METHODS, TrainConfig, load_trained
+    from .training import METHODS, TrainConfig, load_trained
 
     config = {k: v for k, v in config.items() if v is not None}
     path = Path(path)
@@ -139,7 +139,7 @@ def train_dense_then_sparse(cfg: Any, dense_epochs: int) -> dict[str, Any]:
     """Fine-tune the dense model on the data for `dense_epochs` (into `cfg.output`/dense), then train
     `cfg.method` from it: the path from a model trained on other classes (e.g. ImageNet) to a
     sparsified one on your own data."""
-    from .train import train
+    from .training import train
 
     if dense_epochs < 1:
         raise ValueError(f"--finetune-dense-epochs must be >= 1, got {dense_epochs}")

@@ -27,7 +27,7 @@ import torch
 from ..data import build_dataset, build_loader
 from ..evaluate import evaluate
 from ..models import pretrained
-from ..train import json_safe
+from ..training import json_safe
 from .config import DemoConfig, study_config
 from .contenders import Contender, contenders, evaluate_all, moved_gate_contenders, test_set, time_all
 from .report import figures, headline_rows, headline_table, write_report

@@ -18,7 +18,7 @@ from ..data import build_dataset, build_loader
 from ..evaluate import evaluate, paired_difference
 from ..flops import gflops
 from ..models import pretrained, pretrained_entry
-from ..train import load_trained
+from ..training import load_trained
 from .config import DemoConfig
 from .runs import StudyRuns, gate_center_for_cut, match, seed_name, sha256
 

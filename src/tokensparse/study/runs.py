@@ -19,7 +19,7 @@ import torch.nn as nn
 from ..data import build_dataset
 from ..flops import gflops
 from ..models import pretrained, pretrained_entry
-from ..train import TrainConfig, config_differences, load_trained, train
+from ..training import TrainConfig, config_differences, load_trained, train
 from .config import DemoConfig
 
 
