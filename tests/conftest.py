@@ -39,3 +39,26 @@ def tiny(name: str = "deit_tiny_patch16_224", **kw) -> torch.nn.Module:
     args.update(kw)
     torch.manual_seed(0)
     return timm.create_model(name, pretrained=False, **args)
+
+
+TINY_KWARGS = {"patch_size": 8, "embed_dim": 48, "depth": 6, "num_heads": 3}
+
+
+def make_run(tmp_path: Path, method: str, **settings) -> str:
+    """A run folder as `tokensparse train` leaves it (config.json + weights) for `tiny()`, without training."""
+    import dataclasses
+    import json
+
+    import tokensparse
+    from tokensparse.config import TrainConfig
+    from tokensparse.training import sparsify_for
+
+    cfg = TrainConfig(
+        method=method, model="deit_tiny_patch16_224", model_kwargs=TINY_KWARGS, img_size=64, **settings
+    ).resolved()
+    model = sparsify_for(cfg, tiny(num_classes=7))
+    out = tmp_path / method
+    out.mkdir()
+    tokensparse.save_checkpoint(model, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"num_classes": 7, "img_size": 64}))
+    return str(out)

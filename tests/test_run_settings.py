@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-
 import pytest
 import torch
-from conftest import tiny
+from conftest import make_run
 
 import tokensparse
-from tokensparse.config import TrainConfig
 from tokensparse.engine import get_policy
-from tokensparse.train import sparsify_for
-
-KWARGS = {"patch_size": 8, "embed_dim": 48, "depth": 6, "num_heads": 3}
-
-
-def make_run(tmp_path, method: str, **settings) -> str:
-    """A run folder as `tokensparse train` leaves it (config.json + weights), without training."""
-    cfg = TrainConfig(
-        method=method, model="deit_tiny_patch16_224", model_kwargs=KWARGS, img_size=64, **settings
-    )
-    cfg = cfg.resolved()
-    model = sparsify_for(cfg, tiny(num_classes=7))
-    out = tmp_path / method
-    out.mkdir()
-    tokensparse.save_checkpoint(model, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"num_classes": 7, "img_size": 64}))
-    return str(out)
 
 
 def kept_tokens(model) -> list[int]:

@@ -92,6 +92,16 @@ def _add_model_kwargs(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -158,7 +168,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--rounds", type=_positive_int, default=10, help="timed rounds per contender")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--warmup", type=_non_negative_int, default=2, help="untimed rounds first (default: %(default)s)"
+    )
     p.add_argument("--img-size", type=int, default=None, help="override the model's image size")
     _add_model_kwargs(p)
     _add_device(p)
@@ -534,8 +546,10 @@ def _predict(args: argparse.Namespace) -> int:
         from .viz import token_maps
 
         titles = [f"{Path(r['image']).name}: {r['top'][0]['class']}" for r in results]
-        token_maps(
-            model, images.to(device), args.viz, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, titles=titles
+        args.viz = str(
+            token_maps(
+                model, images.to(device), args.viz, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, titles=titles
+            )
         )
     if args.json:
         print(json.dumps(results if not args.viz else {"predictions": results, "viz": args.viz}))
@@ -567,17 +581,24 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: %(default)s)")
     p.add_argument(
         "--method",
-        default="dynamicvit",
+        default=None,
         choices=["dense", "dynamicvit", "evit", "random", "static", "tome"],
-        help="token policy (default: %(default)s)",
+        help="token policy (default: the run's, else dynamicvit); with --run it must be the run's",
     )
     p.add_argument("--checkpoint", default=None, help="weights of the sparsified model (else random weights)")
     p.add_argument("--num-classes", type=_positive_int, default=None, help="classes of the head")
-    p.add_argument("--keep-ratio", type=_ratio, default=0.7, help="keep ratio (default: %(default)s)")
     p.add_argument(
-        "--tome-r", type=int, default=13, help="ToMe: tokens merged per block (default: %(default)s)"
+        "--keep-ratio", type=_ratio, default=None, help="keep ratio (default: the run's, else 0.7)"
     )
-    p.add_argument("--seed", type=int, default=0, help="random pruning's seed (default: %(default)s)")
+    p.add_argument(
+        "--tome-r",
+        type=_non_negative_int,
+        default=None,
+        help="ToMe: tokens merged per block (default: the run's, else 13)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="random pruning's seed (default: the run's, else 0)"
+    )
     p.add_argument(
         "--batch-size", type=_positive_int, default=1, help="fixed batch size (default: %(default)s)"
     )
@@ -592,23 +613,31 @@ def _export(args: argparse.Namespace) -> int:
     from .checkpoints import load_checkpoint
     from .export import export_onnx
 
-    if args.run is not None:
-        from .training import load_trained
+    if args.run is not None:  # every setting given reaches the run's method, or is refused
+        from .runs import load_with_config
 
-        model = load_trained(args.run)[0]
+        model = load_with_config(
+            args.run,
+            method=args.method,
+            keep_ratio=args.keep_ratio,
+            tome_r=args.tome_r,
+            seed=args.seed,
+        )[0]
     else:
         import timm
 
+        method = args.method or "dynamicvit"
+        keep_ratio = 0.7 if args.keep_ratio is None else args.keep_ratio
         kwargs = {} if args.img_size is None else {"img_size": args.img_size}
         if args.num_classes is not None:
             kwargs["num_classes"] = args.num_classes
         model = timm.create_model(args.model, pretrained=False, **kwargs)
-        if args.method == "random":
-            model = random_prune(model, keep_ratio=args.keep_ratio, seed=args.seed)
-        elif args.method == "tome":
-            model = tome(model, r=args.tome_r)
-        elif args.method != "dense":
-            model = make_policy(args.method, args.keep_ratio)(model)
+        if method == "random":
+            model = random_prune(model, keep_ratio=keep_ratio, seed=0 if args.seed is None else args.seed)
+        elif method == "tome":
+            model = tome(model, r=13 if args.tome_r is None else args.tome_r)
+        elif method != "dense":
+            model = make_policy(method, keep_ratio)(model)
         if args.checkpoint is not None:
             load_checkpoint(model, args.checkpoint)
     result = export_onnx(

@@ -119,6 +119,7 @@ class TrainConfig:
 
 # name -> (lowest, highest, whether the bounds are included); None values mean "not set" and pass
 _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "lr": (0, None, False, True),
     "img_size": (1, None, True, True),
     "train_limit": (1, None, True, True),
     "val_limit": (1, None, True, True),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,8 +125,39 @@ def export_onnx(
     elif isinstance(image_size, int):
         image_size = (image_size, image_size)
     image_size = tuple(int(s) for s in image_size)
+    patch = tuple(model.patch_embed.patch_size)
+    if any(s % p for s, p in zip(image_size, patch)):
+        raise ValueError(
+            f"image size {image_size[0]}x{image_size[1]} is not a multiple of the patch size "
+            f"{patch[0]}x{patch[1]}: the patch embedding would drop the remainder"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # written beside `path` and renamed when verified: a failed export leaves the old file whole
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.onnx")
+    os.close(handle)
+    try:
+        result = _export(model, method, Path(temporary), batch_size, image_size, verify, atol, opset)
+        os.replace(temporary, path)
+    except BaseException as err:
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OSError(f"could not write {path}: {err}") from err
+        raise
+    result.path = path
+    return result
+
+
+def _export(
+    model: nn.Module,
+    method: str,
+    path: Path,
+    batch_size: int,
+    image_size: tuple[int, int],
+    verify: bool,
+    atol: float,
+    opset: int | None,
+) -> ExportResult:
     param = next(model.parameters())
     channels = model.patch_embed.proj.in_channels
     generator = torch.Generator().manual_seed(0)

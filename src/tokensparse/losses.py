@@ -486,13 +486,16 @@ class AViTLoss(Objective):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, depth: int = 12) -> AViTLoss:
-        return cls(
+        loss = cls(
             ponder_weight=cfg.ponder_weight,
             prior_weight=cfg.prior_weight,
             target_depth=cfg.prior_depth or max(1, round(depth * 8 / 12)),  # the paper: block 8 of 12
             distill_weight=cfg.distill_weight,
             label_smoothing=cfg.smoothing,
         )
+        if cfg.prior_depth is not None and cfg.prior_depth > depth:  # refused before any file is touched
+            raise ValueError(f"--prior-depth {cfg.prior_depth} is deeper than the model's {depth} blocks")
+        return loss
 
     def prior(self, depth: int) -> torch.Tensor:
         if depth not in self._priors:

@@ -110,11 +110,7 @@ def token_maps(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.02)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, bbox_inches="tight", pad_inches=0.02)
 
 
 def accuracy_vs_gflops(
@@ -153,13 +149,34 @@ def accuracy_vs_gflops(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _tome_groups(info, index: int, grid: tuple[int, int]) -> np.ndarray:
     """(grid_h, grid_w) id of the merged token each patch ended up in."""
     return info.extra["token_group"][index, info.num_prefix :].cpu().numpy().reshape(grid)
+
+
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> Path:
+    """Save `fig` whole or not at all (a temporary file beside `path`, then renamed) and close it.
+
+    A path without a suffix gets `.png` (what matplotlib writes), and the path returned is the file's."""
+    import tempfile
+
+    path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        fig.savefig(temporary, format=path.suffix[1:], **kwargs)
+        os.replace(temporary, path)
+    except BaseException as err:
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OSError(f"could not write {path}: {err}") from err
+        raise
+    finally:
+        plt.close(fig)
+    return path

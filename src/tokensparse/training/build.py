@@ -269,6 +269,12 @@ def load_trained(
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} is not a training run: no config.json inside")
         saved = read_json(config_file)
+        missing = [k for k in ("num_classes", "img_size") if not isinstance(saved, dict) or k not in saved]
+        if missing:
+            raise ValueError(
+                f"{config_file} is not a tokensparse run's config: "
+                + ("expected a JSON object" if not isinstance(saved, dict) else f"it lacks {missing}")
+            )
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         method = saved.get("method", "dynamicvit")
         foreign = {k for k, methods in setting_methods().items() if method not in methods}

@@ -203,6 +203,9 @@ def claim_output(cfg: TrainConfig, out: Path, extra: dict[str, Any], is_main: bo
     used = [name for name in RUN_FILES if (out / name).exists()]
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the run or replace it")
+    if used == ["config.json"]:
+        # a run that stopped before its first checkpoint (a failed start-up) holds nothing to keep
+        used = []
     if not used:
         return None
     if not cfg.resume:

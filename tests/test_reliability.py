@@ -1,0 +1,131 @@
+"""After training: every setting a command accepts changes the result or is refused (exit 2), and every
+file a command writes appears whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+from conftest import make_run, tiny
+
+import tokensparse
+import tokensparse.export as export_module
+from tokensparse.cli import main as cli_main
+from tokensparse.config import TrainConfig
+from tokensparse.data import fashion_mnist_dir
+from tokensparse.training import train
+from tokensparse.viz import save_figure
+
+needs_data = pytest.mark.skipif(
+    not any((fashion_mnist_dir() / f"t10k-labels-idx1-ubyte{s}").exists() for s in ("", ".gz")),
+    reason="Fashion-MNIST is missing: apt-get install dataset-fashion-mnist",
+)
+
+
+@pytest.mark.parametrize("lr", [math.inf, math.nan, -1.0, 0.0])
+def test_a_non_finite_or_non_positive_lr_is_refused(lr):
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=lr).validate()
+
+
+def _tiny_train(out: Path, **kw) -> TrainConfig:
+    return TrainConfig(
+        method="avit", model="vit_tiny_patch16_224", img_size=64, train_limit=8, val_limit=8, batch_size=8,
+        epochs=1, warmup_epochs=0, device="cpu", output=str(out),
+        model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}, **kw,
+    )  # fmt: skip
+
+
+@needs_data
+def test_overwrite_validates_everything_before_deleting_the_finished_run(tmp_path):
+    run = Path(make_run(tmp_path, "avit"))
+    before = (run / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="--prior-depth 100 is deeper than the model's 4 blocks"):
+        train(_tiny_train(run, overwrite=True, prior_depth=100))
+    assert (run / "model.safetensors").read_bytes() == before
+
+
+@needs_data
+def test_a_folder_left_by_a_failed_start_up_does_not_block_the_next_run(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # what a run that died before its first epoch leaves
+    train(_tiny_train(out))
+    assert (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["method"] == "avit"
+
+
+@pytest.mark.parametrize(
+    ("content", "says"), [({"method": "evit"}, "lacks"), ([1, 2], "expected a JSON object")]
+)
+def test_a_config_without_the_run_facts_is_a_clear_error(tmp_path, capsys, content, says):
+    run = Path(make_run(tmp_path, "evit"))
+    (run / "config.json").write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=f"is not a tokensparse run's config: .*{says}"):
+        tokensparse.load_run(run)
+    assert cli_main(["eval", str(run)]) == 2
+    assert "is not a tokensparse run's config" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_negative_warmup(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["bench", "--warmup", "-5"])
+    assert exit_.value.code == 2 and "must be >= 0, got -5" in capsys.readouterr().err
+
+
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    fig, _ = plt.subplots()
+    path = save_figure(fig, tmp_path / "maps")
+    assert path == tmp_path / "maps.png" and path.read_bytes().startswith(b"\x89PNG")
+    old = path.read_bytes()
+    fig, _ = plt.subplots()
+
+    def full_disk(*args, **kwargs):
+        Path(args[0]).write_bytes(b"\x89PN")  # a partial write, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fig, "savefig", full_disk)
+    with pytest.raises(OSError, match="could not write .*maps.png"):
+        save_figure(fig, path)
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["maps.png"]
+
+
+def test_export_keeps_the_old_file_when_it_fails_and_refuses_a_cropping_size(tmp_path, monkeypatch):
+    model = tokensparse.evit(tiny(), keep_ratio=0.7).eval()
+    with pytest.raises(ValueError, match="not a multiple of the patch size 8x8"):
+        tokensparse.export_onnx(model, tmp_path / "m.onnx", image_size=60)
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"a good old export")
+
+    def fails(model, method, path, *args):
+        path.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module, "_export", fails)
+    with pytest.raises(OSError, match="could not write .*m.onnx"):
+        tokensparse.export_onnx(model, target)
+    assert target.read_bytes() == b"a good old export" and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_export_of_a_run_honours_or_refuses_every_flag(tmp_path, capsys):
+    run = make_run(tmp_path, "evit", keep_ratio=0.7)
+    out = tmp_path / "out.onnx"
+    import onnx
+
+    def exported_tokens(*flags: str) -> int:
+        assert cli_main(["export", str(out), "--run", run, "--no-verify", *flags]) == 0
+        output = next(o for o in onnx.load(str(out)).graph.output if o.name == "patch_index")
+        return output.type.tensor_type.shape.dim[1].dim_value
+
+    assert exported_tokens("--keep-ratio", "0.3") < exported_tokens()  # the run's 0.7
+    assert cli_main(["export", str(out), "--run", run, "--method", "tome"]) == 2
+    assert "is a evit run, not --method tome" in capsys.readouterr().err
+    assert cli_main(["export", str(out), "--run", run, "--tome-r", "4"]) == 2
+    assert "--tome-r applies to --method tome" in capsys.readouterr().err
+    random_run = make_run(tmp_path, "random", keep_ratio=0.7, seed=1)
+    assert cli_main(["export", str(out), "--run", random_run, "--seed", "5", "--no-verify"]) == 0
+    assert cli_main(["export", str(out), "--run", str(tmp_path / "nonexistent")]) == 2
+    assert "not found" in capsys.readouterr().err
