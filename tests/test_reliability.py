@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -129,3 +130,35 @@ def test_export_of_a_run_honours_or_refuses_every_flag(tmp_path, capsys):
     assert cli_main(["export", str(out), "--run", random_run, "--seed", "5", "--no-verify"]) == 0
     assert cli_main(["export", str(out), "--run", str(tmp_path / "nonexistent")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_a_run_folder_takes_one_training_process_at_a_time(tmp_path):
+    from tokensparse.training.run_dir import RunLock
+
+    held = RunLock(tmp_path / "run")
+    with pytest.raises(ValueError, match=rf"in use by another training process \(pid {os.getpid()}\)"):
+        RunLock(tmp_path / "run")
+    held.release()
+    RunLock(tmp_path / "run").release()  # free again once released (and when its process ends)
+
+
+@needs_data
+def test_training_holds_the_lock_and_refuses_a_second_process(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    code = (
+        "import sys, time; from tokensparse.training.run_dir import RunLock; "
+        f"lock = RunLock(__import__('pathlib').Path({str(out)!r})); print('locked', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=f"in use by another training process \\(pid {holder.pid}\\)"):
+            train(_tiny_train(out, resume=True))
+    finally:
+        holder.kill()
+        holder.wait()
+    train(_tiny_train(out, resume=True))  # the OS dropped the killed holder's lock
+    assert (out / "model.safetensors").is_file()

@@ -28,6 +28,7 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     if use_cuda and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is available here (use --device cpu or auto)")
     if world > 1 and not dist.is_initialized():
+        _die_with_launcher()
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     if use_cuda:
@@ -35,6 +36,20 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu" if device == "auto" else device)
+
+
+def _die_with_launcher() -> None:
+    """Linux: a torchrun worker gets SIGTERM when its launcher dies (even by SIGKILL), instead of going
+    on training, or hanging, without it (and holding the run folder's lock)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Module:

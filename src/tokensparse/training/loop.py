@@ -74,6 +74,7 @@ class Run:
     scaler: torch.amp.GradScaler | None
     mixup: Mixup | None
     writer: Any = None  # TensorBoard's SummaryWriter on rank 0, when installed
+    lock: run_dir.RunLock | None = None  # rank 0's lock on the run folder
     start_epoch: int = 0
     updates: int = 0  # optimiser steps taken (non-finite steps skipped do not count)
     nan_skipped: int = 0
@@ -159,6 +160,20 @@ def build_run(cfg: TrainConfig) -> Run:
     )
 
     run_facts = {"num_classes": classes, "img_size": img_size, "world_size": world}
+    if run.is_main:
+        run.lock = run_dir.RunLock(run.out)
+    try:
+        _claim_and_resume(run, run_facts)
+    except BaseException:
+        if run.lock is not None:
+            run.lock.release()
+        raise
+    return run
+
+
+def _claim_and_resume(run: Run, run_facts: dict[str, Any]) -> None:
+    """Claim the run folder (or check it for a resume), resume from its last checkpoint, write its files."""
+    cfg, world, device, model = run.cfg, run.world, run.device, run.model
     saved_cfg = run_dir.claim_output(cfg, run.out, run_facts, run.is_main)
     if world > 1:  # no rank may look at the folder after rank 0 starts writing to it
         dist.barrier()
@@ -166,7 +181,9 @@ def build_run(cfg: TrainConfig) -> Run:
     if loaded is not None:
         _resume(run, saved_cfg, *loaded)
     else:
-        run_dir.seed_everything(cfg.seed + rank)  # each rank its own noise (drop path, Gumbel, augmentation)
+        run_dir.seed_everything(
+            cfg.seed + run.rank
+        )  # each rank its own noise (drop path, Gumbel, augmentation)
     if run.is_main:
         _write_run_files(run, run_facts, resumed=loaded is not None)
         run.writer = _tensorboard(run.out)
@@ -174,7 +191,6 @@ def build_run(cfg: TrainConfig) -> Run:
         run.ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    return run
 
 
 def _resume(
@@ -233,6 +249,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     cfg = cfg.resolved()
     run = build_run(cfg)
+    try:
+        return _train(run)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _train(run: Run) -> dict[str, Any]:
+    """The epochs of a built run."""
+    cfg = run.cfg
     model, optimizer, device = run.model, run.optimizer, run.device
     metrics: dict[str, Any] = {}
     streak = 0  # consecutive non-finite losses

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -248,3 +249,36 @@ def read_metrics(path: Path, last_epoch: int) -> list[dict[str, Any]]:
         return [m for m in map(json.loads, lines) if m["epoch"] <= last_epoch]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is corrupt ({err})") from err
+
+
+class RunLock:
+    """An exclusive lock on a run folder (`.lock`, an OS file lock): one process trains in a folder.
+
+    The OS drops the lock when its process ends, however it ends, so a lock is never stale; a second
+    process (a `--resume` started beside workers a killed launcher left running) is refused with the
+    holder's pid."""
+
+    def __init__(self, out: Path) -> None:
+        import fcntl
+
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / ".lock"
+        self.handle = open(self.path, "a+")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "?"
+            self.handle.close()
+            raise ValueError(
+                f"{out} is in use by another training process (pid {holder}): wait for it to finish or stop "
+                "it (a killed torchrun launcher can leave its workers running)"
+            ) from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"{os.getpid()}\n")
+        self.handle.flush()
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
