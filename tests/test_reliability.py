@@ -162,3 +162,53 @@ def test_training_holds_the_lock_and_refuses_a_second_process(tmp_path):
         holder.wait()
     train(_tiny_train(out, resume=True))  # the OS dropped the killed holder's lock
     assert (out / "model.safetensors").is_file()
+
+
+CONVNEXT = {"depths": (1, 1, 4, 1), "dims": (16, 32, 64, 128), "conv_mlp": False}
+
+
+def _spatial_run(tmp_path: Path) -> str:
+    import dataclasses
+
+    import timm
+
+    from tokensparse.training import sparsify_for
+
+    cfg = TrainConfig(
+        method="dynamicspatial", model="convnext_atto", img_size=64, model_kwargs=CONVNEXT
+    ).resolved()
+    model = sparsify_for(cfg, timm.create_model("convnext_atto", num_classes=10, **CONVNEXT))
+    out = tmp_path / "spatial"
+    out.mkdir()
+    tokensparse.save_checkpoint(model, out / "model.safetensors")
+    (out / "config.json").write_text(
+        json.dumps(dataclasses.asdict(cfg) | {"num_classes": 10, "img_size": 64})
+    )
+    return str(out)
+
+
+def test_every_inference_path_takes_a_dynamic_convnext_run(tmp_path, capsys):
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    run = _spatial_run(tmp_path)
+    image = tmp_path / "shirt.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype("uint8")).save(image)
+    model = tokensparse.load_run(run)
+    assert timm.data.resolve_model_data_config(model)["input_size"] == (3, 64, 64)  # the run's, not 224
+    assert 0 < tokensparse.gflops(model) < tokensparse.gflops(tokensparse.load_run(run, keep_ratio=0.9))
+    assert cli_main(["predict", str(image), "--run", run, "--viz", str(tmp_path / "maps")]) == 0
+    assert f"wrote {tmp_path / 'maps.png'}" in capsys.readouterr().out
+    assert (tmp_path / "maps.png").read_bytes().startswith(b"\x89PNG")
+    assert cli_main(["export", str(tmp_path / "m.onnx"), "--run", run]) == 0
+    assert "dynamicspatial" in capsys.readouterr().out
+    assert (
+        cli_main(["bench", "--run", run, "--rounds", "1", "--warmup", "0", "--batch-size", "2", "--json"])
+        == 0
+    )
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["method"] for r in rows] == ["dense", "dynamicspatial"] and rows[1]["bound_speedup"] > 1
+    # the real convnext_atto uses 1x1-conv MLPs, which the spatial variant does not take: a clear refusal
+    assert cli_main(["bench", "--model", "convnext_atto", "--img-size", "64", "--rounds", "1"]) == 2
+    assert "conv_mlp=True" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
 
 from .cli import DTYPE_NAMES
@@ -216,24 +217,36 @@ class BenchResult:
         return out
 
 
-def _build(model: str | nn.Module, img_size: int | None, num_classes: int | None) -> tuple[str, nn.Module]:
+def _build(
+    model: str | nn.Module, img_size: int | None, num_classes: int | None, spatial: bool = False
+) -> tuple[str, nn.Module]:
+    """(name, the dense timm model): a ViT for the token methods, a ConvNeXt / Swin for `spatial`."""
     import timm
+
+    from .policies.dynspatial import is_spatial_model
 
     if isinstance(model, nn.Module):
         return type(model).__name__, model
     kwargs = {}
-    if img_size is not None:
-        kwargs["img_size"] = img_size
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
         built = timm.create_model(model, pretrained=False, **kwargs)
+        if img_size is not None and not isinstance(built, ConvNeXt):  # a ConvNeXt runs at any size
+            built = timm.create_model(model, pretrained=False, img_size=img_size, **kwargs)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ValueError(f"{err} (timm.list_models('*vit*') lists the ViTs)") from err
-    if not isinstance(built, VisionTransformer):
+    if img_size is not None and isinstance(built, ConvNeXt):
+        built.pretrained_cfg = {**built.pretrained_cfg, "input_size": (3, img_size, img_size)}
+    if spatial and not is_spatial_model(built):
+        raise ValueError(
+            f"--method dynamicspatial needs a ConvNeXt or Swin; --model {model} is a {type(built).__name__}"
+        )
+    if not spatial and not isinstance(built, VisionTransformer):
+        hint = "; for a ConvNeXt / Swin use --method dynamicspatial" if is_spatial_model(built) else ""
         raise ValueError(
             f"--model {model} is a {type(built).__name__}, not a vision transformer: tokensparse needs a timm "
-            "VisionTransformer such as deit_small_patch16_224 or vit_base_patch16_224"
+            f"VisionTransformer such as deit_small_patch16_224 or vit_base_patch16_224{hint}"
         )
     return model, built
 
@@ -340,14 +353,20 @@ def bench_dynamicvit(
     (`predictor_bound_forward`: no top-k, no gather), reported as share of predictor bound.
     """
     from .engine import get_policy, sparsity_info
+    from .flops import input_size
     from .policies.dynamicvit import DynamicViTPolicy
+    from .policies.dynspatial import is_spatial_model
     from .policies.registry import get_method
 
     spec = get_method(method)
     torch.manual_seed(seed)
-    name, dense = _build(model, img_size, None)
+    name, dense = _build(model, img_size, None, spatial=method == "dynamicspatial")
     dense = dense.eval().to(device=device, dtype=dtype)
-    images = torch.randn(batch_size, 3, *dense.patch_embed.img_size, device=device, dtype=dtype)
+    images = torch.randn(batch_size, *input_size(dense), device=device, dtype=dtype)
+    if is_spatial_model(dense):
+        return _bench_spatial(
+            name, dense, images, keep_ratios, method, rounds, warmup, device, dtype, progress
+        )
     contenders: dict[str, Callable[[], object]] = {"dense": lambda: dense(images)}
     sparse_models = {}
     for ratio in keep_ratios:
@@ -405,6 +424,32 @@ def bench_dynamicvit(
                     spread[f"{other}@{ratio}"],
                 )
             )
+    return _result(name, batch_size, device, dtype, rounds, rows)
+
+
+def _bench_spatial(
+    name, dense, images, keep_ratios, method, rounds, warmup, device, dtype, progress
+) -> BenchResult:
+    """Dense vs a dynamic ConvNeXt / Swin at each keep ratio; the bound is the ratio of executed FLOPs
+    (no tokens are removed, so there is no truncated forward to time)."""
+    batch_size = images.shape[0]
+    contenders: dict[str, Callable[[], object]] = {"dense": lambda: dense(images)}
+    sparse_models = {}
+    for ratio in keep_ratios:
+        sparse = make_policy(method, ratio)(copy.deepcopy(dense)).eval().to(device=device, dtype=dtype)
+        sparse_models[ratio] = sparse
+        contenders[f"{method}@{ratio}"] = lambda m=sparse: m(images)
+    timings = _time_all(contenders, f"bench {name} b{batch_size}", rounds, warmup, device, progress)
+    dense_time = timings["dense"].median
+    dense_gflops = _gflops(dense, images[:1])
+    rows = [BenchRow("dense", "-", dense_gflops, batch_size / dense_time, 1.0, None, timings["dense"].spread)]
+    for ratio, sparse in sparse_models.items():
+        timing = timings[f"{method}@{ratio}"]
+        sparse_gflops = _gflops(sparse, images[:1])
+        rows.append(
+            BenchRow(method, f"keep_ratio={ratio}", sparse_gflops, batch_size / timing.median,
+                     dense_time / timing.median, dense_gflops / sparse_gflops, spread=timing.spread)
+        )  # fmt: skip
     return _result(name, batch_size, device, dtype, rounds, rows)
 
 

@@ -183,6 +183,7 @@ def _bench_run(args: argparse.Namespace):
     """(dense model with the run's backbone weights, its name, the run's TrainConfig) for `bench --run`."""
     import dataclasses
 
+    from .flops import input_size
     from .runs import load_with_config
     from .training import build_model
 
@@ -190,14 +191,30 @@ def _bench_run(args: argparse.Namespace):
         args.run, model=args.model, method=args.method, img_size=args.img_size, model_kwargs=args.model_kwargs
     )
     dense_cfg = dataclasses.replace(cfg, method="dense", checkpoint=None, pretrained=False, drop_path=0.0)
-    dense = build_model(dense_cfg, sparse.num_classes, sparse.patch_embed.img_size[0])
-    state = {k: v for k, v in sparse.state_dict().items() if not k.startswith("score_predictor.")}
-    dense.load_state_dict(state, strict=False)
+    dense = build_model(dense_cfg, sparse.num_classes, input_size(sparse)[1])
+    missing = dense.load_state_dict(
+        sparse.state_dict(), strict=False
+    ).missing_keys  # the method's own left out
+    if missing:
+        raise ValueError(f"{args.run}: its backbone lacks {missing[:4]}")
+    dense.pretrained_cfg = sparse.pretrained_cfg  # the run's image size
     return dense, f"{cfg.model} ({args.run})", cfg
 
 
 _BENCH_SETTINGS = {"keep_ratio": [0.5, 0.7, 0.9], "tome_r": [8, 13], "gate_center": [3.0]}
 """What `tokensparse bench` sweeps without --run and without the setting's flag."""
+
+
+def _is_spatial_name(model: str | None) -> bool:
+    """Whether timm's `model` is a ConvNeXt or Swin Transformer (by its module, without building it)."""
+    import timm.models
+
+    if model is None or not timm.models.is_model(model):
+        return False
+    return timm.models.model_entrypoint(model).__module__.rsplit(".", 1)[-1] in (
+        "convnext",
+        "swin_transformer",
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -211,7 +228,11 @@ def _bench(args: argparse.Namespace) -> int:
         img_size = None
     else:
         img_size = args.img_size
-    method = args.method or (cfg.method if cfg is not None and cfg.method != "dense" else "dynamicvit")
+    method = args.method or (cfg.method if cfg is not None and cfg.method != "dense" else None)
+    if method is None:  # a ConvNeXt / Swin takes the spatial variant, a ViT DynamicViT
+        method = (
+            "dynamicspatial" if _is_spatial_name(model if isinstance(model, str) else None) else "dynamicvit"
+        )
     common = dict(
         batch_size=args.batch_size,
         rounds=args.rounds,
@@ -245,11 +266,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        bound = (
-            "FLOP ratio dense/A-ViT"
-            if args.method == "avit"
-            else "truncation bound (dense blocks on pre-sliced tokens)"
-        )
+        bound = {
+            "avit": "FLOP ratio dense/A-ViT",
+            "dynamicspatial": "FLOP ratio dense/dynamic (no tokens are removed)",
+        }.get(method, "truncation bound (dense blocks on pre-sliced tokens)")
         print(
             f"{result.model}, batch {result.batch_size}, {result.device} {result.dtype}, median of {result.rounds} "
             f"interleaved rounds; bound = {bound}; {result.machine}; {result.date}"
@@ -411,6 +431,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from .data import build_dataset, build_loader
     from .evaluate import evaluate
+    from .flops import input_size
     from .runs import load_with_config
 
     device = resolve_device(args.device)
@@ -428,7 +449,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.data_root or cfg.data_root,
         "val",
         # a ViT / Swin runs at its built size; a ConvNeXt at the run's (None: the data's own)
-        model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else cfg.img_size,
+        input_size(model)[1],
         limit=args.val_limit or cfg.val_limit,
     )
     loader = build_loader(dataset, args.batch_size or cfg.batch_size, is_training=False)

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from .checks import check_int
 from .engine import _INFO_ATTR, check_images, get_policy
+from .flops import input_size
 
 OUTPUT_NAMES = ("logits", "patch_index")
 
@@ -61,7 +62,15 @@ class _WithPatchIndex(nn.Module):
 
 
 def check_exportable(model: nn.Module) -> str:
-    """The method name of `model` ('dense' for a plain timm ViT); ValueError if it cannot be exported."""
+    """The method name of `model` ('dense' for a plain timm model); ValueError if it cannot be exported."""
+    from .policies.dynspatial import is_spatial_model, sparse_stage
+
+    if is_spatial_model(model):  # ConvNeXt / Swin: the dynamic stage's counts are fixed by its settings
+        try:
+            sparse_stage(model)
+        except ValueError:
+            return "dense"
+        return "dynamicspatial"
     policy = get_policy(model)
     method = "dense" if policy is None else policy.method
     if method == "avit":
@@ -121,11 +130,11 @@ def export_onnx(
     method = check_exportable(model)
     check_int("batch_size", batch_size, lambda v: v >= 1, "an int >= 1")
     if image_size is None:
-        image_size = tuple(model.patch_embed.img_size)
+        image_size = input_size(model)[1:]
     elif isinstance(image_size, int):
         image_size = (image_size, image_size)
     image_size = tuple(int(s) for s in image_size)
-    patch = tuple(model.patch_embed.patch_size)
+    patch = tuple(getattr(getattr(model, "patch_embed", None), "patch_size", (1, 1)))
     if any(s % p for s, p in zip(image_size, patch)):
         raise ValueError(
             f"image size {image_size[0]}x{image_size[1]} is not a multiple of the patch size "
@@ -159,12 +168,14 @@ def _export(
     opset: int | None,
 ) -> ExportResult:
     param = next(model.parameters())
-    channels = model.patch_embed.proj.in_channels
+    channels = input_size(model)[0]
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, channels, *image_size, generator=generator).to(param.device, param.dtype)
-    check_images(model, images)
-    module = model if method == "dense" else _WithPatchIndex(model)
-    output_names = OUTPUT_NAMES[:1] if method == "dense" else OUTPUT_NAMES
+    logits_only = method in ("dense", "dynamicspatial")  # no patch tokens to index
+    if hasattr(model, "blocks"):  # a ViT: say what is wrong with the input before torch does
+        check_images(model, images)
+    module = model if logits_only else _WithPatchIndex(model)
+    output_names = OUTPUT_NAMES[:1] if logits_only else OUTPUT_NAMES
     with _export_mode(model, batch_size, image_size), torch.no_grad():
         with warnings.catch_warnings(), open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
             warnings.simplefilter("ignore")  # the exporter's progress lines and deprecation notes
@@ -184,7 +195,7 @@ def _export(
             expected = expected if isinstance(expected, tuple) else (expected,)
             got = run_onnx(path, images)
             result.max_abs_diff = float((torch.from_numpy(got[0]) - expected[0].float().cpu()).abs().max())
-            if method != "dense":
+            if not logits_only:
                 result.same_patches = bool(torch.equal(torch.from_numpy(got[1]), expected[1].cpu()))
             if result.max_abs_diff > atol or result.same_patches is False:
                 raise RuntimeError(

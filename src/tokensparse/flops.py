@@ -107,6 +107,19 @@ def model_flops(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     return flops_from_info(model)
 
 
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images `model` takes: a ViT's or Swin's patch-embedding size,
+    else its timm `pretrained_cfg["input_size"]` (a ConvNeXt runs at any size; a loaded run records its
+    own there)."""
+    model = getattr(model, "module", model)
+    embed = getattr(model, "patch_embed", None)
+    if embed is not None and getattr(embed, "img_size", None) is not None:
+        height, width = embed.img_size
+        return int(embed.proj.in_channels), int(height), int(width)
+    channels, height, width = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+    return int(channels), int(height), int(width)
+
+
 def gflops(
     model: VisionTransformer,
     images: torch.Tensor | None = None,
@@ -120,10 +133,9 @@ def gflops(
     images for data-dependent methods (A-ViT).
     """
     if images is None:
-        if img_size is None:
-            img_size = model.patch_embed.img_size
+        channels, *size = input_size(model)
+        img_size = size if img_size is None else img_size
         height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
         param = next(model.parameters())
-        channels = model.patch_embed.proj.in_channels
         images = torch.randn(batch, channels, height, width, device=param.device, dtype=param.dtype)
     return model_flops(model, images).mean().item() / 1e9

@@ -113,7 +113,9 @@ def read_images(
     from PIL import Image, UnidentifiedImageError
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
-    height, width = model.patch_embed.img_size
+    from .flops import input_size
+
+    _, height, width = input_size(model)
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
     transform = None if dataset == CLUTTER_NAME else create_transform(height, is_training=False)

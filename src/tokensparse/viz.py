@@ -55,6 +55,10 @@ def token_maps(
     titles: list[str] | None = None,
 ) -> Path:
     """Run `model` (eval) on `images` and save a grid: one row per image, the original then its maps."""
+    from .policies.dynspatial import is_spatial_model
+
+    if is_spatial_model(model):
+        return _spatial_maps(model, images, path, mean, std, titles)
     policy = get_policy(model)
     if policy is None:
         raise ValueError("token_maps needs a tokensparse model (dynamicvit, avit, tome, evit, ...)")
@@ -155,6 +159,35 @@ def accuracy_vs_gflops(
 def _tome_groups(info, index: int, grid: tuple[int, int]) -> np.ndarray:
     """(grid_h, grid_w) id of the merged token each patch ended up in."""
     return info.extra["token_group"][index, info.num_prefix :].cpu().numpy().reshape(grid)
+
+
+def _spatial_maps(model, images, path, mean, std, titles) -> Path:
+    """A dynamic ConvNeXt / Swin: per predictor, the positions of its stage that take the full path
+    (the others greyed: they take the cheap fast path)."""
+    from .policies.dynspatial import dynamic_spatial_info
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(images)
+    model.train(was_training)
+    info = dynamic_spatial_info(model)
+    pictures = to_display(images, mean, std)
+    columns = ["image"] + [f"predictor {s + 1}: full path" for s in range(len(info.kept_index))]
+    fig, axes = plt.subplots(len(pictures), len(columns), figsize=(1.9 * len(columns), 1.9 * len(pictures)),
+                             squeeze=False, layout="constrained")  # fmt: skip
+    for i, picture in enumerate(pictures):
+        axes[i, 0].imshow(picture)
+        if titles:
+            axes[i, 0].set_ylabel(titles[i], fontsize=7)
+        for s, kept in enumerate(info.kept_index):
+            axes[i, 1 + s].imshow(_kept_overlay(picture, kept[i].cpu().numpy(), tuple(info.grid)))
+    for ax, title in zip(axes[0], columns):
+        ax.set_title(title, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return save_figure(fig, path, dpi=110, bbox_inches="tight", pad_inches=0.02)
 
 
 def save_figure(fig, path: str | os.PathLike, **kwargs) -> Path:

@@ -220,6 +220,7 @@ register_method(
         ),
         settings=(*_PRUNING, "ratio_weight", "distill_weight"),
         objective="tokensparse.losses:DynamicSpatialLoss.from_config",
+        bench_setting="keep_ratio",
         new_parameters=f"{_PACKAGE}.dynspatial:new_parameters",
     )
 )

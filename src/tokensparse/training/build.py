@@ -314,4 +314,23 @@ def load_trained(
         classes = state["head.weight"].shape[0] if "head.weight" in state else 1000
     model = sparsify_for(cfg, build_model(dense_cfg, classes, img_size))
     load_checkpoint(model, weights)
+    if img_size is not None:
+        record_data_config(model, cfg, img_size)
     return model, cfg
+
+
+def record_data_config(model: nn.Module, cfg: TrainConfig, img_size: int) -> None:
+    """The preprocessing the run trained with, as timm's `pretrained_cfg` (what
+    `timm.data.resolve_model_data_config(model)` reads): its image size and ImageNet's mean / std
+    (every data set here is normalised so); the clutter set has no crop."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from ..data import CLUTTER_NAME
+
+    channels = int(getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "in_channels", 3))
+    data_config = dict(
+        input_size=(channels, img_size, img_size), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
+    )
+    if cfg.dataset == CLUTTER_NAME:
+        data_config["crop_pct"] = 1.0
+    model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **data_config}
