@@ -9,7 +9,9 @@ import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
+import torch
 from conftest import make_run, tiny
 
 import tokensparse
@@ -212,3 +214,28 @@ def test_every_inference_path_takes_a_dynamic_convnext_run(tmp_path, capsys):
     # the real convnext_atto uses 1x1-conv MLPs, which the spatial variant does not take: a clear refusal
     assert cli_main(["bench", "--model", "convnext_atto", "--img-size", "64", "--rounds", "1"]) == 2
     assert "conv_mlp=True" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("pixels", "mode"),
+    [
+        (lambda: (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16), "I;16"),
+        (lambda: np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64), "F"),
+    ],
+)
+def test_predict_reads_16_bit_and_float_images_at_their_range(tmp_path, pixels, mode):
+    from PIL import Image
+
+    from tokensparse.runs import read_images, to_8bit
+
+    array = pixels()
+    grey = to_8bit(Image.fromarray(array), "x")
+    assert grey.mode == "L" and np.asarray(grey).min() == 0 and np.asarray(grey).max() == 255
+    path = tmp_path / ("x.png" if mode == "I;16" else "x.tif")
+    Image.fromarray(array).save(path)
+    eight = tmp_path / "eight.png"
+    grey.save(eight)
+    model = tokensparse.dynamicvit(tiny(), keep_ratio=0.7)
+    torch.testing.assert_close(read_images([path], model), read_images([eight], model))
+    with pytest.raises(ValueError, match="outside the 0..1"):
+        to_8bit(Image.fromarray(np.full((4, 4), -2.0, np.float32)), "neg.tif")

@@ -128,6 +128,7 @@ def read_images(
             image.load()
         except (UnidentifiedImageError, OSError) as err:
             raise ValueError(f"{path} is not an image PIL can read ({err})") from err
+        image = to_8bit(image, path)
         if transform is not None:
             batch.append(transform(image.convert("RGB")))
             continue
@@ -135,6 +136,32 @@ def read_images(
         pixels = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).view(1, height, width)
         batch.append((pixels.float().div(255).expand(3, -1, -1) - mean) / std)
     return torch.stack(batch)
+
+
+def to_8bit(image, path: str | os.PathLike = "image"):
+    """A PIL image with 16-bit or 32-bit integer pixels, or float pixels, as an 8-bit grey image scaled
+    from its type's range (PIL's own conversion clips 16-bit grey to white and floats to black).
+
+    Integers: 16-bit images over 0..65535 (0..255 when no pixel exceeds it); floats: 0..1, or 0..255
+    when a pixel exceeds 1. A pixel outside those ranges is a ValueError naming the file."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(pixels).all():
+        raise ValueError(f"{path}: its pixels include NaN or infinity")
+    low, high = float(pixels.min()), float(pixels.max())
+    if image.mode == "F":
+        top = 1.0 if high <= 1.0 else 255.0
+    else:
+        top = 255.0 if high <= 255 else 65535.0
+    if low < 0 or high > top:
+        raise ValueError(
+            f"{path}: {image.mode} pixels span {low:g}..{high:g}, outside the 0..{top:g} this reader scales from"
+        )
+    return Image.fromarray(np.round(pixels * (255.0 / top)).astype(np.uint8), mode="L")
 
 
 def train_dense_then_sparse(cfg: Any, dense_epochs: int) -> dict[str, Any]:
