@@ -239,3 +239,41 @@ def test_predict_reads_16_bit_and_float_images_at_their_range(tmp_path, pixels, 
     torch.testing.assert_close(read_images([path], model), read_images([eight], model))
     with pytest.raises(ValueError, match="outside the 0..1"):
         to_8bit(Image.fromarray(np.full((4, 4), -2.0, np.float32)), "neg.tif")
+
+
+def _folder(root: Path, classes: tuple[str, ...]) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 80, (32, 32, 3), dtype=np.uint8) + np.uint8(100 * c)).save(
+                    root / split / name / f"{i}.png"
+                )
+    return root
+
+
+def test_an_unreadable_image_is_named_not_replaced_by_another(tmp_path):
+    from tokensparse.data import build_dataset
+
+    root = _folder(tmp_path / "data", ("cat", "dog"))
+    (root / "val" / "dog" / "1.png").write_bytes(b"not a png")
+    dataset = build_dataset("folder", root, "val", img_size=32)
+    dataset[0]
+    with pytest.raises(ValueError, match=r"cannot read image .*dog/1.png"):
+        [dataset[i] for i in range(len(dataset))]
+
+
+def test_one_class_data_and_a_class_count_mismatch_are_refused(tmp_path, capsys):
+    one = _folder(tmp_path / "one", ("cat",))
+    cfg = TrainConfig(method="dense", model="deit_tiny_patch16_224", model_kwargs={"patch_size": 8, "embed_dim": 48,
+                      "depth": 2, "num_heads": 3}, dataset="folder", data_root=str(one), img_size=32, epochs=1,
+                      warmup_epochs=0, batch_size=2, device="cpu", output=str(tmp_path / "run"))  # fmt: skip
+    with pytest.raises(ValueError, match="has 1 class: a classifier needs at least two"):
+        train(cfg)
+    run = make_run(tmp_path, "evit")  # 7 classes
+    two = _folder(tmp_path / "two", ("cat", "dog"))
+    assert cli_main(["eval", run, "--dataset", "folder", "--data-root", str(two)]) == 2
+    assert "classifies 7 classes but folder" in capsys.readouterr().err

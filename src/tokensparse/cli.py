@@ -452,6 +452,15 @@ def _eval(args: argparse.Namespace) -> int:
         input_size(model)[1],
         limit=args.val_limit or cfg.val_limit,
     )
+    from .data import num_classes
+
+    data_classes, head = num_classes(dataset), getattr(model, "num_classes", None)
+    if head is not None and data_classes != head:
+        raise ValueError(
+            f"{args.run} classifies {head} classes but {args.dataset or cfg.dataset} "
+            f"{args.data_root or cfg.data_root or ''} has {data_classes}: its top-1 would mean nothing; "
+            "fine-tune the run on this data first (tokensparse train --checkpoint ...)"
+        )
     loader = build_loader(dataset, args.batch_size or cfg.batch_size, is_training=False)
     result = evaluate(model.to(device), loader, device=device, progress=not args.json)
     result = {"run": args.run, "method": cfg.method, "model": cfg.model, **result}

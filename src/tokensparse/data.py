@@ -19,7 +19,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset, create_transform
+from timm.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ImageDataset,
+    create_dataset,
+    create_transform,
+)
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 CLUTTER_NAME = "fashion-mnist-clutter"
@@ -443,14 +449,7 @@ def build_dataset(
         if not root.is_dir():
             raise FileNotFoundError(f"ImageFolder root not found: {root}")
         folder = _split_folder(root, split)
-        dataset = create_dataset(
-            "",
-            root=str(folder),
-            split=split,
-            search_split=False,
-            is_training=is_training,
-            class_map=_folder_classes(root, folder),
-        )
+        dataset = StrictImageDataset(str(folder), class_map=_folder_classes(root, folder))
         dataset.transform = transform
     if limit is None:
         return dataset
@@ -489,6 +488,21 @@ class FreshSubset(Dataset):
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
         return self.dataset[int(self.indices[index])]
+
+
+class StrictImageDataset(ImageDataset):
+    """timm's ImageDataset without its silent substitute: an image that cannot be read is a ValueError
+    naming the file (timm logs a warning and returns the next item instead, which a reported accuracy
+    would silently count)."""
+
+    def __getitem__(self, index: int):
+        self._max_retries = 1
+        try:
+            return super().__getitem__(index)
+        except RuntimeError as err:
+            raise ValueError(
+                f"cannot read image {self.reader.filename(index, absolute=True)}: fix or remove it ({err})"
+            ) from None
 
 
 def _targets(dataset: Dataset) -> list[int] | None:

@@ -99,6 +99,11 @@ def build_run(cfg: TrainConfig) -> Run:
     boxes = {"return_box": True} if cfg.dataset == CLUTTER_NAME else {}
     val_set = build_dataset(cfg.dataset, cfg.data_root, "val", cfg.img_size, limit=cfg.val_limit, **boxes)
     classes = num_classes(train_set)
+    if classes < 2:
+        raise ValueError(
+            f"the training data ({cfg.dataset} {cfg.data_root or ''}) has {classes} class: a classifier needs at "
+            "least two (every prediction would be right)"
+        )
     image = train_set[0][0]
     img_size = int(image.shape[-1])
     train_loader = build_loader(
