@@ -277,3 +277,14 @@ def test_one_class_data_and_a_class_count_mismatch_are_refused(tmp_path, capsys)
     two = _folder(tmp_path / "two", ("cat", "dog"))
     assert cli_main(["eval", run, "--dataset", "folder", "--data-root", str(two)]) == 2
     assert "classifies 7 classes but folder" in capsys.readouterr().err
+
+
+def test_a_run_folder_refuses_shape_flags_and_a_pickle_gets_no_advice_to_run_it(tmp_path, capsys):
+    run = make_run(tmp_path, "evit")
+    assert cli_main(["eval", run, "--img-size", "32"]) == 2
+    assert "--img-size describe a weights file" in capsys.readouterr().err
+    payload = tmp_path / "model.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "args": Path("x")}, payload)  # an object beside the tensors
+    with pytest.raises(tokensparse.checkpoints.CheckpointError) as err:
+        tokensparse.checkpoints.read_state_dict(payload)
+    assert "weights_only=False" not in str(err.value) and "re-save its weights alone" in str(err.value)

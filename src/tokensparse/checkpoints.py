@@ -42,6 +42,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights only load failed" in first_line.lower():  # torch's advice here would be to run the code
+            first_line = (
+                "it holds Python objects besides tensors; re-save its weights alone, e.g. "
+                "torch.save(model.state_dict(), path) or safetensors"
+            )
         raise CheckpointError(
             f"{path} could not be loaded as weights (corrupt, truncated, or it contains code, which "
             f"tokensparse never runs): {first_line}"
@@ -84,8 +89,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
             lines.append(f"  missing {len(missing)} keys: {_summarise(missing)}")
             if all(k.startswith("score_predictor.") for k in missing):
                 lines.append(
-                    "  (the file has no DynamicViT predictors: it is a dense model; pass strict=False "
-                    "to load the backbone and train the predictors)"
+                    "  (the file has no DynamicViT predictors: it is a dense model; train the predictors "
+                    "from it with `tokensparse train --method dynamicvit --checkpoint FILE`, or in Python load "
+                    "the backbone alone with load_checkpoint(model, FILE, strict=False))"
                 )
         if unexpected:
             lines.append(f"  unexpected {len(unexpected)} keys: {_summarise(unexpected)}")

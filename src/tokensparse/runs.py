@@ -53,7 +53,13 @@ def load_with_config(
     if not path.exists():
         raise FileNotFoundError(f"run or checkpoint not found: {path}")
     if path.is_dir():
-        overrides = {k: v for k, v in config.items() if k not in ("img_size", "model_kwargs")}
+        shape = {k: config[k] for k in ("img_size", "model_kwargs") if k in config}
+        if shape:  # a run is rebuilt as it trained: its architecture and size come from config.json
+            flags = " / ".join("--" + k.replace("_", "-") for k in shape)
+            raise ValueError(
+                f"{flags} describe a weights file; {path} is a run folder, which records its own"
+            )
+        overrides = dict(config)
         model_, cfg = load_trained(path, overrides=overrides)
         if model is not None and model != cfg.model:
             raise ValueError(f"{path} is a run of {cfg.model}, not --model {model}")
