@@ -23,7 +23,7 @@ import torch.nn as nn
 from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
 
-from .cli import DTYPE_NAMES
+from .checks import DTYPE_NAMES
 from .engine import embed
 
 DTYPES = {name: getattr(torch, value) for name, value in DTYPE_NAMES.items()}

@@ -12,14 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-DTYPE_NAMES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-}
+from .checks import DTYPE_NAMES
 
 
 def _methods(timed: bool = False) -> tuple[str, ...]:

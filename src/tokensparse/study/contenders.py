@@ -94,10 +94,14 @@ def contenders(cfg: DemoConfig, study: StudyRuns, test_set) -> list[Contender]:
             trained(f"dynamicvit@{ratio}", "dynamicvit", f"keep ratio {ratio}", ratio, f"dynamicvit@{ratio}")
         )
     start = study.start_center
-    rows.append(
-        trained("avit", "avit", f"gate centre {start:g} (trained)", start, "avit",
-                {"gate_center_trained": start, "gate_center_evaluated": start, "grid_run": study.chosen})
-    )  # fmt: skip
+    gates = {"gate_center_trained": start, "gate_center_evaluated": start, "grid_run": study.chosen}
+    avit = trained("avit", "avit", f"gate centre {start:g} (trained)", start, "avit", gates)
+    if avit is None and study.chosen is not None:  # an interim report: the chosen grid run, labelled so
+        canvases = cfg.avit_grid_epochs * cfg.avit_grid_limit
+        avit = trained("avit", "avit", f"gate centre {start:g} (trained; the chosen grid run's {canvases:,} "
+                       "canvases, the full-budget runs not trained yet)", start, study.chosen,
+                       gates | {"budget": "grid"})  # fmt: skip
+    rows.append(avit)
     for ratio in cfg.curve_ratios:
         rows.append(free(f"random@{ratio}", "random", f"keep ratio {ratio}", ratio,
                          lambda r=ratio: random_prune(dense_copy(), keep_ratio=r, seed=0)))  # fmt: skip
