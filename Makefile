@@ -26,7 +26,9 @@ data:
 demo: setup data
 	$(VENV)/bin/tokensparse demo
 
-# The full study committed in benchmarks/results/study (about an hour on 2 CPU cores).
+# The full study committed in benchmarks/results/study: the authors' relative budgets, three seeds of the
+# headline rows, A-ViT's loss-weight grid. About 10 hours of training on 2 CPU cores (minutes on a GPU:
+# add --device cuda); every fine-tune resumes where a killed run stopped, so it can run in pieces.
 study: setup data
 	$(VENV)/bin/tokensparse demo --study
 
