@@ -215,3 +215,15 @@ def test_dynamicvit_on_16_patches_never_skips_a_step(tmp_path) -> None:
         )
     )
     assert metrics["nan_skipped"] == 0 and math.isfinite(metrics["train_loss"])
+
+
+def test_a_short_run_scales_its_schedule_and_says_so() -> None:
+    given = TrainConfig(method="dynamicvit", epochs=1)  # warm-up 5 and DynamicViT's frozen 5 by default
+    cfg = given.resolved()
+    assert (cfg.warmup_epochs, cfg.backbone_fixed_epochs) == (0, 0)  # --epochs 1 trained nothing before
+    notes = given.schedule_notes(cfg)
+    assert len(notes) == 2 and "--backbone-fixed-epochs 5 is not shorter than --epochs 1; using 0" in notes[1]
+    long = TrainConfig(method="dynamicvit", epochs=30)
+    assert long.resolved().backbone_fixed_epochs == 5 and not long.schedule_notes(long.resolved())
+    with pytest.raises(ValueError, match="--backbone-fixed-epochs 3 is not shorter than --epochs 2"):
+        TrainConfig(method="dynamicvit", epochs=2, backbone_fixed_epochs=3).resolved()

@@ -373,18 +373,6 @@ def _train(args: argparse.Namespace) -> int:
     from .training import TrainConfig, train
 
     resolve_device(args.device)
-    if (
-        None not in (args.epochs, args.warmup_epochs)
-        and args.epochs > 1
-        and args.warmup_epochs >= args.epochs
-    ):
-        scaled = args.epochs // 6
-        print(
-            f"note: --warmup-epochs {args.warmup_epochs} is not shorter than --epochs {args.epochs}; "
-            f"warming up {scaled} epoch(s) instead (epochs // 6)",
-            file=sys.stderr,
-        )
-        args.warmup_epochs = scaled
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     if args.finetune_dense_epochs is not None:

@@ -104,17 +104,46 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs and self.epochs > 1:
-            raise ValueError(
-                f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} for {self.epochs}"
-            )
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         _check_ranges(self)
 
     def resolved(self) -> TrainConfig:
-        """A validated copy with every unset setting of this method at the method's default."""
+        """A validated copy with every unset setting of this method at the method's default.
+
+        A schedule longer than the run is scaled to its share of a short run rather than silently
+        kept: a warm-up of `epochs` or more becomes epochs // 6 (the authors' 5 of 30), and so does a
+        method's default frozen-backbone span (DynamicViT's 5 epochs: with --epochs 1 the backbone
+        would never train); `schedule_notes` says what changed. A frozen span set explicitly must be
+        shorter than the run."""
         self.validate()
         defaults = {k: v for k, v in get_method(self.method).defaults().items() if getattr(self, k) is None}
-        return dataclasses.replace(self, **defaults)
+        cfg = dataclasses.replace(self, **defaults)
+        scaled = {}
+        if cfg.warmup_epochs >= cfg.epochs:
+            scaled["warmup_epochs"] = cfg.epochs // 6
+        if cfg.backbone_fixed_epochs and cfg.backbone_fixed_epochs >= cfg.epochs:
+            if self.backbone_fixed_epochs is not None:
+                raise ValueError(
+                    f"--backbone-fixed-epochs {self.backbone_fixed_epochs} is not shorter than --epochs "
+                    f"{cfg.epochs}: the backbone would never train"
+                )
+            scaled["backbone_fixed_epochs"] = cfg.epochs // 6
+        return dataclasses.replace(cfg, **scaled)
+
+    def schedule_notes(self, resolved: TrainConfig) -> list[str]:
+        """What `resolved()` scaled for a short run, as lines to print."""
+        notes = []
+        for name in ("warmup_epochs", "backbone_fixed_epochs"):
+            given, used = getattr(self, name), getattr(resolved, name)
+            default = get_method(self.method).defaults().get(name) if given is None else given
+            if default is not None and used != default:
+                flag = "--" + name.replace("_", "-")
+                notes.append(
+                    f"note: {flag} {default} is not shorter than --epochs {resolved.epochs}; using {used} "
+                    "(epochs // 6)"
+                )
+        return notes
 
 
 # name -> (lowest, highest, whether the bounds are included); None values mean "not set" and pass

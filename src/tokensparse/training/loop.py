@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,8 +253,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     Settings left None take the method's registered recipe; config.json records them.
     """
-    cfg = cfg.resolved()
+    given, cfg = cfg, cfg.resolved()
     run = build_run(cfg)
+    if run.is_main:
+        for note in given.schedule_notes(cfg):
+            print(note, file=sys.stderr)
+        print(_plan(run), file=sys.stderr, flush=True)
     try:
         return _train(run)
     finally:
@@ -319,6 +324,18 @@ def _train(run: Run) -> dict[str, Any]:
     if run.writer is not None:
         run.writer.close()
     return metrics
+
+
+def _plan(run: Run) -> str:
+    """One line saying what the run will do."""
+    cfg = run.cfg
+    frozen = f", backbone frozen {cfg.backbone_fixed_epochs}" if cfg.backbone_fixed_epochs else ""
+    start = f" from epoch {run.start_epoch + 1}" if run.start_epoch else ""
+    return (
+        f"{cfg.method} on {cfg.model}: {cfg.epochs} epochs of {len(run.train_set)} items{start} (warm-up "
+        f"{cfg.warmup_epochs}{frozen}), batch {cfg.batch_size} x {run.world} process(es), lr {cfg.lr:g}, "
+        f"into {run.out}"
+    )
 
 
 def _start_epoch(run: Run, epoch: int) -> None:
