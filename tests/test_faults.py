@@ -207,7 +207,8 @@ def test_3_more_epochs_on_resume_follow_the_longer_schedule(tmp_path, capsys):
 
 
 def _ddp_rank(rank: int, world: int, port: int, settings: dict, die_after_epoch: int | None) -> None:
-    """One rank of a 2-process gloo group, forked from the test (no torch import per rank)."""
+    """One rank of a 2-process gloo group, spawned from the test: a fresh process, as torchrun starts
+    one (a fork of a process that already ran autograd cannot use autograd's threads)."""
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank),
@@ -243,7 +244,7 @@ def run_ddp(settings: dict, die_after_epoch: int | None = None, timeout: float =
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")
     ranks = [
         context.Process(target=_ddp_rank, args=(rank, 2, port, settings, die_after_epoch))
         for rank in range(2)
