@@ -73,15 +73,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "bf16_cpu.md")
     args = parser.parse_args()
 
-    rows = speed(args.rounds, args.batch_size)
     study = json.loads((args.study_report / "results.json").read_text())
-    center = study["gate_centers"][str(study["config"]["avit_headline_cut"])]
-    avit, _ = load_trained(args.study / f"avit-from@{study['gate_center']:g}")
-    avit.halting.gate_center = center
+    avit_row = study["results"]["avit"]  # the reported A-ViT: the full-budget run, or the chosen grid run
+    avit_run = avit_row["grid_run"] if avit_row.get("budget") == "grid" else "avit"
+    missing = [name for name in ("dynamicvit@0.7", avit_run) if not (args.study / name / "config.json").is_file()]
+    if missing:
+        raise SystemExit(
+            f"the study's runs {missing} are not in {args.study}: make them with `tokensparse demo --study` "
+            "(or pass --study FOLDER, the work folder that holds them)"
+        )
+    rows = speed(args.rounds, args.batch_size)
+    center = avit_row["gate_center_evaluated"]
     models = {
         "dense (shipped)": tokensparse.pretrained(study["config"]["teacher"]),
         "dynamicvit@0.7": load_trained(args.study / "dynamicvit@0.7")[0],
-        f"avit@{center:g}": avit,
+        f"avit (gate centre {center:g}, as trained)": load_trained(args.study / avit_run)[0],
     }
     test = build_dataset("fashion-mnist-clutter", split="test", limit=args.test_limit)
     loader = build_loader(test, 250, is_training=False)

@@ -49,6 +49,12 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).parent / "results" / "dvit_predictor_check.md"
     )
     args = parser.parse_args()
+    missing = [r for r in args.ratios if not (args.work / f"dynamicvit@{r}" / "config.json").is_file()]
+    if missing:
+        raise SystemExit(
+            f"the study's DynamicViT runs at rho {missing} are not in {args.work}: make them with "
+            "`tokensparse demo --study` (or pass --work FOLDER, the work folder that holds them)"
+        )
     torch.manual_seed(0)
     data = build_dataset("fashion-mnist-clutter", split="val", limit=args.val_limit, return_box=True)
     loader = build_loader(data, 128, is_training=False)
