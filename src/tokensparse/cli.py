@@ -488,6 +488,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "used when finished: two processes can share the study's training this way",
     )
     p.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train nothing: evaluate and report the fine-tunes already finished (an interim report that "
+        "names the missing runs)",
+    )
+    p.add_argument(
         "--train-only",
         action="store_true",
         help="run (or resume) the fine-tunes only; a later run without it reuses them, evaluates and reports",
@@ -503,6 +509,10 @@ def _demo(args: argparse.Namespace) -> int:
     overrides |= {k: getattr(args, k) for k in ("work", "report") if getattr(args, k) is not None}
     if args.runs is not None:
         overrides["only"] = tuple(args.runs)
+    if args.finished_only:
+        if args.train_only:
+            raise ValueError("--finished-only trains nothing and --train-only only trains: give one of them")
+        overrides["train"] = False
     cfg = study_config(**overrides) if args.study else DemoConfig(**overrides)
     run_study(cfg, train_only=args.train_only)
     return 0
