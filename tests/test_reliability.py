@@ -288,3 +288,36 @@ def test_a_run_folder_refuses_shape_flags_and_a_pickle_gets_no_advice_to_run_it(
     with pytest.raises(tokensparse.checkpoints.CheckpointError) as err:
         tokensparse.checkpoints.read_state_dict(payload)
     assert "weights_only=False" not in str(err.value) and "re-save its weights alone" in str(err.value)
+
+
+def test_the_shipped_model_is_nameable_as_model_or_checkpoint():
+    from tokensparse.models import pretrained_entry
+
+    entry = pretrained_entry("clutter-vit")
+    for given in (dict(model="clutter-vit"), dict(checkpoint="clutter-vit")):
+        cfg = TrainConfig(method="dense", dataset="folder", data_root="x", **given).resolved()
+        assert (cfg.model, cfg.model_kwargs, cfg.img_size) == (entry.model, entry.model_kwargs, 64)
+        assert cfg.checkpoint == str(entry.path)
+    with pytest.raises(ValueError, match="--checkpoint clutter-vit is a vit_tiny_patch16_224, not --model"):
+        TrainConfig(method="dense", model="deit_small_patch16_224", checkpoint="clutter-vit").resolved()
+
+
+def test_the_head_mismatch_advice_runs_as_printed(tmp_path, capsys):
+    """Fine-tuning the shipped 10-class model on a 2-class folder: the two printed commands run as copied."""
+    import shlex
+
+    data = _folder(tmp_path / "data", ("cat", "dog"))
+    out = tmp_path / "mine"
+    args = ["train", "--method", "dynamicvit", "--checkpoint", "clutter-vit", "--dataset", "folder",
+            "--data-root", str(data), "--output", str(out)]  # fmt: skip
+    assert cli_main(args) == 2
+    advice = [
+        line.strip()
+        for line in capsys.readouterr().err.splitlines()
+        if line.startswith("  tokensparse train")
+    ]
+    assert len(advice) == 2 and "--img-size 64" in advice[0] and "--model-kwargs" in advice[0]
+    short = ["--epochs", "1", "--batch-size", "4", "--val-limit", "2", "--device", "cpu"]
+    for command in advice:
+        assert cli_main(shlex.split(command)[1:] + short) == 0, command
+    assert (out / "model.safetensors").is_file()

@@ -118,7 +118,7 @@ class TrainConfig:
         shorter than the run."""
         self.validate()
         defaults = {k: v for k, v in get_method(self.method).defaults().items() if getattr(self, k) is None}
-        cfg = dataclasses.replace(self, **defaults)
+        cfg = dataclasses.replace(self, **defaults, **self._shipped())
         scaled = {}
         if cfg.warmup_epochs >= cfg.epochs:
             scaled["warmup_epochs"] = cfg.epochs // 6
@@ -130,6 +130,38 @@ class TrainConfig:
                 )
             scaled["backbone_fixed_epochs"] = cfg.epochs // 6
         return dataclasses.replace(cfg, **scaled)
+
+    def _shipped(self) -> dict[str, Any]:
+        """A shipped model named by --model or --checkpoint (e.g. clutter-vit): its timm architecture,
+        arguments, weights file and input size, so the name is all a command needs."""
+        from pathlib import Path
+
+        name = self.model if _is_shipped(self.model) else None
+        if (
+            name is None
+            and self.checkpoint
+            and not Path(self.checkpoint).exists()
+            and _is_shipped(self.checkpoint)
+        ):
+            name = self.checkpoint
+            if self.model not in (TrainConfig.model, name) and not _is_shipped(self.model):
+                from .models import pretrained_entry
+
+                entry = pretrained_entry(name)
+                if self.model != entry.model:
+                    raise ValueError(f"--checkpoint {name} is a {entry.model}, not --model {self.model}")
+        if name is None:
+            return {}
+        from .models import pretrained_entry
+
+        entry = pretrained_entry(name)
+        checkpoint = self.checkpoint if self.checkpoint not in (None, name) else str(entry.path)
+        return dict(
+            model=entry.model,
+            model_kwargs={**entry.model_kwargs, **self.model_kwargs},
+            checkpoint=checkpoint,
+            img_size=self.img_size or entry.img_size,
+        )
 
     def schedule_notes(self, resolved: TrainConfig) -> list[str]:
         """What `resolved()` scaled for a short run, as lines to print."""
@@ -144,6 +176,13 @@ class TrainConfig:
                     "(epochs // 6)"
                 )
         return notes
+
+
+def _is_shipped(name: str | None) -> bool:
+    """Whether `name` names a model shipped with the package (`tokensparse.models.PRETRAINED`)."""
+    from .models import PRETRAINED
+
+    return bool(name) and name in PRETRAINED
 
 
 # name -> (lowest, highest, whether the bounds are included); None values mean "not set" and pass

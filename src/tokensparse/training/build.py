@@ -142,16 +142,27 @@ class HeadMismatchError(ValueError):
     """The starting weights classify other classes than the data: sparsifying them needs a dense fine-tune first."""
 
     def __init__(self, cfg: TrainConfig, head_classes: int, data_classes: int) -> None:
-        start = f"--checkpoint {cfg.checkpoint}" if cfg.checkpoint else "--pretrained"
-        data = f"--dataset {cfg.dataset}" + (f" --data-root {cfg.data_root}" if cfg.data_root else "")
+        import json
+        import shlex
+
+        start = f"--checkpoint {shlex.quote(cfg.checkpoint)}" if cfg.checkpoint else "--pretrained"
+        data = f"--dataset {cfg.dataset}" + (
+            f" --data-root {shlex.quote(cfg.data_root)}" if cfg.data_root else ""
+        )
+        # the architecture and input size too: without them the commands would build another model
+        shape = f"--model {cfg.model}"
+        if cfg.model_kwargs:
+            shape += f" --model-kwargs {shlex.quote(json.dumps(cfg.model_kwargs))}"
+        if cfg.img_size:
+            shape += f" --img-size {cfg.img_size}"
         dense = f"{cfg.output.rstrip('/')}/dense"
         super().__init__(
             f"the starting weights ({start}) have a {head_classes}-class head but the data has "
             f"{data_classes} classes; {cfg.method} needs a model already trained on these classes "
             "(its teacher is the starting model). Fine-tune the dense model first, then sparsify it:\n"
-            f"  tokensparse train --method dense --model {cfg.model} {start} {data} --output {dense}\n"
-            f"  tokensparse train --method {cfg.method} --model {cfg.model} --checkpoint "
-            f"{dense}/model.safetensors {data} --output {cfg.output}\n"
+            f"  tokensparse train --method dense {shape} {start} {data} --output {shlex.quote(dense)}\n"
+            f"  tokensparse train --method {cfg.method} {shape} --checkpoint "
+            f"{shlex.quote(dense + '/model.safetensors')} {data} --output {shlex.quote(cfg.output)}\n"
             "or run both in one command with --finetune-dense-epochs N."
         )
 
