@@ -321,3 +321,13 @@ def test_the_head_mismatch_advice_runs_as_printed(tmp_path, capsys):
     for command in advice:
         assert cli_main(shlex.split(command)[1:] + short) == 0, command
     assert (out / "model.safetensors").is_file()
+
+
+def test_under_torchrun_only_rank_0_speaks(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["train", "--epochs", "zero"])
+    assert exit_.value.code == 2 and capsys.readouterr().err == ""
+    assert cli_main(["eval", "/nonexistent/run"]) == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert cli_main(["eval", "/nonexistent/run"]) == 2 and "not found" in capsys.readouterr().err

@@ -381,7 +381,7 @@ def _train(args: argparse.Namespace) -> int:
         metrics = train_dense_then_sparse(cfg, args.finetune_dense_epochs)
     else:
         metrics = train(cfg)
-    if metrics:
+    if metrics and _rank() == 0:  # every rank returns the metrics; one prints them
         from .training import json_safe
 
         print(json.dumps(json_safe(metrics)))
@@ -694,17 +694,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 speaks."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if _rank() > 0:  # under torchrun every rank parses the same flags: one message is enough
+        for action in parser._subparsers._group_actions if parser._subparsers else ():
+            for sub in getattr(action, "choices", {}).values():
+                sub.error = lambda message: sys.exit(2)
+        parser.error = lambda message: sys.exit(2)
     args = parser.parse_args(argv)
+    say = _rank() == 0
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        print(f"tokensparse {args.command}: error: {err}", file=sys.stderr)
+        if say:
+            print(f"tokensparse {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a read-only folder, no permission: say which file
         where = f"{err.filename}: " if err.filename else ""
-        print(f"tokensparse {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
+        if say:
+            print(f"tokensparse {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
 
 
