@@ -132,10 +132,19 @@ def test_demo_writes_a_report_and_reuses_finished_steps(tmp_path, capsys, tiny_t
     after = json.loads(cache.read_text())
     assert after["dynamicvit@0.7"]["source"] != before["dynamicvit@0.7"]["source"]
     assert after["dense"] == before["dense"] and after["random@0.7"] == before["random@0.7"]
-    # an interim report from finished runs only names what is missing
+    # an interim report from finished runs only names what is missing; without a full-budget A-ViT it
+    # reports the chosen grid run, labelled as such
+    import shutil
+
+    for name in ("avit", "avit-seed1"):
+        shutil.move(tmp_path / "work" / name, tmp_path / f"aside-{name}")
     interim = dataclasses.replace(cfg, train=False, seeds=(0, 1, 2), report=str(tmp_path / "interim"))
     text = run_study(interim).read_text()
-    assert "INTERIM: not trained yet" in text and "dynamicvit@0.7-seed2" in text
+    assert "INTERIM: not trained yet" in text and "dynamicvit@0.7-seed2" in text and "avit-seed1" in text
+    grid_row = json.loads((tmp_path / "interim" / "results.json").read_text())["results"]["avit"]
+    assert grid_row["budget"] == "grid" and "the full-budget runs not trained yet" in grid_row["setting"]
+    for name in ("avit", "avit-seed1"):
+        shutil.move(tmp_path / f"aside-{name}", tmp_path / "work" / name)
     # a finished run is reused only under the same settings: a changed schedule is refused, not mixed in
     with pytest.raises(ValueError, match="holds a finished run with other settings .*lr"):
         run_study(dataclasses.replace(cfg, dynamicvit_backbone_lr_scale=0.1))

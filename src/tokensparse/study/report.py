@@ -148,7 +148,10 @@ def figures(
     )
     left.grid(alpha=0.3)
     left.legend(fontsize=6, loc="lower right", ncols=2)
-    avit_runs = [n for n in main if n.startswith("avit")]
+    # the full-budget A-ViT runs, else (an interim report) the chosen grid run
+    avit_runs = [n for n in main if n.startswith("avit")] or [
+        n for n in curves if results.get("avit", {}).get("grid_run") == n
+    ]
     for i, name in enumerate(avit_runs):
         points = [p for p in curves[name] if "val_object_depth" in p]
         epochs = [0] + [p["epoch"] for p in points]
