@@ -263,7 +263,9 @@ def test_foreign_head_refuses_then_finetunes_dense_first(folder, tmp_path, capsy
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert "5-class head but the data has 2 classes" in err
-    assert f"tokensparse train --method dense --model {MODEL} --model-kwargs" in err and "--img-size 32" in err
+    assert (
+        f"tokensparse train --method dense --model {MODEL} --model-kwargs" in err and "--img-size 32" in err
+    )
     assert f"--checkpoint {out}/dense/model.safetensors" in err and "--finetune-dense-epochs" in err
     assert cli_main(args + ["--finetune-dense-epochs", "1"]) == 0
     assert (out / "dense" / "model.safetensors").is_file() and (out / "model.safetensors").is_file()

@@ -331,3 +331,19 @@ def test_under_torchrun_only_rank_0_speaks(monkeypatch, capsys):
     assert cli_main(["eval", "/nonexistent/run"]) == 2 and capsys.readouterr().err == ""
     monkeypatch.setenv("RANK", "0")
     assert cli_main(["eval", "/nonexistent/run"]) == 2 and "not found" in capsys.readouterr().err
+
+
+@needs_data
+def test_resume_needs_only_the_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = ["train", "--method", "avit", "--model", "vit_tiny_patch16_224", "--img-size", "64",
+             "--model-kwargs", '{"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}',
+             "--train-limit", "8", "--val-limit", "8", "--batch-size", "8", "--epochs", "1",
+             "--gate-center", "2.5", "--device", "cpu", "--output", str(out)]  # fmt: skip
+    assert cli_main(first) == 0
+    assert cli_main(["train", "--output", str(out), "--resume", "--epochs", "2"]) == 0
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "config.json").read_text())["gate_center"] == 2.5
+    capsys.readouterr()
+    assert cli_main(["train", "--output", str(out), "--resume", "--epochs", "3", "--gate-center", "4"]) == 2
+    assert "gate_center: 2.5 -> 4.0" in capsys.readouterr().err

@@ -367,6 +367,28 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
 
+def _resumed_settings(given: dict, names: set[str]) -> dict:
+    """`--resume` with only `--output RUN`: the settings come from RUN/config.json; a flag given on the
+    command line (a value other than its default) still counts, so a changed one is refused by name."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    saved_file = Path(given["output"]) / "config.json"
+    if not saved_file.is_file():
+        return given
+    saved = json.loads(saved_file.read_text())
+    if not isinstance(saved, dict):
+        return given
+    defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
+    kept = ("resume", "overwrite", "output", "device")
+    return {
+        k: v if k in kept or v != defaults.get(k) or k not in saved else saved[k]
+        for k, v in given.items()
+        if k in names
+    }
+
+
 def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -374,7 +396,12 @@ def _train(args: argparse.Namespace) -> int:
 
     resolve_device(args.device)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if (
+        args.resume
+    ):  # the run's own settings, except the flags given now (resume refuses any change but --epochs)
+        given = _resumed_settings(given, names)
+    cfg = TrainConfig(**given)
     if args.finetune_dense_epochs is not None:
         from .runs import train_dense_then_sparse
 
