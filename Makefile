@@ -47,7 +47,7 @@ teacher: setup data
 	$(PY) scripts/ship_pretrained.py runs/teacher-stage3 clutter-vit --command "make teacher" \
 	  --previous runs/teacher-stage1 runs/teacher
 
-# One minute: executed GFLOPs, img/s and speedup of DynamicViT on DeiT-S (random weights).
+# A short speed table: executed GFLOPs, img/s and speedup of DynamicViT on DeiT-S (random weights).
 bench-quick: setup
 	$(VENV)/bin/tokensparse bench
 

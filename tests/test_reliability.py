@@ -347,3 +347,12 @@ def test_resume_needs_only_the_run_folder(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["train", "--output", str(out), "--resume", "--epochs", "3", "--gate-center", "4"]) == 2
     assert "gate_center: 2.5 -> 4.0" in capsys.readouterr().err
+
+
+def test_a_share_of_a_noisy_bound_is_not_reported():
+    from tokensparse.bench import BenchRow, busy_warnings
+
+    steady = BenchRow("dynamicvit", "keep_ratio=0.7", 3.0, 100.0, 1.5, 1.6, spread=0.05, bound_spread=0.04)
+    noisy = BenchRow("dynamicvit", "keep_ratio=0.5", 2.0, 120.0, 1.8, 0.99, spread=0.05, bound_spread=0.40)
+    assert steady.share_of_bound == pytest.approx(1.5 / 1.6) and noisy.share_of_bound is None
+    assert any("keep_ratio=0.5 (40%)" in note for note in busy_warnings([steady, noisy]))

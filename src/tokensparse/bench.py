@@ -155,10 +155,18 @@ class BenchRow:
     bound_speedup: float | None = None
     spread: float | None = None  # IQR / median of the contender's times
     predictor_bound_speedup: float | None = None
+    bound_spread: float | None = None  # IQR / median of the timed bound's times (None: not timed)
+
+    @property
+    def bound_too_noisy(self) -> bool:
+        """A timed bound noisier than the result (and than 10%) gives no share: the ratio would be noise."""
+        return self.bound_spread is not None and self.bound_spread > max(0.10, self.spread or 0.0)
 
     @property
     def share_of_bound(self) -> float | None:
-        return None if self.bound_speedup is None else self.speedup / self.bound_speedup
+        if self.bound_speedup is None or self.bound_too_noisy:
+            return None
+        return self.speedup / self.bound_speedup
 
     @property
     def share_of_predictor_bound(self) -> float | None:
@@ -191,6 +199,8 @@ class BenchResult:
         lines = [head, rule]
         for r in self.rows:
             bound = "" if r.bound_speedup is None else f"{r.bound_speedup:.2f}x"
+            if r.bound_spread is not None:
+                bound += f" (±{100 * r.bound_spread:.0f}%)"
             share = "" if r.share_of_bound is None else f"{r.share_of_bound:.3f}"
             spread = "" if r.spread is None else f"{100 * r.spread:.1f}%"
             line = (
@@ -295,6 +305,12 @@ def busy_warnings(rows: Sequence[BenchRow], max_spread: float = 0.10) -> list[st
         notes.append(
             f"timings spread above {100 * max_spread:.0f}% of their median (IQR) for {', '.join(wide)}: "
             "add --rounds or measure on an idle machine"
+        )
+    noisy = [f"{r.method} {r.setting} ({100 * r.bound_spread:.0f}%)" for r in rows if r.bound_too_noisy]
+    if noisy:
+        notes.append(
+            f"the timed bound spread more than the result for {', '.join(noisy)}: no share of bound is reported "
+            "from it; add --rounds or measure on an idle machine"
         )
     return notes
 
@@ -409,8 +425,10 @@ def bench_dynamicvit(
                 bound,
                 spread=spread[f"{method}@{ratio}"],
                 predictor_bound_speedup=predictor_bound,
+                bound_spread=spread[f"bound@{ratio}"],
             )
         )
+
         for other in also_time or {}:
             t = seconds[f"{other}@{ratio}"]
             rows.append(
