@@ -356,3 +356,16 @@ def test_a_share_of_a_noisy_bound_is_not_reported():
     noisy = BenchRow("dynamicvit", "keep_ratio=0.5", 2.0, 120.0, 1.8, 0.99, spread=0.05, bound_spread=0.40)
     assert steady.share_of_bound == pytest.approx(1.5 / 1.6) and noisy.share_of_bound is None
     assert any("keep_ratio=0.5 (40%)" in note for note in busy_warnings([steady, noisy]))
+
+
+def test_a_run_and_its_onnx_file_carry_their_preprocessing(tmp_path):
+    import timm
+
+    from tokensparse.export import data_config
+
+    model = tokensparse.load_run(make_run(tmp_path, "evit"))
+    expected = timm.data.resolve_model_data_config(model)
+    assert expected["input_size"] == (3, 64, 64) and expected["mean"] == (0.485, 0.456, 0.406)
+    tokensparse.export_onnx(model, tmp_path / "m.onnx", verify=False)
+    saved = data_config(tmp_path / "m.onnx")
+    assert saved["input_size"] == [3, 64, 64] and saved["std"] == list(expected["std"])

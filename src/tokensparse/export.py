@@ -189,6 +189,7 @@ def _export(
                 verbose=False,
             )
         program.save(str(path))
+        _write_data_config(path, model, image_size)
         result = ExportResult(path, method, batch_size, image_size, output_names)
         if verify:
             expected = module(images)
@@ -203,6 +204,34 @@ def _export(
                     f"{result.max_abs_diff:.3g} (tolerance {atol}), same kept patches: {result.same_patches}"
                 )
     return result
+
+
+def _write_data_config(path: Path, model: nn.Module, image_size: tuple[int, int]) -> None:
+    """The preprocessing the model expects, as ONNX metadata (`data_config`: timm's
+    `resolve_model_data_config` with the exported size), so a deployment needs no other file."""
+    import json
+
+    import onnx
+    from timm.data import resolve_model_data_config
+
+    config = dict(resolve_model_data_config(model))
+    config["input_size"] = (config["input_size"][0], *image_size)
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "data_config", json.dumps(config)
+    onnx.save(proto, str(path))
+
+
+def data_config(path: str | os.PathLike) -> dict:
+    """The preprocessing an exported file records (input_size, mean, std, crop_pct, interpolation)."""
+    import json
+
+    import onnx
+
+    for entry in onnx.load(str(path), load_external_data=False).metadata_props:
+        if entry.key == "data_config":
+            return json.loads(entry.value)
+    raise ValueError(f"{path} records no data_config (exported by another tool or an older tokensparse)")
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
