@@ -305,19 +305,21 @@ def test_loss_matches_authors(arch: str, golden) -> None:
 
 
 def test_param_groups_follow_the_authors() -> None:
-    from tokensparse.policies.dynspatial import dynamic_spatial_param_groups
+    """The training loop's groups for dynamicspatial are the authors' (optim_factory, --lr_scale 0.2, fix_step 5)."""
+    from tokensparse.config import TrainConfig
+    from tokensparse.training import parameter_groups
 
     model = tokensparse.dynamic_convnext(atto())
-    groups = dynamic_spatial_param_groups(model, weight_decay=0.05)
+    groups = parameter_groups(model, TrainConfig(method="dynamicspatial", weight_decay=0.05).resolved())
     by_id = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert sum(len(g["params"]) for g in groups) == len(named)
     new = by_id[id(named["stages.2.score_predictor.0.in_conv.1.weight"])]
-    assert (new["lr_scale"], new["fix_epochs"], new["weight_decay"]) == (1.0, 0, 0.05)
+    assert (new["lr_scale"], new["fixed_epochs"], new["weight_decay"]) == (1.0, 0, 0.05)
     gamma = by_id[id(named["stages.2.blocks.3.fast_path_gamma"])]
     assert (gamma["lr_scale"], gamma["weight_decay"]) == (1.0, 0.0)
     backbone = by_id[id(named["stages.2.blocks.3.mlp.fc1.weight"])]
-    assert (backbone["lr_scale"], backbone["fix_epochs"], backbone["weight_decay"]) == (0.2, 5, 0.05)
+    assert (backbone["lr_scale"], backbone["fixed_epochs"], backbone["weight_decay"]) == (0.2, 5, 0.05)
     assert by_id[id(named["stem.0.bias"])]["weight_decay"] == 0.0
 
 

@@ -277,38 +277,6 @@ def spatial_flops(model: nn.Module, img_size: tuple[int, int]) -> int:
     )
 
 
-def dynamic_spatial_param_groups(
-    model: nn.Module, weight_decay: float = 0.05, backbone_lr_scale: float = 0.2, fix_epochs: int = 5
-) -> list[dict]:
-    """The authors' optimiser groups (optim_factory.get_parameter_groups) for a dynamic ConvNeXt / Swin.
-
-    New parameters (predictors, fast paths) train at the full lr from the start; the pretrained
-    backbone at lr x `backbone_lr_scale` (their README runs use --lr_scale 0.2) and at lr 0 for the first
-    `fix_epochs` epochs (their fix_step = 5). No weight decay on biases, 1-d parameters and the model's
-    `no_weight_decay()` names. Each group carries "lr_scale" (timm's schedulers apply it) and
-    "fix_epochs" (the training loop zeroes the group's lr while epoch < fix_epochs).
-    """
-    added = {id(p) for p in new_parameters(model)}
-    inner = getattr(model, "module", model)
-    skip = set(getattr(inner, "no_weight_decay", lambda: set())())
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, param in inner.named_parameters():
-        if not param.requires_grad:
-            continue
-        new = id(param) in added
-        no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip
-        groups.setdefault((new, no_decay), []).append(param)
-    return [
-        {
-            "params": params,
-            "weight_decay": 0.0 if no_decay else weight_decay,
-            "lr_scale": 1.0 if new else backbone_lr_scale,
-            "fix_epochs": 0 if new else fix_epochs,
-        }
-        for (new, no_decay), params in sorted(groups.items())
-    ]
-
-
 def fast_path(norm: nn.Module, dim: int, factory: dict, *tail: nn.Module) -> nn.Sequential:
     """A block's fast path: LayerNorm + Linear(dim, dim) (+ `tail`), the Linear initialised as the authors
     do (trunc_normal std 0.02, zero bias), on the model's device and dtype (`factory`)."""
