@@ -72,7 +72,7 @@ def run_study(cfg: DemoConfig, train_only: bool = False) -> Path | None:
     log("drawing figures")
     untrained = _untrained(cfg, study)
     fine_tuning = curves(study.runs)
-    pictures = figures(cfg, rows, results, fine_tuning, untrained, report)
+    pictures = figures(cfg, study, rows, results, fine_tuning, untrained, report)
     minutes = (time.perf_counter() - wall) / 60
     notes = [
         f"wall time of this command: {minutes:.1f} min"

@@ -14,7 +14,7 @@ from ..data import build_dataset
 from ..models import pretrained, pretrained_entry
 from .config import TEACHER_CANVASES, DemoConfig
 from .contenders import Contender
-from .runs import StudyRuns
+from .runs import StudyRuns, seed_name
 
 FAMILIES = {  # family -> (marker, legend label)
     "dynamicvit": ("o", "DynamicViT (fine-tuned), labelled by keep ratio"),
@@ -89,7 +89,7 @@ def headline_rows(cfg: DemoConfig, results: dict[str, dict], rows: list[Contende
 
 
 def figures(
-    cfg: DemoConfig, rows: list[Contender], results, curves, untrained, report: Path
+    cfg: DemoConfig, study: StudyRuns, rows: list[Contender], results, curves, untrained, report: Path
 ) -> dict[str, str]:
     import matplotlib
 
@@ -143,7 +143,7 @@ def figures(
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.4))
     colours = plt.get_cmap("tab10").colors
-    main = [n for n in curves if not n.startswith("avit-grid")]
+    main = [n for n in curves if n not in study.grid]
     for i, name in enumerate(main):
         points = curves[name]
         if points:
@@ -158,9 +158,8 @@ def figures(
     left.xaxis.get_major_locator().set_params(integer=True)
     left.legend(fontsize=6, loc="lower right", ncols=2)
     # the full-budget A-ViT runs, else (an interim report) the chosen grid run
-    avit_runs = [n for n in main if n.startswith("avit")] or [
-        n for n in curves if results.get("avit", {}).get("grid_run") == n
-    ]
+    full = {seed_name("avit", seed) for seed in cfg.seeds}
+    avit_runs = [n for n in main if n in full] or [study.chosen] * (study.chosen in curves)
     for i, name in enumerate(avit_runs):
         points = [p for p in curves[name] if "val_object_depth" in p]
         epochs = [0] + [p["epoch"] for p in points]
