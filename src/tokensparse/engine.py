@@ -177,6 +177,12 @@ class TokenPolicy:
     def end(self, state: TokenState) -> None:
         """Called after the last block, before the final norm."""
 
+    def token_depth(self, info: SparseInfo) -> torch.Tensor | None:
+        """(B, P + N) blocks each token computed, prefix tokens first, for a method whose tokens stop
+        at depths of their own (A-ViT); None: every token still present runs every block. `evaluate`
+        reports mean depths, on and off the object, from it."""
+        return None
+
     def progress(self, info: SparseInfo) -> dict[str, str]:
         """What the training progress bar shows of the last forward: the share of patches kept."""
         return {"keep": f"{float(info.keep_mask.float().mean()):.2f}"}

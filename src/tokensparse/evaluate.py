@@ -89,11 +89,12 @@ def evaluate(
             if info.keep_decisions:
                 kept = torch.stack([d.float().mean(1) for d in info.keep_decisions], 1).sum(0).double().cpu()
                 stage_kept = kept if stage_kept is None else stage_kept + kept
-            if "mean_depth" in info.extra:  # a halting method (A-ViT): report token depths
+            depth = policy.token_depth(info)
+            if depth is not None:  # a halting method (A-ViT): report token depths
                 halting = True
-                depth_sum += float(info.extra["mean_depth"].double().sum())
+                depth_sum += float(depth.double().mean(dim=1).sum())
             if len(batch) > 2 and hasattr(model, "patch_embed"):  # token models; not ConvNeXt / Swin
-                cover += _object_cover(model, info, batch[2])
+                cover += _object_cover(model, info, depth, batch[2])
     extra = torch.cat([torch.tensor([depth_sum, seconds], dtype=torch.float64), cover])
     if dist.is_available() and dist.is_initialized():
         # Every rank joins every collective, also a rank whose shard is empty (it has no stage counts
@@ -163,7 +164,9 @@ def paired_difference(correct: str | list[str], reference: str, z: float = 1.96)
     return 100.0 * d.mean().item(), 100.0 * z * spread / len(d) ** 0.5
 
 
-def _object_cover(model: nn.Module, info, boxes: torch.Tensor) -> torch.Tensor:
+def _object_cover(
+    model: nn.Module, info, token_depth: torch.Tensor | None, boxes: torch.Tensor
+) -> torch.Tensor:
     """[object patches, of them kept, depth sum on them, background patches, depth sum on them]."""
     from .data import box_patch_mask
 
@@ -173,8 +176,8 @@ def _object_cover(model: nn.Module, info, boxes: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(5, dtype=torch.float64)
     out[0] = on_object.sum()
     out[3] = (1 - on_object).sum()
-    if "token_depth" in info.extra:
-        depth = info.extra["token_depth"][:, info.num_prefix :].cpu().to(torch.float64)
+    if token_depth is not None:
+        depth = token_depth[:, info.num_prefix :].cpu().to(torch.float64)
         out[2] = (depth * on_object).sum()
         out[4] = (depth * (1 - on_object)).sum()
     else:

@@ -168,6 +168,9 @@ class AViTPolicy(TokenPolicy, nn.Module):
     def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
         return no_extra_flops(info)  # halting reads channel 0 of each block's output: no matmul of its own
 
+    def token_depth(self, info: SparseInfo) -> torch.Tensor:
+        return info.extra["token_depth"]
+
     def progress(self, info: SparseInfo) -> dict[str, str]:
         """The mean token depth (blocks computed) of the last forward."""
         return {"depth": f"{float(info.extra['mean_depth'].float().mean()):.2f}"}
