@@ -76,7 +76,9 @@ def main() -> None:
     study = json.loads((args.study_report / "results.json").read_text())
     avit_row = study["results"]["avit"]  # the reported A-ViT: the full-budget run, or the chosen grid run
     avit_run = avit_row["grid_run"] if avit_row.get("budget") == "grid" else "avit"
-    missing = [name for name in ("dynamicvit@0.7", avit_run) if not (args.study / name / "config.json").is_file()]
+    missing = [
+        name for name in ("dynamicvit@0.7", avit_run) if not (args.study / name / "config.json").is_file()
+    ]
     if missing:
         raise SystemExit(
             f"the study's runs {missing} are not in {args.study}: make them with `tokensparse demo --study` "

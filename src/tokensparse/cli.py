@@ -367,26 +367,20 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
 
-def _resumed_settings(given: dict, names: set[str]) -> dict:
-    """`--resume` with only `--output RUN`: the settings come from RUN/config.json; a flag given on the
-    command line (a value other than its default) still counts, so a changed one is refused by name."""
-    import dataclasses
-
-    from .config import TrainConfig
-
+def _resumed_settings(given: dict, written: set[str]) -> dict:
+    """`--resume` with only `--output RUN`: the settings not written on the command line come from
+    RUN/config.json; a written one still counts, so a changed one is refused by name."""
     saved_file = Path(given["output"]) / "config.json"
     if not saved_file.is_file():
         return given
-    saved = json.loads(saved_file.read_text())
+    try:
+        saved = json.loads(saved_file.read_text())
+    except ValueError:  # corrupt: the resume itself reports it, naming the file
+        return given
     if not isinstance(saved, dict):
         return given
-    defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
-    kept = ("resume", "overwrite", "output", "device")
-    return {
-        k: v if k in kept or v != defaults.get(k) or k not in saved else saved[k]
-        for k, v in given.items()
-        if k in names
-    }
+    kept = {"resume", "overwrite", "output", "device"} | written
+    return {k: v if k in kept or k not in saved else saved[k] for k, v in given.items()}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -397,10 +391,8 @@ def _train(args: argparse.Namespace) -> int:
     resolve_device(args.device)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
-    if (
-        args.resume
-    ):  # the run's own settings, except the flags given now (resume refuses any change but --epochs)
-        given = _resumed_settings(given, names)
+    if args.resume:  # the run's settings, but the flags written now (only --epochs may change)
+        given = _resumed_settings(given, getattr(args, "given", set(given)))
     cfg = TrainConfig(**given)
     if args.finetune_dense_epochs is not None:
         from .runs import train_dense_then_sparse
@@ -721,6 +713,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options written on the command line (not left at their defaults)."""
+    options = {}
+    for action in parser._actions:
+        for sub in getattr(action, "choices", None) or {}:
+            if isinstance(action.choices, dict):
+                for inner in action.choices[sub]._actions:
+                    options.update({flag: inner.dest for flag in inner.option_strings})
+    return {options[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in options}
+
+
 def _rank() -> int:
     """This process's rank under torchrun (0 otherwise): only rank 0 speaks."""
     import os
@@ -739,6 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sub.error = lambda message: sys.exit(2)
         parser.error = lambda message: sys.exit(2)
     args = parser.parse_args(argv)
+    args.given = _given_dests(parser, sys.argv[1:] if argv is None else list(argv))
     say = _rank() == 0
     try:
         return args.func(args)
