@@ -8,6 +8,7 @@ dict, or under "state_dict") and the project's own safetensors files. Pickled fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -141,3 +142,21 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
+    """A temporary path beside `path` for a writer that wants a file name (matplotlib, the ONNX
+    exporter); renamed over `path` when the block ends without error, removed otherwise. An OSError
+    inside names `path`, not the temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    except OSError as err:
+        raise OSError(f"could not write {path}: {err}") from err
+    finally:
+        Path(temporary).unlink(missing_ok=True)

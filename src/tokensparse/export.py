@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .checkpoints import atomic_path
 from .checks import check_int
 from .engine import _INFO_ATTR, check_images, get_policy
 from .flops import input_size
@@ -141,18 +141,9 @@ def export_onnx(
             f"{patch[0]}x{patch[1]}: the patch embedding would drop the remainder"
         )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # written beside `path` and renamed when verified: a failed export leaves the old file whole
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.onnx")
-    os.close(handle)
-    try:
-        result = _export(model, method, Path(temporary), batch_size, image_size, verify, atol, opset)
-        os.replace(temporary, path)
-    except BaseException as err:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise OSError(f"could not write {path}: {err}") from err
-        raise
+    with atomic_path(path, suffix=".tmp.onnx") as temporary:
+        result = _export(model, method, temporary, batch_size, image_size, verify, atol, opset)
     result.path = path
     return result
 

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from .checkpoints import atomic_path
 from .engine import get_policy, sparsity_info  # noqa: E402
 
 
@@ -194,22 +195,12 @@ def save_figure(fig, path: str | os.PathLike, **kwargs) -> Path:
     """Save `fig` whole or not at all (a temporary file beside `path`, then renamed) and close it.
 
     A path without a suffix gets `.png` (what matplotlib writes), and the path returned is the file's."""
-    import tempfile
-
     path = Path(path)
     if not path.suffix:
         path = path.with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
     try:
-        fig.savefig(temporary, format=path.suffix[1:], **kwargs)
-        os.replace(temporary, path)
-    except BaseException as err:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise OSError(f"could not write {path}: {err}") from err
-        raise
+        with atomic_path(path) as temporary:
+            fig.savefig(temporary, format=path.suffix[1:], **kwargs)
     finally:
         plt.close(fig)
     return path

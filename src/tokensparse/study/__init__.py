@@ -87,7 +87,8 @@ def run_study(cfg: DemoConfig, train_only: bool = False) -> Path | None:
         notes.append(f"INTERIM: not trained yet, so missing from the tables: {', '.join(study.missing)}")
     index = write_report(cfg, study, rows, results, headline, fine_tuning, untrained, pictures, notes, report)
     record = {
-        "config": dataclasses.asdict(cfg),
+        # the work folder as the command named it inside the checkout, else by its name alone (no machine paths)
+        "config": dataclasses.asdict(cfg) | {"work": _shown(cfg.work)},
         "wall_minutes": minutes,
         "avit_start": {"gate_center": study.start_center, "untrained_depth": study.start_depth, **untrained},
         "avit_grid": study.grid,
@@ -100,6 +101,16 @@ def run_study(cfg: DemoConfig, train_only: bool = False) -> Path | None:
     print(headline_table(results, headline))
     print(f"\nreport: {index}")
     return index
+
+
+def _shown(folder: str) -> str:
+    path = Path(folder)
+    if not path.is_absolute():
+        return folder
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return path.name
 
 
 def _untrained(cfg: DemoConfig, study: StudyRuns) -> dict[str, float]:
