@@ -110,12 +110,7 @@ def token_maps(
         bar = fig.colorbar(shown, ax=axes[:, -1].tolist(), shrink=min(1.0, 0.5 + 0.1 * rows), aspect=25)
         bar.set_label("blocks computed", fontsize=8)
         bar.ax.tick_params(labelsize=7)
-    for ax, title in zip(axes[0], columns):
-        ax.set_title(title, fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    return save_figure(fig, path, dpi=110, bbox_inches="tight", pad_inches=0.02)
+    return _save_maps(fig, axes, columns, path)
 
 
 def accuracy_vs_gflops(
@@ -162,6 +157,16 @@ def _tome_groups(info, index: int, grid: tuple[int, int]) -> np.ndarray:
     return info.extra["token_group"][index, info.num_prefix :].cpu().numpy().reshape(grid)
 
 
+def _save_maps(fig, axes, columns: list[str], path) -> Path:
+    """Title the columns of a token-map grid, drop its ticks and save it."""
+    for ax, title in zip(axes[0], columns):
+        ax.set_title(title, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return save_figure(fig, path, dpi=110, bbox_inches="tight", pad_inches=0.02)
+
+
 def _spatial_maps(model, images, path, mean, std, titles) -> Path:
     """A dynamic ConvNeXt / Swin: per predictor, the positions of its stage that take the full path
     (the others greyed: they take the cheap fast path)."""
@@ -183,12 +188,7 @@ def _spatial_maps(model, images, path, mean, std, titles) -> Path:
             axes[i, 0].set_ylabel(titles[i], fontsize=7)
         for s, kept in enumerate(info.kept_index):
             axes[i, 1 + s].imshow(_kept_overlay(picture, kept[i].cpu().numpy(), tuple(info.grid)))
-    for ax, title in zip(axes[0], columns):
-        ax.set_title(title, fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    return save_figure(fig, path, dpi=110, bbox_inches="tight", pad_inches=0.02)
+    return _save_maps(fig, axes, columns, path)
 
 
 def save_figure(fig, path: str | os.PathLike, **kwargs) -> Path:
