@@ -503,7 +503,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         default=None,
         metavar="NAME",
-        help="train only these runs (their work-folder names, e.g. dynamicvit@0.7 avit-seed1); the others are "
+        help="train only these runs (their work-folder names, e.g. dynamicvit@0.7 avit-seed1, or the part before "
+        "'@': tome-ft is the ToMe fine-tune at the r matched at run time); the others are "
         "used when finished: two processes can share the study's training this way",
     )
     p.add_argument(

@@ -74,6 +74,12 @@ def seed_name(name: str, seed: int) -> str:
     return name if seed == 0 else f"{name}-seed{seed}"
 
 
+def selected(name: str, only: tuple[str, ...] | None) -> bool:
+    """Whether `--runs ONLY` trains the run `name`: its folder name, or the part before '@' (`tome-ft`
+    names the ToMe fine-tune whose r is matched to DynamicViT's FLOPs at run time). None: every run."""
+    return only is None or name in only or name.split("@")[0] in only
+
+
 def grid_name(ponder: float, prior: float, distill: float) -> str:
     return f"avit-grid-p{ponder:g}-d{prior:g}-kd{distill:g}"
 
@@ -112,7 +118,7 @@ class _Trainer:
                 )
             log(f"{name}: reusing {out} (same settings)")
             self.reused.append(name)
-        elif not cfg.train or cfg.only is not None and name not in cfg.only:
+        elif not cfg.train or not selected(name, cfg.only):
             self.missing.append(name)
             return None
         else:
