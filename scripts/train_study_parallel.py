@@ -75,7 +75,7 @@ def chain_lengths(jobs: list[Job]) -> dict[str, int]:
 
 
 def finished(work: Path, name: str) -> bool:
-    if "@" not in name and name.endswith("-ft"):  # tome-ft: its folder carries the r found at run time
+    if name == "tome-ft":  # its folder carries the r found at run time
         return any((run / "model.safetensors").is_file() for run in work.glob(f"{name}@*"))
     return (work / name / "model.safetensors").is_file()
 
@@ -85,6 +85,13 @@ def main() -> int:
     p.add_argument("--work", default="runs/study")
     p.add_argument("--device", default="cuda")
     p.add_argument("--jobs", type=int, default=12, help="processes at a time")
+    p.add_argument("--runs", nargs="+", default=None, metavar="NAME", help="only these runs (default: all)")
+    p.add_argument(
+        "--avit-workers",
+        type=int,
+        default=0,
+        help="data-loading processes for A-ViT's full runs, the longest chain (the data do not depend on it)",
+    )
     p.add_argument("--deadline", type=float, default=None, help="seconds; stop the jobs still running then")
     args = p.parse_args()
     work = Path(args.work)
@@ -98,9 +105,9 @@ def main() -> int:
     }
     jobs = study_jobs()
     chain = chain_lengths(jobs)
-    todo = [j for j in jobs if not finished(work, j.name)]
+    todo = [j for j in jobs if not finished(work, j.name) and (args.runs is None or j.name in args.runs)]
     running: dict[str, subprocess.Popen] = {}
-    done: set[str] = {j.name for j in study_jobs()} - {j.name for j in todo}
+    done: set[str] = {j.name for j in jobs} - {j.name for j in todo}
     start = time.monotonic()
     failed = None
     while (todo or running) and failed is None:
@@ -110,8 +117,8 @@ def main() -> int:
             if proc.poll() is None:
                 continue
             del running[name]
-            if proc.returncode != 0 or not finished(work, name):
-                failed = name
+            if not finished(work, name):
+                failed = f"{name} (exit code {proc.returncode})"
                 break
             done.add(name)
             print(f"{time.monotonic() - start:7.0f}s  finished {name}", flush=True)
@@ -121,6 +128,8 @@ def main() -> int:
             todo.remove(job)
             cmd = [sys.executable, "-m", "tokensparse", "demo", "--study", "--train-only", "--work", str(work),
                    "--device", args.device, "--runs", job.name]  # fmt: skip
+            if job.name.split("-seed")[0] == "avit":
+                cmd += ["--workers", str(args.avit_workers)]
             with open(logs / f"{job.name}.log", "a") as log:
                 running[job.name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             print(f"{time.monotonic() - start:7.0f}s  started {job.name}", flush=True)
@@ -130,7 +139,7 @@ def main() -> int:
     for proc in running.values():
         proc.wait()
     if failed is not None:
-        tail = (logs / f"{failed}.log").read_text().splitlines()[-30:]
+        tail = (logs / f"{failed.split()[0]}.log").read_text().splitlines()[-30:]
         print(f"{failed} failed; the end of its log:\n" + "\n".join(tail), file=sys.stderr)
     unfinished = [j.name for j in study_jobs() if not finished(work, j.name)]
     print(f"{time.monotonic() - start:.0f}s; not finished: {unfinished or 'none'}", flush=True)

@@ -518,6 +518,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run (or resume) the fine-tunes only; a later run without it reuses them, evaluates and reports",
     )
+    p.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=0,
+        help="data-loading processes per fine-tune (default 0; the data do not depend on it)",
+    )
     _add_device(p)
     p.set_defaults(func=_demo)
 
@@ -525,7 +531,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_study, study_config
 
-    overrides = {"device": resolve_device(args.device)}
+    overrides = {"device": resolve_device(args.device), "workers": args.workers}
     overrides |= {k: getattr(args, k) for k in ("work", "report") if getattr(args, k) is not None}
     if args.runs is not None:
         overrides["only"] = tuple(args.runs)

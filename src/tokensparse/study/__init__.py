@@ -83,6 +83,11 @@ def run_study(cfg: DemoConfig, train_only: bool = False) -> Path | None:
             else ""
         )  # fmt: skip
     ]
+    devices = _run_devices(study.runs.values())
+    if devices:
+        notes.append(
+            f"fine-tunes trained with device {devices} (each run's config.json); evaluated and timed here"
+        )
     if study.missing:
         notes.append(f"INTERIM: not trained yet, so missing from the tables: {', '.join(study.missing)}")
     index = write_report(cfg, study, rows, results, headline, fine_tuning, untrained, pictures, notes, report)
@@ -129,6 +134,15 @@ def _untrained(cfg: DemoConfig, study: StudyRuns) -> dict[str, float]:
     return {"dense_val_top1": dense["top1"], "untrained_val_top1": halting["top1"]} | {
         k: halting[k] for k in keys
     }
+
+
+def _run_devices(runs) -> str:
+    """'cuda (27 runs)' or 'cpu (3 runs), cuda (24 runs)': where the study's fine-tunes trained."""
+    counts: dict[str, int] = {}
+    for run in set(runs):
+        device = json.loads((Path(run) / "config.json").read_text()).get("device", "?")
+        counts[device] = counts.get(device, 0) + 1
+    return ", ".join(f"{d} ({n} run{'s' * (n > 1)})" for d, n in sorted(counts.items()))
 
 
 def demo(**overrides) -> Path:

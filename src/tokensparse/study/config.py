@@ -47,6 +47,10 @@ class DemoConfig:
     avit_warmup_epochs: int = 0
     avit_smoothing: float = 0.1
     avit_drop_path: float = 0.1
+    # validation items each epoch of A-ViT's full-budget runs read (None: `val_limit`'s). Its inference
+    # form (tokens leave the pack, a read-back per block) validates slowly on a GPU shared by a dozen
+    # fine-tunes; these per-epoch curves are only drawn, the reported numbers come from the test split.
+    avit_val_limit: int | None = None
     avit_prior_depth: int | None = None  # None: 2/3 of the depth (the paper's 8 of 12)
     gate_scale: float = 10.0
     # The untrained mean depth A-ViT starts from: its gate centre is calibrated on validation images so
@@ -79,6 +83,7 @@ class DemoConfig:
     bench_batch: int = 64
     bench_rounds: int = 10
     device: str = "cpu"
+    workers: int = 0  # data-loading processes per fine-tune (the data do not depend on it)
     seed: int = 0
     command: str = "tokensparse demo"
     # False: train nothing, report the fine-tunes already finished in `work` (an interim report that
@@ -116,6 +121,7 @@ def study_config(**overrides) -> DemoConfig:
         # A-ViT: 40 x 16000 = 640k canvases (>= 1/3 of the teacher's), warm-up 2 of 40 (the authors' 5 of 100)
         avit_epochs=40,
         avit_warmup_epochs=2,
+        avit_val_limit=1000,
         # the grid: ponder x prior weights around the authors' (5e-4, 1e-3), with and without distillation,
         # each 4 x 8000 canvases with 1 warm-up epoch
         avit_grid=tuple(

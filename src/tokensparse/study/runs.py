@@ -104,6 +104,7 @@ class _Trainer:
             fresh_subset=True,
             val_limit=cfg.val_limit,
             device=cfg.device,
+            workers=cfg.workers,
             seed=cfg.seed if seed is None else seed,
             output=str(out),
             resume=True,
@@ -137,7 +138,7 @@ def _differences(cfg: TrainConfig, out: Path) -> list[str]:
     cfg = cfg.resolved()
     derived = {"img_size": saved.get("img_size")} if cfg.img_size is None else {}
     return config_differences(
-        cfg, saved, derived, ("output", "resume", "overwrite", "device", "keep_checkpoints")
+        cfg, saved, derived, ("output", "resume", "overwrite", "device", "keep_checkpoints", "workers")
     )
 
 
@@ -198,6 +199,8 @@ def train_study(cfg: DemoConfig) -> StudyRuns:
         train_limit=cfg.avit_grid_limit,
     )
     full_schedule = dict(epochs=cfg.avit_epochs, warmup_epochs=cfg.avit_warmup_epochs)
+    if cfg.avit_val_limit is not None:
+        full_schedule["val_limit"] = cfg.avit_val_limit
     grid = {}
     for setting in cfg.avit_grid:
         if avit(grid_name(*setting), setting, cfg.seed, **grid_schedule) is not None:

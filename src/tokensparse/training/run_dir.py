@@ -177,6 +177,7 @@ RESUME_MAY_CHANGE = (
     "device",
     "keep_checkpoints",
     "max_nan_streak",
+    "workers",  # each canvas comes from its own (seed, split, epoch, index) key: the same data in any process
 )
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "model.safetensors")
 
