@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -423,9 +424,30 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--keep-ratio", type=_ratio, default=None, help="evaluate DynamicViT at another keep ratio"
     )
     p.add_argument("--gate-center", type=float, default=None, help="evaluate A-ViT with another gate centre")
+    _add_target_gflops(p)
     _add_device(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_eval)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _add_target_gflops(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target-gflops",
+        type=_positive_float,
+        default=None,
+        help="a FLOP budget instead of --keep-ratio / --tome-r: the setting at which the model executes at most "
+        "this many GMACs per image at its input size, within 2%% (dynamicvit, evit, random, static, tome)",
+    )
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -443,6 +465,7 @@ def _eval(args: argparse.Namespace) -> int:
         model_kwargs=args.model_kwargs,
         keep_ratio=args.keep_ratio,
         gate_center=args.gate_center,
+        target_gflops=args.target_gflops,
     )
     dataset = build_dataset(
         args.dataset or cfg.dataset,
@@ -650,6 +673,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=_positive_int, default=1, help="fixed batch size (default: %(default)s)"
     )
     p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
+    _add_target_gflops(p)
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     p.set_defaults(func=_export)
 
@@ -669,22 +693,32 @@ def _export(args: argparse.Namespace) -> int:
             keep_ratio=args.keep_ratio,
             tome_r=args.tome_r,
             seed=args.seed,
+            target_gflops=args.target_gflops,
         )[0]
     else:
         import timm
 
+        from .config import TrainConfig
+        from .policies.registry import get_method, resolve
+
         method = args.method or "dynamicvit"
-        keep_ratio = 0.7 if args.keep_ratio is None else args.keep_ratio
         kwargs = {} if args.img_size is None else {"img_size": args.img_size}
         if args.num_classes is not None:
             kwargs["num_classes"] = args.num_classes
         model = timm.create_model(args.model, pretrained=False, **kwargs)
-        if method == "random":
+        if args.target_gflops is not None and method == "dense":
+            raise ValueError("--target-gflops solves a token method's setting; the dense model has none")
+        if args.target_gflops is not None:  # the method's recipe, its knob solved
+            cfg = TrainConfig(method=method, keep_ratio=args.keep_ratio, tome_r=args.tome_r,
+                              target_gflops=args.target_gflops, seed=args.seed or 0).resolved()  # fmt: skip
+            model = resolve(get_method(method).sparsify)(model, cfg)
+        elif method == "random":
+            keep_ratio = 0.7 if args.keep_ratio is None else args.keep_ratio
             model = random_prune(model, keep_ratio=keep_ratio, seed=0 if args.seed is None else args.seed)
         elif method == "tome":
             model = tome(model, r=13 if args.tome_r is None else args.tome_r)
         elif method != "dense":
-            model = make_policy(method, keep_ratio)(model)
+            model = make_policy(method, 0.7 if args.keep_ratio is None else args.keep_ratio)(model)
         if args.checkpoint is not None:
             load_checkpoint(model, args.checkpoint)
     result = export_onnx(

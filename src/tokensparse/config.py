@@ -22,6 +22,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# the settings a FLOP budget (--target-gflops) solves, one per method
+BUDGET_KNOBS = ("keep_ratio", "tome_r")
+
+
 @dataclass
 class TrainConfig:
     """Everything a run needs; saved as config.json beside its checkpoints."""
@@ -67,6 +71,8 @@ class TrainConfig:
     prior_depth: int | None = None
     straight_through_zeroing: bool | None = None
     tome_r: int | None = None
+    # a FLOP budget instead of keep_ratio / tome_r: the knob is solved on the model (tokensparse.budget)
+    target_gflops: float | None = None
     # Fine-tuning recipe, per method (None: the method's default).
     distill_weight: float | None = None
     backbone_lr_scale: float | None = None
@@ -91,6 +97,11 @@ class TrainConfig:
                     f"{flag} applies to --method {' / '.join(methods)}, not {self.method}: "
                     f"remove it or choose one of those methods"
                 )
+        if self.target_gflops is not None:
+            given = [k for k in BUDGET_KNOBS if getattr(self, k) is not None]
+            if given:
+                flags = " / ".join("--" + k.replace("_", "-") for k in given)
+                raise ValueError(f"give {flags} or --target-gflops, not both: the budget solves the setting")
         if self.token_distill is not None and self.token_distill not in ("mse", "kl"):
             raise ValueError(f"--token-distill must be 'mse' or 'kl', got {self.token_distill!r}")
         if self.backbone_fixed_epochs is not None and self.backbone_fixed_epochs < 0:
@@ -117,7 +128,12 @@ class TrainConfig:
         would never train); `schedule_notes` says what changed. A frozen span set explicitly must be
         shorter than the run."""
         self.validate()
-        defaults = {k: v for k, v in get_method(self.method).defaults().items() if getattr(self, k) is None}
+        knobs = BUDGET_KNOBS if self.target_gflops is not None else ()  # solved for the budget instead
+        defaults = {
+            k: v
+            for k, v in get_method(self.method).defaults().items()
+            if getattr(self, k) is None and k not in knobs
+        }
         cfg = dataclasses.replace(self, **defaults, **self._shipped())
         scaled = {}
         if cfg.warmup_epochs >= cfg.epochs:
@@ -208,6 +224,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "prior_weight": (0, None, True, True),
     "prior_depth": (1, None, True, True),
     "tome_r": (0, None, True, True),
+    "target_gflops": (0, None, False, True),
     "backbone_lr_scale": (0, None, True, True),
     "workers": (0, None, True, True),
     "max_nan_streak": (1, None, True, True),

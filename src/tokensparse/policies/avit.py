@@ -416,10 +416,12 @@ def _real(name: str, value) -> float:
 def avit(
     model: VisionTransformer,
     gate_scale: float = 10.0,
-    gate_center: float = 30.0,
+    gate_center: float | None = None,
     eps: float = 0.01,
     early_exit: bool = True,
     straight_through_zeroing: bool = True,
+    target_gflops: float | None = None,
+    images: torch.Tensor | None = None,
 ) -> VisionTransformer:
     """Make `model` an A-ViT in place (and return it); its state dict stays exactly timm's.
 
@@ -433,8 +435,20 @@ def avit(
     see); their released checkpoints were trained so. False zeroes it with an ordinary product, whose
     gradient is zero there. Forward values are identical; only the distributional prior's gradient
     differs (through halted tokens' halting scores, which the per-block mean includes).
+
+    gate_center defaults to 30 (the authors' DeiT-T). `target_gflops` instead of it, with `images` (a
+    few of your own, (B, C, H, W)): the centre at which the model executes at most that many GMACs per
+    image on average over `images`, within 2% (`tokensparse.budget`). A-ViT's FLOPs depend on the image,
+    so other images execute more or fewer; calibrate on images like those it will see.
     """
     check_vit(model)
+    if target_gflops is not None and gate_center is not None:
+        raise ValueError(
+            f"give gate_center or target_gflops, not both (gate_center={gate_center!r}, target_gflops={target_gflops!r})"
+        )
+    if target_gflops is None and images is not None:
+        raise ValueError("images calibrate the gate for target_gflops; give target_gflops too")
+    gate_center = 30.0 if gate_center is None else gate_center
     if _real("gate_scale", gate_scale) <= 0:
         raise ValueError(f"gate_scale must be > 0, got {gate_scale!r}")
     _real("gate_center", gate_center)
@@ -443,7 +457,12 @@ def avit(
     check_flag("early_exit", early_exit)
     check_flag("straight_through_zeroing", straight_through_zeroing)
     policy = AViTPolicy(gate_scale, gate_center, eps, early_exit, straight_through_zeroing)
-    return sparsify(model, policy, "halting")
+    sparsify(model, policy, "halting")
+    if target_gflops is not None:
+        from ..budget import solve_gate_center
+
+        model.halting.gate_center = solve_gate_center(model, target_gflops, images)
+    return model
 
 
 def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:

@@ -27,7 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..checks import is_int
 from ..engine import SparseInfo, TokenPolicy, TokenState, sparsify
 from ..flops import linear_macs
-from .dynamicvit import StagePruningPolicy, stage_policy_args
+from .dynamicvit import StagePruningPolicy, meet_budget, ratio_or_budget, stage_policy_args
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -161,37 +161,51 @@ class StaticPruningPolicy(StagePruningPolicy):
 
 def random_prune(
     model: VisionTransformer,
-    keep_ratio: float = 0.7,
+    keep_ratio: float | None = None,
     locations: Sequence[int] | None = None,
     seed: int | None = None,
+    target_gflops: float | None = None,
 ) -> VisionTransformer:
     """Prune a random subset of patch tokens per image at DynamicViT's locations and counts (in place).
 
-    locations defaults to DynamicViT's (3, 6, 9) for 12 blocks. Without `seed` every forward draws anew
-    from torch's global generator; with it, each forward uses a generator seeded with `seed`.
+    locations defaults to DynamicViT's (3, 6, 9) for 12 blocks, keep_ratio to 0.7; `target_gflops`
+    instead of keep_ratio solves it for that budget as `dynamicvit` does. Without `seed` every forward
+    draws anew from torch's global generator; with it, each forward uses a generator seeded with `seed`.
     """
-    keep_ratio, locations = stage_policy_args(model, keep_ratio, locations)
+    ratio, locations = stage_policy_args(model, ratio_or_budget(keep_ratio, target_gflops), locations)
     if seed is not None and not is_int(seed):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
-    return sparsify(model, RandomPruningPolicy(keep_ratio, locations, seed), "random_prune")
+    sparsify(model, RandomPruningPolicy(ratio, locations, seed), "random_prune")
+    return meet_budget(model, target_gflops)
 
 
 def static_prune(
     model: VisionTransformer,
-    keep_ratio: float = 0.7,
+    keep_ratio: float | None = None,
     locations: Sequence[int] | None = None,
+    target_gflops: float | None = None,
 ) -> VisionTransformer:
-    """Keep the patches nearest the image centre, the same for every image, at DynamicViT's counts (in place)."""
-    keep_ratio, locations = stage_policy_args(model, keep_ratio, locations)
+    """Keep the patches nearest the image centre, the same for every image, at DynamicViT's counts (in
+    place); keep_ratio defaults to 0.7, or `target_gflops` solves it as `dynamicvit` does."""
+    ratio, locations = stage_policy_args(model, ratio_or_budget(keep_ratio, target_gflops), locations)
     grid = tuple(model.patch_embed.grid_size)
-    return sparsify(model, StaticPruningPolicy(keep_ratio, locations, grid), "static_prune")
+    sparsify(model, StaticPruningPolicy(ratio, locations, grid), "static_prune")
+    return meet_budget(model, target_gflops)
 
 
 def random_from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
     """`random_prune` with a run's settings (the registry's constructor)."""
-    return random_prune(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations, seed=cfg.seed)
+    return random_prune(
+        model,
+        keep_ratio=cfg.keep_ratio,
+        locations=cfg.locations,
+        seed=cfg.seed,
+        target_gflops=cfg.target_gflops,
+    )
 
 
 def static_from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
     """`static_prune` with a run's settings (the registry's constructor)."""
-    return static_prune(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
+    return static_prune(
+        model, keep_ratio=cfg.keep_ratio, locations=cfg.locations, target_gflops=cfg.target_gflops
+    )

@@ -201,6 +201,31 @@ class StagePruningPolicy(TokenPolicy, nn.Module):
             self.mask_stage(stage, count, state)
 
 
+DEFAULT_KEEP_RATIO = 0.7  # the papers' (DynamicViT's rho, EViT's keep rate)
+
+
+def ratio_or_budget(keep_ratio: float | None, target_gflops: float | None) -> float:
+    """The keep ratio a stage-pruning method is patched with: `keep_ratio` (default 0.7), or 1.0 where a
+    FLOP budget then solves it (`meet_budget`); ValueError if both are given."""
+    if target_gflops is None:
+        return DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio
+    if keep_ratio is not None:
+        raise ValueError(
+            f"give keep_ratio or target_gflops, not both (keep_ratio={keep_ratio!r}, target_gflops={target_gflops!r})"
+        )
+    return 1.0
+
+
+def meet_budget(model: nn.Module, target_gflops: float | None) -> nn.Module:
+    """Set the stage-pruning `model`'s keep ratio to the one that executes `target_gflops` (if given)."""
+    if target_gflops is not None:
+        from ..budget import solve_keep_ratio
+        from ..engine import get_policy
+
+        get_policy(model).keep_ratio = solve_keep_ratio(model, target_gflops)
+    return model
+
+
 def stage_policy_args(
     model: VisionTransformer, keep_ratio: float, locations: Sequence[int] | None
 ) -> tuple[float, tuple[int, ...]]:
@@ -251,20 +276,29 @@ class DynamicViTPolicy(StagePruningPolicy, nn.ModuleList):
 
 def dynamicvit(
     model: VisionTransformer,
-    keep_ratio: float = 0.7,
+    keep_ratio: float | None = None,
     locations: Sequence[int] | None = None,
+    target_gflops: float | None = None,
 ) -> VisionTransformer:
     """Make `model` a DynamicViT in place (and return it): predictors before blocks `locations`.
 
     locations defaults to a quarter of the depth apart: (3, 6, 9) for a 12-block ViT, as the paper.
-    Stage s keeps int(N * keep_ratio ** (s + 1)) patch tokens (N = patches of the model); prefix tokens
-    (class, distillation, registers) are never pruned. The predictors start from random weights; load
-    trained ones with `tokensparse.load_checkpoint` or train them with the DynamicViT loss.
+    Stage s keeps int(N * keep_ratio ** (s + 1)) patch tokens (N = patches of the model; keep_ratio
+    defaults to the paper's 0.7); prefix tokens (class, distillation, registers) are never pruned.
+    `target_gflops` instead of keep_ratio: the largest keep ratio whose executed GMACs per image at the
+    model's input size (predictors included) are at most the target and within 2% of it
+    (`tokensparse.budget`); ValueError naming the reachable range otherwise. The predictors start from
+    random weights; load trained ones with `tokensparse.load_checkpoint` or train them with the
+    DynamicViT loss.
     """
-    keep_ratio, locations = stage_policy_args(model, keep_ratio, locations)
-    return sparsify(model, DynamicViTPolicy(model.embed_dim, keep_ratio, locations), "score_predictor")
+    ratio = ratio_or_budget(keep_ratio, target_gflops)
+    ratio, locations = stage_policy_args(model, ratio, locations)
+    sparsify(model, DynamicViTPolicy(model.embed_dim, ratio, locations), "score_predictor")
+    return meet_budget(model, target_gflops)
 
 
 def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
     """`dynamicvit` with a run's settings (the registry's constructor)."""
-    return dynamicvit(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
+    return dynamicvit(
+        model, keep_ratio=cfg.keep_ratio, locations=cfg.locations, target_gflops=cfg.target_gflops
+    )

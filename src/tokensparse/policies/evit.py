@@ -44,7 +44,7 @@ from ..attention import add_attention, attention_parts, mlp_tail
 from ..checks import check_flag
 from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, policy_stats, sparsify
 from .baselines import mlp_macs, reduced_mlp_flops
-from .dynamicvit import check_keep_ratio, check_locations, keep_counts
+from .dynamicvit import check_keep_ratio, check_locations, keep_counts, meet_budget, ratio_or_budget
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -233,10 +233,11 @@ def evit_stats(model: nn.Module) -> EViTStats:
 
 def evit(
     model: VisionTransformer,
-    keep_ratio: float = 0.7,
+    keep_ratio: float | None = None,
     locations: Sequence[int] | None = None,
     fuse: bool = True,
     counts: Counts = "authors",
+    target_gflops: float | None = None,
 ) -> VisionTransformer:
     """Make `model` an EViT in place (and return it): token reorganisation in blocks `locations`.
 
@@ -245,10 +246,12 @@ def evit(
     each location keeps ceil(keep_ratio * T) of the T tokens present, the previous fused token ranked
     with the patches (196 patches at 0.7: 138, 98, 70 kept with fusion; 138, 97, 68 without).
     counts="dynamicvit" keeps int(N * keep_ratio ** (s + 1)) patches at stage s (137, 96, 67),
-    DynamicViT's counts, for equal-FLOP comparisons with DynamicViT. Needs a class token.
+    DynamicViT's counts, for equal-FLOP comparisons with DynamicViT. Needs a class token. keep_ratio
+    defaults to 0.7; `target_gflops` instead of it: the largest keep ratio executing at most that many
+    GMACs per image, within 2% (`tokensparse.budget`).
     """
     check_vit(model)
-    keep_ratio = check_keep_ratio(keep_ratio)
+    keep_ratio = check_keep_ratio(ratio_or_budget(keep_ratio, target_gflops))
     locations = check_locations(locations, len(model.blocks))
     if counts not in COUNTS:
         raise ValueError(f"counts must be one of {COUNTS}, got {counts!r}")
@@ -257,9 +260,10 @@ def evit(
     check_flag("fuse", fuse)
     if getattr(model, "cls_token", None) is None:
         raise ValueError("EViT ranks patches by the class token's attention; this model has no class token")
-    return sparsify(model, EViTPolicy(model, keep_ratio, locations, fuse, counts), "evit")
+    sparsify(model, EViTPolicy(model, keep_ratio, locations, fuse, counts), "evit")
+    return meet_budget(model, target_gflops)
 
 
 def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
     """`evit` with a run's settings (the registry's constructor)."""
-    return evit(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
+    return evit(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations, target_gflops=cfg.target_gflops)

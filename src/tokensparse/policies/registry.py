@@ -131,7 +131,7 @@ def setting_methods() -> dict[str, tuple[str, ...]]:
 # (ConvNextDistillDiffPruningLoss with ratio weight 10, --lr_scale 0.2, fix_step 5).
 
 _FINETUNE = {"distill_weight": 0.5}
-_PRUNING = ("keep_ratio", "locations")
+_PRUNING = ("keep_ratio", "locations", "target_gflops")
 _PACKAGE = "tokensparse.policies"
 
 register_method(Method("dense"))
@@ -199,7 +199,7 @@ register_method(
         "tome",
         sparsify=f"{_PACKAGE}.tome:from_config",
         recipe=dict(tome_r=8, **_FINETUNE),
-        settings=("tome_r", "distill_weight"),
+        settings=("tome_r", "target_gflops", "distill_weight"),
         bench_setting="tome_r",
         setting_name="r",
     )
@@ -218,7 +218,7 @@ register_method(
             backbone_fixed_epochs=5,
             freeze_embeddings=False,
         ),
-        settings=(*_PRUNING, "ratio_weight", "distill_weight"),
+        settings=("keep_ratio", "locations", "ratio_weight", "distill_weight"),
         objective="tokensparse.losses:DynamicSpatialLoss.from_config",
         bench_setting="keep_ratio",
         new_parameters=f"{_PACKAGE}.dynspatial:new_parameters",

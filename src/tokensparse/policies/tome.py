@@ -232,24 +232,36 @@ def tome_stats(model: nn.Module) -> ToMeStats:
 
 
 def tome(
-    model: VisionTransformer, r: MergeRate = 0, prop_attn: bool = True, trace_source: bool = False
+    model: VisionTransformer,
+    r: MergeRate = 0,
+    prop_attn: bool = True,
+    trace_source: bool = False,
+    target_gflops: float | None = None,
 ) -> VisionTransformer:
     """Patch `model` with Token Merging in place (and return it), merging r tokens in every block.
 
     Like `tome.patch.timm(model)` followed by `model.r = r`; change `model.r` at any time. prop_attn adds
     log(token size) to the attention logits (for off-the-shelf models; ToMe trains with it off).
     trace_source also records `source` (B, T, P + N), which input tokens each output token holds.
+    `target_gflops` instead of r: the r (one for every block, else a per-block list) executing at most
+    that many GMACs per image at the model's input size, within 2% (`tokensparse.budget`).
     """
     check_vit(model)
+    if target_gflops is not None and r != 0:
+        raise ValueError(f"give r or target_gflops, not both (r={r!r}, target_gflops={target_gflops!r})")
     merge_schedule(r, len(model.blocks))
     check_flag("prop_attn", prop_attn)
     check_flag("trace_source", trace_source)
     policy = ToMePolicy(model, prop_attn, trace_source)
     sparsify(model, policy, "tome")
     model.r = r
+    if target_gflops is not None:
+        from ..budget import solve_merge_schedule
+
+        model.r = solve_merge_schedule(model, target_gflops)
     return model
 
 
 def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
     """`tome` with a run's settings (the registry's constructor)."""
-    return tome(model, r=cfg.tome_r)
+    return tome(model, r=cfg.tome_r or 0, target_gflops=cfg.target_gflops)

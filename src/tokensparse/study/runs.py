@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..budget import bisect_gate_center
 from ..data import build_dataset
 from ..flops import gflops
 from ..models import pretrained, pretrained_entry
@@ -329,21 +330,8 @@ def calibrate_gate_center(
 
 
 def _bisect_gate_center(model: nn.Module, too_deep: Callable[[nn.Module], bool], steps: int) -> float:
-    """Bisect the A-ViT `model`'s gate centre in [-100, 200] (a higher centre lowers every halting score,
-    so tokens run deeper) for the boundary of `too_deep`; the model is left at its original centre."""
-    original = model.halting.gate_center
-    model.eval()
-    low, high = -100.0, 200.0
-    try:
-        with torch.no_grad():
-            for _ in range(steps):
-                model.halting.gate_center = (low + high) / 2
-                if too_deep(model):
-                    high = model.halting.gate_center
-                else:
-                    low = model.halting.gate_center
-    finally:
-        model.halting.gate_center = original
+    """The middle of `budget.bisect_gate_center`'s bracket, to 2 decimals (the model keeps its centre)."""
+    low, high = bisect_gate_center(model, too_deep, steps)
     return round((low + high) / 2, 2)
 
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..checkpoints import read_state_dict
-from ..config import TrainConfig
+from ..config import BUDGET_KNOBS, TrainConfig
 from ..losses import ClassificationLoss
 from ..policies.registry import get_method, resolve, setting_methods
 from .run_dir import read_json
@@ -317,6 +317,8 @@ def load_trained(
             raise ValueError("loading a bare checkpoint needs a TrainConfig naming the model and method")
         weights, classes, img_size = path, None, cfg.img_size
     if overrides:
+        if overrides.get("target_gflops") is not None:  # a budget replaces the run's own knob
+            cfg = dataclasses.replace(cfg, **{k: None for k in BUDGET_KNOBS})
         cfg = dataclasses.replace(cfg, **overrides)
     cfg = cfg.resolved()
     dense_cfg = dataclasses.replace(cfg, checkpoint=None, pretrained=False, drop_path=0.0)

@@ -253,6 +253,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     Settings left None take the method's registered recipe; config.json records them.
     """
+    if cfg.target_gflops is not None:
+        raise ValueError(
+            "--target-gflops picks a setting for evaluation, benchmarks and export; to train at a budget, "
+            "read the keep ratio (or ToMe r) it solves (tokensparse.budget, or `tokensparse eval "
+            "--target-gflops`) and train with --keep-ratio / --tome-r"
+        )
     given, cfg = cfg, cfg.resolved()
     run = build_run(cfg)
     if run.is_main:
