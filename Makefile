@@ -27,8 +27,8 @@ demo: setup data
 	$(VENV)/bin/tokensparse demo
 
 # The full study committed in benchmarks/results/study: the authors' relative budgets, three seeds of the
-# headline rows, A-ViT's loss-weight grid. About 10 hours of training on 2 CPU cores (minutes on a GPU:
-# add --device cuda); every fine-tune resumes where a killed run stopped, so it can run in pieces.
+# headline rows, A-ViT's loss-weight grid. About 10 hours of training on 2 CPU cores (about 10 minutes on a
+# GPU with scripts/train_study_parallel.py, README); every fine-tune resumes where a killed run stopped.
 study: setup data
 	$(VENV)/bin/tokensparse demo --study
 
