@@ -20,6 +20,7 @@ _EXPORTS = {
     "save_checkpoint": ".checkpoints",
     "SparseInfo": ".engine",
     "sparsity_info": ".engine",
+    "get_policy": ".engine",
     "gflops": ".flops",
     "model_flops": ".flops",
     "AViTLoss": ".losses",
@@ -75,6 +76,7 @@ __all__ = [
     "model_flops",
     "save_checkpoint",
     "sparsity_info",
+    "get_policy",
     "teacher_outputs",
 ]
 
