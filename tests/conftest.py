@@ -3,6 +3,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# No test sends network traffic: the Hugging Face Hub client reads its cache only (set before it is imported)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 import timm
 import torch

@@ -395,3 +395,33 @@ def test_readme_commands_parse_as_written():
     for command in commands:
         parser.parse_args(shlex.split(command)[1:])
     assert any(c.startswith("tokensparse train --method dynamicvit --model") for c in commands)
+
+
+def test_an_unreachable_hub_reads_only_the_cache_at_once(monkeypatch):
+    """Offline, --pretrained does not wait out the hub client's retries: the probe fails, the client is
+    switched to its cache-only mode for the call, and switched back after."""
+    import socket
+
+    import huggingface_hub.constants as hub
+
+    from tokensparse.training import build
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    seen = []
+
+    def create_model(name, pretrained=False, **kwargs):
+        seen.append(hub.HF_HUB_OFFLINE)
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(build.timm, "create_model", create_model)
+    with pytest.raises(ValueError, match="not available offline"):
+        build.pretrained_state_dict("deit_tiny_patch16_224")
+    assert seen == [True] and hub.HF_HUB_OFFLINE is False
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the user's own switch: no probe at all
+    assert build.hub_reachable() is False

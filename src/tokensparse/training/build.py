@@ -3,6 +3,7 @@ teacher, the sparsified student, its parameter groups and objective; and a train
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -167,14 +168,51 @@ class HeadMismatchError(ValueError):
         )
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face Hub ($HF_ENDPOINT) opens within `timeout` seconds
+    (False at once where $HF_HUB_OFFLINE is set)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """The Hugging Face Hub client in offline mode (cache only) for the duration."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # timm without the hub client: nothing to switch
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def pretrained_state_dict(name: str, kwargs: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """timm's pretrained weights of model `name` (from timm's cache, or downloaded if online).
 
     Raises ValueError when they cannot be had (offline with an empty cache, or no weights for the name).
+    With the Hugging Face Hub unreachable (a 3 s connection probe) only the cache is read, so an
+    offline machine gets the message at once instead of after the hub client's retries.
     """
     kwargs = {k: v for k, v in (kwargs or {}).items() if k in ("img_size",)}
     try:
-        return timm.create_model(name, pretrained=True, **kwargs).state_dict()
+        if hub_reachable():
+            return timm.create_model(name, pretrained=True, **kwargs).state_dict()
+        with _hub_offline():
+            return timm.create_model(name, pretrained=True, **kwargs).state_dict()
     except Exception as err:  # hub, urllib and timm raise many types (OSError, RuntimeError, ...)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
