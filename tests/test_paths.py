@@ -425,3 +425,35 @@ def test_an_unreachable_hub_reads_only_the_cache_at_once(monkeypatch):
     assert seen == [True] and hub.HF_HUB_OFFLINE is False
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the user's own switch: no probe at all
     assert build.hub_reachable() is False
+
+
+def test_eval_takes_the_run_positionally_or_as_run_like_the_other_commands(dvit_run, capsys):
+    import json
+
+    assert cli_main(["eval", "--run", str(dvit_run), "--json", "--val-limit", "8"]) == 0
+    flag = json.loads(capsys.readouterr().out)
+    assert cli_main(["eval", str(dvit_run), "--json", "--val-limit", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == flag["top1"]
+    assert cli_main(["eval"]) == 2
+    assert "give the run folder" in capsys.readouterr().err
+    assert cli_main(["eval", str(dvit_run), "--run", "elsewhere"]) == 2
+    assert "two runs given" in capsys.readouterr().err
+
+
+def test_train_help_is_grouped_and_every_option_says_what_it_does():
+    import argparse
+
+    from tokensparse.cli import build_parser
+
+    train = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[
+        "train"
+    ]
+    titles = [g.title for g in train._action_groups]
+    for title in ("data", "model", "method", "optimisation", "run"):
+        assert title in titles
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        silent = [
+            a.option_strings[0] for a in command._actions if a.option_strings and not (a.help or "").strip()
+        ]
+        assert not silent, (name, silent)

@@ -65,8 +65,9 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 def _add_weights(p: argparse.ArgumentParser, positional: bool) -> None:
     """A run folder, or a weights file with --model and --method."""
     what = "a training run folder (config.json + weights), or a weights file with --model and --method"
-    if positional:
-        p.add_argument("run", help=what)
+    if positional:  # `eval RUN` or `eval --run RUN`, as the other commands take it
+        p.add_argument("run", nargs="?", default=None, help=what)
+        p.add_argument("--run", dest="run_option", default=None, metavar="RUN", help="the same, as a flag")
     else:
         p.add_argument("--run", required=True, metavar="RUN", help=what)
     p.add_argument("--model", default=None, help="timm model name, for a weights file")
@@ -160,7 +161,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="A-ViT gate centres; with random weights 2-5 make tokens halt at all depths (default: the run's, "
         "else 3)",
     )
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="images per timed forward (default: %(default)s)"
+    )
     p.add_argument("--rounds", type=_positive_int, default=10, help="timed rounds per contender")
     p.add_argument(
         "--warmup", type=_non_negative_int, default=2, help="untimed rounds first (default: %(default)s)"
@@ -168,7 +171,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=None, help="override the model's image size")
     _add_model_kwargs(p)
     _add_device(p)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(DTYPE_NAMES),
+        help="weights and inputs (default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.set_defaults(func=_bench)
 
@@ -299,6 +307,59 @@ _HELP = {
     "straight_through_zeroing": "A-ViT: zero halted tokens' block input as the authors' out.data (no gradient "
     "through the product); --no-straight-through-zeroing for a plain product",
     "prior_depth": "A-ViT prior's centre depth (default: 2/3 of the depth, 8 of 12 as the paper)",
+    "img_size": "input size in pixels (default: the data set's, 64 for the built-in one; a folder: 224)",
+    "epochs": "training epochs",
+    "batch_size": "images per step and process (DDP: per rank)",
+    "lr": "peak learning rate (the policy's own parameters; see --backbone-lr-scale)",
+    "min_lr": "the cosine schedule's final lr",
+    "weight_decay": "AdamW weight decay",
+    "warmup_lr": "lr at the start of the warm-up",
+    "opt": "timm optimiser name (timm.optim.create_optimizer_v2)",
+    "sched": "timm scheduler name (timm.scheduler.create_scheduler_v2)",
+    "clip_grad": "clip the gradient norm to this value (default: no clipping)",
+    "drop_path": "stochastic depth rate of the backbone",
+    "smoothing": "label smoothing of the cross-entropy",
+    "mixup": "Mixup alpha (0: off)",
+    "cutmix": "CutMix alpha (0: off)",
+    "locations": "blocks before which tokens are pruned (default: a quarter of the depth apart, 3 6 9 of 12)",
+    "ratio_weight": "weight of DynamicViT's keep-ratio loss",
+    "gate_scale": "A-ViT gate scale gamma (halting score sigmoid(gamma * y0 - beta))",
+    "halt_eps": "A-ViT halting threshold epsilon (a token halts once its scores sum past 1 - eps)",
+    "ponder_weight": "weight of A-ViT's ponder loss",
+    "prior_weight": "weight of A-ViT's distributional prior (KL to a Gaussian over depths)",
+    "tome_r": "ToMe: tokens merged in every block",
+    "target_gflops": "a FLOP budget in GMACs per image instead of --keep-ratio / --tome-r (eval, export; "
+    "train refuses it)",
+    "workers": "data-loading processes per training process",
+    "seed": "seed of the model's initialisation, the data's order and draws, and random pruning",
+    "overwrite": "replace the run already in --output",
+    "max_nan_streak": "stop after this many consecutive non-finite losses (each such step is skipped)",
+    "keep_checkpoints": "epoch checkpoints kept in OUTPUT/checkpoints",
+}
+
+# `train --help` in groups, as a reader looks for them; a field not named here goes to "method"
+_GROUPS = {
+    "data": ("dataset", "data_root", "img_size", "train_limit", "fresh_subset", "val_limit", "workers"),
+    "model": ("model", "checkpoint", "pretrained", "teacher", "model_kwargs"),
+    "optimisation": (
+        "epochs",
+        "batch_size",
+        "lr",
+        "min_lr",
+        "weight_decay",
+        "warmup_epochs",
+        "warmup_lr",
+        "opt",
+        "sched",
+        "clip_grad",
+        "drop_path",
+        "smoothing",
+        "mixup",
+        "cutmix",
+        "amp",
+        "max_nan_streak",
+    ),  # fmt: skip
+    "run": ("device", "seed", "output", "resume", "overwrite", "keep_checkpoints"),
 }
 
 
@@ -320,7 +381,12 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     from .config import METHOD_DEFAULTS, SETTING_METHODS
 
     fields, methods = train_config_fields()
+    groups = {
+        title: p.add_argument_group(title) for title in ("data", "model", "method", "optimisation", "run")
+    }
+    where = {name: title for title, names in _GROUPS.items() for name in names}
     for name, annotation, default in fields:
+        p = groups[where.get(name, "method")]
         flag = "--" + name.replace("_", "-")
         help_text = _HELP.get(name, "") + (f" (default: {default})" if default not in (None, {}, []) else "")
         per_method = {m: d[name] for m, d in METHOD_DEFAULTS.items() if name in d}
@@ -332,7 +398,7 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
         if name == "model_kwargs":
             p.add_argument(flag, type=json.loads, default={}, help="extra timm.create_model kwargs as JSON")
         elif name == "locations":
-            p.add_argument(flag, type=int, nargs="+", default=None, help="DynamicViT pruning blocks")
+            p.add_argument(flag, type=int, nargs="+", default=None, help=help_text)
         elif name == "method":
             p.add_argument(flag, default=default, choices=methods, help=f"token policy (default: {default})")
         elif isinstance(default, bool) or "bool" in annotation:
@@ -417,16 +483,21 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     _add_weights(p, positional=True)
     p.add_argument("--dataset", default=None, help="override the run's data set")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--val-limit", type=_positive_int, default=None)
-    p.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--data-root", default=None, help="override the run's data folder")
+    p.add_argument(
+        "--val-limit",
+        type=_positive_int,
+        default=None,
+        help="evaluate N validation images (default: the run's)",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="default: the run's")
     p.add_argument(
         "--keep-ratio", type=_ratio, default=None, help="evaluate DynamicViT at another keep ratio"
     )
     p.add_argument("--gate-center", type=float, default=None, help="evaluate A-ViT with another gate centre")
     _add_target_gflops(p)
     _add_device(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.set_defaults(func=_eval)
 
 
@@ -450,7 +521,18 @@ def _add_target_gflops(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positional_run(args: argparse.Namespace) -> str:
+    """The run of a command that takes it positionally or as --run (ValueError: neither, or two)."""
+    if args.run is not None and args.run_option is not None and args.run != args.run_option:
+        raise ValueError(f"two runs given ({args.run} and --run {args.run_option}): give one")
+    run = args.run or args.run_option
+    if run is None:
+        raise ValueError("give the run folder (or weights file): tokensparse eval RUN, or --run RUN")
+    return run
+
+
 def _eval(args: argparse.Namespace) -> int:
+    args.run = _positional_run(args)
     from .data import build_dataset, build_loader
     from .evaluate import evaluate
     from .flops import input_size
