@@ -12,7 +12,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_usage_example_runs_as_written():
     text = README.read_text()
-    code = re.search(r"## Use\n\n```python\n(.*?)```", text, re.S).group(1)
+    code = re.search(r"## Quick start\n\n```python\n(.*?)```", text, re.S).group(1)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(code, str(README), "exec"), {})
