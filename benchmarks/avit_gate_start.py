@@ -19,6 +19,7 @@ import copy
 from pathlib import Path
 
 import torch
+from results_dir import add_update_flag, results_folder
 
 import tokensparse
 from tokensparse.bench import machine_description, today
@@ -31,8 +32,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--val-limit", type=int, default=2000)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "avit_gate_start.md")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: avit_gate_start.md in the results folder"
+    )
+    add_update_flag(parser)
     args = parser.parse_args()
+    args.out = args.out or results_folder(args) / "avit_gate_start.md"
     torch.manual_seed(0)
     dense = tokensparse.pretrained("clutter-vit").eval()
     val = build_dataset("fashion-mnist-clutter", split="val", limit=args.val_limit)

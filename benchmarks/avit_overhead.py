@@ -27,6 +27,7 @@ from pathlib import Path
 
 import timm
 import torch
+from results_dir import add_update_flag, results_folder
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokensparse
@@ -54,8 +55,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["deit_tiny_patch16_224", "deit_small_patch16_224"])
     parser.add_argument("--gate-center", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "avit_overhead.md")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: avit_overhead.md in the results folder"
+    )
+    add_update_flag(parser)
     args = parser.parse_args()
+    args.out = args.out or results_folder(args) / "avit_overhead.md"
 
     spent: dict[str, float] = collections.defaultdict(float)
 

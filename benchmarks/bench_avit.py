@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
+
+from results_dir import add_update_flag, results_folder
 
 from tokensparse.bench import DTYPES, bench_avit, write_results
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -33,6 +32,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--out", default=None, help="result file stem (default: avit_<device>_<dtype>)")
+    add_update_flag(parser)
     args = parser.parse_args()
     rounds = args.rounds + [args.rounds[-1]] * (len(args.batch_sizes) - len(args.rounds))
     results = []
@@ -52,7 +52,7 @@ def main() -> None:
             results.append(result)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_avit.py", *sys.argv[1:]])
     path = write_results(
-        RESULTS,
+        results_folder(args),
         args.out or f"avit_{args.device.split(':')[0]}_{args.dtype}",
         "A-ViT throughput on batches mixing plain and busy images",
         command,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import timm
 import torch
+from results_dir import add_update_flag, results_folder
 
 import tokensparse
 from tokensparse.bench import interleaved, machine_description, mixed_batch, today
@@ -70,8 +71,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--test-limit", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS / "bf16_cpu.md")
+    parser.add_argument("--out", type=Path, default=None, help="default: bf16_cpu.md in the results folder")
+    add_update_flag(parser)
     args = parser.parse_args()
+    args.out = args.out or results_folder(args) / "bf16_cpu.md"
 
     study = json.loads((args.study_report / "results.json").read_text())
     avit_row = study["results"]["avit"]  # the reported A-ViT: the full-budget run, or the chosen grid run

@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from authors import authors_dynamicvit
+from results_dir import add_update_flag, results_folder
 
 from tokensparse.bench import DTYPES, bench_dynamicvit, write_results
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -40,6 +38,7 @@ def main() -> None:
         help="a checkout of the authors' DynamicViT repository, to time their code in the same run",
     )
     parser.add_argument("--out", default=None, help="result file stem (default: dynamicvit_<device>_<dtype>)")
+    add_update_flag(parser)
     args = parser.parse_args()
     rounds = args.rounds + [args.rounds[-1]] * (len(args.batch_sizes) - len(args.rounds))
     results = []
@@ -66,7 +65,7 @@ def main() -> None:
         results.append(result)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_dynamicvit.py", *sys.argv[1:]])
     path = write_results(
-        RESULTS,
+        results_folder(args),
         args.out or f"dynamicvit_{args.device.split(':')[0]}_{args.dtype}",
         f"DynamicViT throughput: {args.model}, keep ratio {args.keep_ratio}",
         command,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import timm
 import torch
+from results_dir import add_update_flag, results_folder
 
 from tokensparse.bench import (
     DTYPES,
@@ -32,7 +33,6 @@ from tokensparse.bench import (
 )
 from tokensparse.policies.dynspatial import dynamic_spatial, spatial_flops
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("convnext_tiny", "swin_tiny_patch4_window7_224")
 
 
@@ -101,9 +101,11 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--results-dir", type=Path, default=None, help="default: the results folder")
+    add_update_flag(parser)
     parser.add_argument("--out", default=None, help="result file stem (default: dynconv_<device>_<dtype>)")
     args = parser.parse_args()
+    args.results_dir = args.results_dir or results_folder(args)
     rounds = args.rounds + [args.rounds[-1]] * (len(args.batch_sizes) - len(args.rounds))
     results = []
     for name in args.models:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import timm
 import torch
+from results_dir import add_update_flag, results_folder
 
 import tokensparse
 from tokensparse.bench import BenchRow, _gflops, _result, _time_all, write_results
 from tokensparse.export import export_onnx, onnx_session, run_onnx
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("eager", "torch.compile", "onnxruntime")
 
 
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, nargs="+", default=[30, 200], help="rounds per batch size")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default="export_cpu_float32", help="result file stem")
+    add_update_flag(parser)
     args = parser.parse_args()
     rounds = args.rounds + [args.rounds[-1]] * (len(args.batch_sizes) - len(args.rounds))
     results = []
@@ -82,7 +83,7 @@ def main() -> None:
             results.append(result)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_export.py", *sys.argv[1:]])
     path = write_results(
-        RESULTS,
+        results_folder(args),
         args.out,
         f"Exported models: dense vs DynamicViT (keep ratio {args.keep_ratio}), {args.model}, CPU float32",
         command,

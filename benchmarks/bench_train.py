@@ -32,9 +32,9 @@ import itertools
 import shlex
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+from results_dir import add_update_flag, results_folder
 from timm.optim import create_optimizer_v2
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
@@ -51,7 +51,6 @@ from tokensparse.train import (
     sparsify_for,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("dense", "dynamicvit", "avit")
 MODELS = {
     "study": dict(
@@ -313,6 +312,7 @@ def main() -> None:
         "--batch-size", type=int, default=None, help="override every model's batch (smoke tests)"
     )
     parser.add_argument("--out", default=None, help="result file stem (default: train_step_<device>_float32)")
+    add_update_flag(parser)
     args = parser.parse_args()
     if args.rounds < 1 or args.warmup < 0 or args.matmul_size < 1 or (args.batch_size or 1) < 1:
         parser.error("--rounds, --matmul-size and --batch-size must be >= 1, --warmup >= 0")
@@ -326,7 +326,7 @@ def main() -> None:
         results.append(result)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_train.py", *sys.argv[1:]])
     path = write_results(
-        RESULTS,
+        results_folder(args),
         args.out or f"train_step_{device.type}_float32",
         "Training-step speed: dense, DynamicViT and A-ViT",
         command,

@@ -18,6 +18,7 @@ import copy
 from pathlib import Path
 
 import torch
+from results_dir import add_update_flag, results_folder
 
 import tokensparse
 from tokensparse.bench import machine_description, today
@@ -46,9 +47,11 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     parser.add_argument("--val-limit", type=int, default=None)
     parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "dvit_predictor_check.md"
+        "--out", type=Path, default=None, help="default: dvit_predictor_check.md in the results folder"
     )
+    add_update_flag(parser)
     args = parser.parse_args()
+    args.out = args.out or results_folder(args) / "dvit_predictor_check.md"
     missing = [r for r in args.ratios if not (args.work / f"dynamicvit@{r}" / "config.json").is_file()]
     if missing:
         raise SystemExit(

@@ -20,6 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
+from results_dir import add_update_flag, results_folder
+
 from tokensparse.bench import machine_description, today
 from tokensparse.config import TrainConfig
 from tokensparse.demo import DemoConfig, model_settings
@@ -76,8 +78,12 @@ def main() -> None:
     )
     parser.add_argument("--limit", type=int, default=12000, help="training items per epoch")
     parser.add_argument("--work", type=Path, default=Path("runs/dvit-schedule"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dvit_schedule.md")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: dvit_schedule.md in the results folder"
+    )
+    add_update_flag(parser)
     args = parser.parse_args()
+    args.out = args.out or results_folder(args) / "dvit_schedule.md"
     rows = []
     chosen_scale = args.scales[0]  # replaced by the first bracket's choice
     for epochs in args.epochs:
