@@ -247,17 +247,32 @@ def test_bench_cli_rejects_a_bad_ratio(capsys):
 
 
 @pytest.mark.parametrize(
-    "make",
+    ("make", "says"),
     [
-        lambda m: tokensparse.dynamicvit(m, locations=(1, 3)),
-        lambda m: tokensparse.avit(m, gate_center=2.0),
-        lambda m: tokensparse.tome(m, r=8),
+        (
+            lambda m: tokensparse.dynamicvit(m, locations=(1, 3)),
+            ["keep ratio 0.7", "dropped ones greyed", "of 64"],
+        ),
+        (lambda m: tokensparse.avit(m, gate_center=2.0), ["gate centre 2", "mean"]),
+        (lambda m: tokensparse.tome(m, r=8), ["r=8", "each colour is one token"]),
     ],
 )
-def test_token_maps_draw_every_method(tmp_path, make):
+def test_token_maps_draw_every_method_and_say_what_they_show(tmp_path, make, says, monkeypatch):
+    import tokensparse.viz as viz
+
+    texts = []
+    save = viz.save_figure
+
+    def keep_texts(fig, path, **kwargs):
+        texts.append(fig._suptitle.get_text() + " | " + " | ".join(ax.get_title() for ax in fig.axes))
+        return save(fig, path, **kwargs)
+
+    monkeypatch.setattr(viz, "save_figure", keep_texts)
     model = make(tiny())
     path = token_maps(model, torch.randn(2, 3, 64, 64), tmp_path / "maps.png")
     assert path.stat().st_size > 1000
+    for text in says:  # the setting and how to read the picture, on the picture
+        assert text in texts[0], (text, texts[0])
 
 
 def test_token_maps_need_a_sparsified_model(tmp_path):

@@ -63,3 +63,14 @@ def test_the_oracle_keeps_the_objects_patches_first():
     oracle.train()
     with pytest.raises(ValueError, match="no training"):
         oracle(torch.randn(2, 3, 64, 64))
+
+
+def test_fine_tuning_curves_share_a_colour_per_run_and_a_line_style_per_seed():
+    from tokensparse.study.report import curve_style
+
+    names = ["dense-ft", "dynamicvit@0.7", "avit", "dense-ft-seed1", "dynamicvit@0.7-seed1", "avit-seed2",
+             "dynamicvit@0.5", "random-ft@0.7"]  # fmt: skip
+    styles = {n: curve_style(n, names) for n in names}
+    assert styles["dense-ft"][0] == styles["dense-ft-seed1"][0] != styles["dynamicvit@0.7"][0]
+    assert styles["avit"][1] == "-" and styles["dense-ft-seed1"][1] == "--" and styles["avit-seed2"][1] == ":"
+    assert len({c for c, _ in styles.values()}) == 5  # five runs, each its colour (tab10 has ten)

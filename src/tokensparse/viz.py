@@ -71,13 +71,21 @@ def token_maps(
     grid = tuple(model.patch_embed.grid_size)
     pictures = to_display(images, mean, std)
     method = getattr(policy, "method", "")
+    patches = grid[0] * grid[1]
     if method == "avit":
         columns = ["image", "halting depth"]
+        mean = float(info.extra["token_depth"][:, info.num_prefix :].float().mean())
+        heading = (f"A-ViT, gate centre {policy.gate_center:g}: blocks each patch computed before it halted "
+                   f"(mean {mean:.1f} of {len(model.blocks)})")  # fmt: skip
     elif method == "tome":
         r = getattr(model, "r", None)
         columns = ["image", "merged groups" + (f" (r={r})" if r is not None else "")]
+        heading = f"ToMe{f' r={r}' if r is not None else ''}: each colour is one token after the last block"
     else:
-        columns = ["image"] + [f"after stage {s + 1}" for s in range(len(info.kept_index))]
+        counts = [int(k.shape[1]) for k in info.kept_index]
+        columns = ["image"] + [f"after stage {s + 1}: {c} of {patches}" for s, c in enumerate(counts)]
+        ratio = getattr(policy, "keep_ratio", None)
+        heading = f"{method}{f' keep ratio {ratio:g}' if ratio is not None else ''}: kept patches, dropped ones greyed"
     rows = len(pictures)
     fig, axes = plt.subplots(
         rows,
@@ -110,7 +118,7 @@ def token_maps(
         bar = fig.colorbar(shown, ax=axes[:, -1].tolist(), shrink=min(1.0, 0.5 + 0.1 * rows), aspect=25)
         bar.set_label("blocks computed", fontsize=8)
         bar.ax.tick_params(labelsize=7)
-    return _save_maps(fig, axes, columns, path)
+    return _save_maps(fig, axes, columns, path, heading)
 
 
 def accuracy_vs_gflops(
@@ -157,8 +165,11 @@ def _tome_groups(info, index: int, grid: tuple[int, int]) -> np.ndarray:
     return info.extra["token_group"][index, info.num_prefix :].cpu().numpy().reshape(grid)
 
 
-def _save_maps(fig, axes, columns: list[str], path) -> Path:
-    """Title the columns of a token-map grid, drop its ticks and save it."""
+def _save_maps(fig, axes, columns: list[str], path, heading: str | None = None) -> Path:
+    """Title the columns of a token-map grid (and the grid: what it shows, at which setting), drop its
+    ticks and save it."""
+    if heading:
+        fig.suptitle(heading, fontsize=8)
     for ax, title in zip(axes[0], columns):
         ax.set_title(title, fontsize=8)
     for ax in axes.flat:

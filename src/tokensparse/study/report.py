@@ -141,14 +141,15 @@ def figures(
     plt.close(fig)
     out = {"accuracy": "accuracy_vs_gflops.png"}
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 5.6))
     colours = plt.get_cmap("tab10").colors
     main = [n for n in curves if n not in study.grid]
-    for i, name in enumerate(main):
+    for name in main:
         points = curves[name]
         if points:
-            left.plot([p["epoch"] for p in points], [p["val_top1"] for p in points], marker=".",
-                      color=colours[i % len(colours)], label=name)  # fmt: skip
+            colour, style = curve_style(name, main)
+            left.plot([p["epoch"] for p in points], [p["val_top1"] for p in points], marker=".", ls=style,
+                      color=colours[colour % len(colours)], label=name)  # fmt: skip
     left.axhline(untrained["dense_val_top1"], color="k", lw=0.6, ls=":",
                  label=f"dense (shipped), {untrained['dense_val_top1']:.2f}")  # fmt: skip
     left.set(
@@ -156,7 +157,8 @@ def figures(
     )
     left.grid(alpha=0.3)
     left.xaxis.get_major_locator().set_params(integer=True)
-    left.legend(fontsize=6, loc="lower right", ncols=2)
+    # below the axes: inside, it covered the curves
+    left.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=3, handlelength=3)
     # the full-budget A-ViT runs, else (an interim report) the chosen grid run
     full = {seed_name("avit", seed) for seed in cfg.seeds}
     avit_runs = [n for n in main if n in full] or [study.chosen] * (study.chosen in curves)
@@ -172,7 +174,7 @@ def figures(
               title="A-ViT: where tokens halt (validation)")  # fmt: skip
     right.grid(alpha=0.3)
     right.xaxis.get_major_locator().set_params(integer=True)
-    right.legend(fontsize=6)
+    right.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=3, handlelength=3)
     fig.tight_layout()
     fig.savefig(report / "finetune_curves.png", dpi=120)
     plt.close(fig)
@@ -327,6 +329,14 @@ def write_report(
     index = report / "index.md"
     index.write_text("\n".join(lines))
     return index
+
+
+def curve_style(name: str, names: list[str]) -> tuple[int, str]:
+    """(colour index, line style) of a run's fine-tuning curve: one colour per run without its seed
+    suffix (dense-ft, dynamicvit@0.7, avit, ...), one line style per seed, so seeds read as one family."""
+    base, _, seed = name.partition("-seed")
+    families = list(dict.fromkeys(n.partition("-seed")[0] for n in names))
+    return families.index(base), ("-", "--", ":", "-.")[int(seed or 0) % 4]
 
 
 def _grid_section(cfg: DemoConfig, study: StudyRuns, untrained: dict[str, float]) -> list[str]:
