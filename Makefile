@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data demo study teacher bench-quick test lint format bench clean
+.PHONY: setup data demo study teacher bench-quick test compat lint format bench clean
 
 setup: $(STAMP)
 
@@ -68,3 +68,14 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
+
+# The core tests (golden outputs of the authors' code, training, budgets) against the lowest timm the package
+# declares (pyproject.toml), installed beside the newest in .venv/compat-timm (about 1.5 min).
+COMPAT_TIMM = 1.0.16
+compat: setup data
+	test -d $(VENV)/compat-timm/timm-$(COMPAT_TIMM).dist-info || \
+	  $(PY) -m pip install -q --no-deps --target $(VENV)/compat-timm "timm==$(COMPAT_TIMM)"
+	PYTHONPATH=$(VENV)/compat-timm $(PY) -c "import timm; assert timm.__version__ == '$(COMPAT_TIMM)', timm.__version__"
+	PYTHONPATH=$(VENV)/compat-timm $(PY) -m pytest -q -p no:cacheprovider tests/test_avit.py tests/test_avit_grads.py \
+	  tests/test_baselines.py tests/test_checkpoints.py tests/test_dynamicvit.py tests/test_dynconv.py \
+	  tests/test_losses.py tests/test_train.py tests/test_budget.py

@@ -178,7 +178,12 @@ def test_image_whose_class_token_halted_costs_nothing_more(official):
 
 
 def test_distilled_deit_runs_and_exits_on_both_head_tokens():
-    model = avit(tiny("deit_tiny_distilled_patch16_224", depth=8), gate_center=2.0).eval()
+    dense = tiny("deit_tiny_distilled_patch16_224", depth=8)
+    with torch.no_grad():  # two head tokens that differ, whatever timm initialises them to
+        dense.dist_token.copy_(
+            torch.randn(dense.dist_token.shape, generator=torch.Generator().manual_seed(0))
+        )
+    model = avit(dense, gate_center=0.0).eval()  # the class token halts early, the distillation token runs on
     images = torch.randn(3, 3, 64, 64)
     images[0] *= 0.1
     with torch.no_grad():

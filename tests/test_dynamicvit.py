@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import timm
@@ -244,3 +245,12 @@ def test_bad_images_are_named():
 def test_sparsity_info_before_any_forward():
     with pytest.raises(RuntimeError, match="no forward has run"):
         tokensparse.sparsity_info(tokensparse.dynamicvit(tiny()))
+
+
+def test_a_timm_that_renamed_what_the_engine_runs_on_is_named_with_its_version():
+    model = tiny()
+    del model.blocks[2].attn.q_norm
+    with pytest.raises(
+        ValueError, match=rf"timm {re.escape(timm.__version__)} changed the internals .*Attention\.q_norm"
+    ):
+        tokensparse.dynamicvit(model)

@@ -15,10 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import timm
 import torch
 import torch.nn as nn
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
+
+try:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+except ImportError as err:  # the timm internals the engine runs on moved
+    raise ImportError(
+        f"tokensparse needs timm >= 1.0.16 (tested with 1.0.16 and newer); this timm {timm.__version__} lacks "
+        f"what the engine imports ({str(err).split(' (')[0]})"
+    ) from err
 
 from .attention import masked_block
 
@@ -202,6 +210,36 @@ def no_extra_flops(info: SparseInfo) -> torch.Tensor:
     return torch.zeros(info.tokens_per_block.shape[0], dtype=torch.float64)
 
 
+# what the engine reads of timm's Block and Attention: a timm that renames one is named, with its version
+BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+ATTENTION_PARTS = (
+    "qkv",
+    "q_norm",
+    "k_norm",
+    "attn_drop",
+    "norm",
+    "proj",
+    "proj_drop",
+    "num_heads",
+    "head_dim",
+    "scale",
+)
+
+
+def check_timm_parts(block: nn.Module) -> None:
+    """ValueError naming the timm version and the attributes missing from `block` (a timm Block) that the
+    engine runs on, instead of an AttributeError deep inside a forward."""
+    missing = [f"Block.{p}" for p in BLOCK_PARTS if not hasattr(block, p)]
+    attn = getattr(block, "attn", None)
+    if attn is not None:
+        missing += [f"Attention.{p}" for p in ATTENTION_PARTS if not hasattr(attn, p)]
+    if missing:
+        raise ValueError(
+            f"timm {timm.__version__} changed the internals tokensparse runs on: its {', '.join(missing)} "
+            "are missing (tokensparse is tested with timm >= 1.0.16)"
+        )
+
+
 def check_vit(model: nn.Module) -> VisionTransformer:
     """Raise ValueError naming what is unsupported unless `model` is a timm ViT the engine can run."""
     if not isinstance(model, VisionTransformer):
@@ -223,6 +261,7 @@ def check_vit(model: nn.Module) -> VisionTransformer:
                 f"block {i} uses attention class {type(block.attn).__name__}; tokensparse can mask only "
                 "timm's Attention"
             )
+        check_timm_parts(block)
     if model.global_pool not in SUPPORTED_POOLS:
         raise ValueError(f"global_pool={model.global_pool!r} is not supported; use one of {SUPPORTED_POOLS}")
     if getattr(model, "attn_pool", None) is not None:
