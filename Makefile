@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data demo study teacher bench-quick test compat lint format bench clean
+.PHONY: setup data demo study teacher bench-quick test compat docs lint format bench clean
 
 setup: $(STAMP)
 
@@ -79,3 +79,15 @@ compat: setup data
 	PYTHONPATH=$(VENV)/compat-timm $(PY) -m pytest -q -p no:cacheprovider tests/test_avit.py tests/test_avit_grads.py \
 	  tests/test_baselines.py tests/test_checkpoints.py tests/test_dynamicvit.py tests/test_dynconv.py \
 	  tests/test_losses.py tests/test_train.py tests/test_budget.py
+
+# The API reference from the docstrings, opening with the README's guides, into build/docs (pdoc; a warning
+# is an error).
+DOC_MODULES = tokensparse tokensparse.budget tokensparse.runs tokensparse.engine tokensparse.flops \
+	tokensparse.export tokensparse.bench tokensparse.evaluate tokensparse.data tokensparse.losses \
+	tokensparse.checkpoints tokensparse.training tokensparse.viz tokensparse.policies.dynamicvit \
+	tokensparse.policies.avit tokensparse.policies.tome tokensparse.policies.evit tokensparse.policies.baselines \
+	tokensparse.policies.dynconvnext tokensparse.policies.dynswin tokensparse.policies.registry
+docs: setup
+	rm -rf build/docs
+	$(PY) -W error -m pdoc $(DOC_MODULES) -o build/docs
+	test -s build/docs/tokensparse.html

@@ -4,7 +4,9 @@ model = tokensparse.dynamicvit(timm.create_model("deit_small_patch16_224"), keep
 model = tokensparse.load_run("runs/dvit")     # a trained run, in eval mode
 
 The names below are imported on first use, so `import tokensparse` (and the CLI's `--help`) does not
-import torch until something needs it.
+import torch until something needs it. The API reference (`make docs`) opens with the README's guides:
+
+.. include:: ../../README.md
 """
 
 from __future__ import annotations
