@@ -119,3 +119,12 @@ def test_dynamicvit_compiles_with_inductor():
         expected = model(images)
         compiled = torch.compile(model, fullgraph=True)(images)
     assert torch.allclose(compiled, expected, atol=1e-4, rtol=0)
+
+
+def test_a_policy_says_itself_why_it_cannot_be_exported(tmp_path):
+    """export asks the policy (`export_refusal`), not its method's name."""
+    model = tokensparse.static_prune(tiny(), keep_ratio=0.7).eval()
+    policy = tokensparse.get_policy(model)
+    policy.export_refusal = lambda: "this policy keeps a Python-side cache"
+    with pytest.raises(ValueError, match="keeps a Python-side cache"):
+        tokensparse.export_onnx(model, tmp_path / "m.onnx", batch_size=1)

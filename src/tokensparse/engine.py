@@ -191,6 +191,19 @@ class TokenPolicy:
         reports mean depths, on and off the object, from it."""
         return None
 
+    # How `tokensparse.viz.token_maps` draws a forward: "kept" (the patches kept after each pruning stage,
+    # from `kept_index`), "depth" (blocks each patch computed, from `token_depth`) or "groups" (the token
+    # each patch ended in, from `extra["token_group"]`)
+    map_kind: Literal["kept", "depth", "groups"] = "kept"
+
+    def map_heading(self, model: nn.Module, info: SparseInfo) -> str:
+        """The title of a token-map figure: the method's setting and how to read the picture."""
+        return f"{self.method}: kept patches, dropped ones greyed"
+
+    def export_refusal(self) -> str | None:
+        """Why this policy cannot become a static graph (ONNX export, torch.compile fullgraph), or None."""
+        return None
+
     def progress(self, info: SparseInfo) -> dict[str, str]:
         """What the training progress bar shows of the last forward: the share of patches kept."""
         return {"keep": f"{float(info.keep_mask.float().mean()):.2f}"}

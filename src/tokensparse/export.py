@@ -72,20 +72,12 @@ def check_exportable(model: nn.Module) -> str:
             return "dense"
         return "dynamicspatial"
     policy = get_policy(model)
-    method = "dense" if policy is None else policy.method
-    if method == "avit":
-        raise ValueError(
-            "A-ViT cannot be exported to ONNX or compiled with fullgraph=True: its inference removes halted "
-            "tokens, so every block's token count depends on the image's values (data-dependent shapes), "
-            "which a static graph cannot hold. Run it eagerly (tokensparse.avit), or export a method with "
-            "fixed token counts (dynamicvit, evit, random, static, tome)"
-        )
-    if method == "random" and policy.seed is None:
-        raise ValueError(
-            "random pruning without a seed draws new tokens every forward from torch's generator, which "
-            "an exported graph cannot reproduce; sparsify with tokensparse.random_prune(model, seed=...)"
-        )
-    return method
+    if policy is None:
+        return "dense"
+    reason = policy.export_refusal()
+    if reason is not None:
+        raise ValueError(reason)
+    return policy.method
 
 
 @contextlib.contextmanager

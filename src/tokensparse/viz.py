@@ -70,27 +70,22 @@ def token_maps(
     info = sparsity_info(model)
     grid = tuple(model.patch_embed.grid_size)
     pictures = to_display(images, mean, std)
-    method = getattr(policy, "method", "")
+    kind = policy.map_kind  # what the policy's forward can be drawn as, whatever the method
     patches = grid[0] * grid[1]
-    if method == "avit":
+    heading = policy.map_heading(model, info)
+    if kind == "depth":
         columns = ["image", "halting depth"]
-        mean = float(info.extra["token_depth"][:, info.num_prefix :].float().mean())
-        heading = (f"A-ViT, gate centre {policy.gate_center:g}: blocks each patch computed before it halted "
-                   f"(mean {mean:.1f} of {len(model.blocks)})")  # fmt: skip
-    elif method == "tome":
+    elif kind == "groups":
         r = getattr(model, "r", None)
         columns = ["image", "merged groups" + (f" (r={r})" if r is not None else "")]
-        heading = f"ToMe{f' r={r}' if r is not None else ''}: each colour is one token after the last block"
     else:
         counts = [int(k.shape[1]) for k in info.kept_index]
         columns = ["image"] + [f"after stage {s + 1}: {c} of {patches}" for s, c in enumerate(counts)]
-        ratio = getattr(policy, "keep_ratio", None)
-        heading = f"{method}{f' keep ratio {ratio:g}' if ratio is not None else ''}: kept patches, dropped ones greyed"
     rows = len(pictures)
     fig, axes = plt.subplots(
         rows,
         len(columns),
-        figsize=(1.9 * len(columns) + (0.6 if method == "avit" else 0.0), 1.9 * rows),
+        figsize=(1.9 * len(columns) + (0.6 if kind == "depth" else 0.0), 1.9 * rows),
         squeeze=False,
         layout="constrained",
     )
@@ -100,13 +95,13 @@ def token_maps(
         axes[i, 0].imshow(picture)
         if titles:
             axes[i, 0].set_ylabel(titles[i], fontsize=7)
-        if method == "avit":
+        if kind == "depth":
             depth_map = info.extra["token_depth"][i, info.num_prefix :].float().cpu().numpy().reshape(grid)
             axes[i, 1].imshow(picture)
             shown = axes[i, 1].imshow(
                 _upsample(depth_map, *picture.shape[:2]), cmap="viridis", alpha=0.6, vmin=1, vmax=depth
             )
-        elif method == "tome":
+        elif kind == "groups":
             groups = _tome_groups(info, i, grid)
             colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))[:, :3]
             layer = colours[groups % 20]

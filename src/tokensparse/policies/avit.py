@@ -122,6 +122,21 @@ class AViTPolicy(TokenPolicy, nn.Module):
 
     method = "avit"
 
+    map_kind = "depth"
+
+    def map_heading(self, model: nn.Module, info: SparseInfo) -> str:
+        mean = float(info.extra["token_depth"][:, info.num_prefix :].float().mean())
+        return (f"A-ViT, gate centre {self.gate_center:g}: blocks each patch computed before it halted "
+                f"(mean {mean:.1f} of {len(model.blocks)})")  # fmt: skip
+
+    def export_refusal(self) -> str | None:
+        return (
+            "A-ViT cannot be exported to ONNX or compiled with fullgraph=True: its inference removes halted "
+            "tokens, so every block's token count depends on the image's values (data-dependent shapes), "
+            "which a static graph cannot hold. Run it eagerly (tokensparse.avit), or export a method with "
+            "fixed token counts (dynamicvit, evit, random, static, tome)"
+        )
+
     def __init__(
         self,
         gate_scale: float,

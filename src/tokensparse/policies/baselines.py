@@ -79,6 +79,14 @@ def seeded_draws(
 class RandomPruningPolicy(StagePruningPolicy):
     method = "random"
 
+    def export_refusal(self) -> str | None:
+        if self.seed is not None:
+            return None
+        return (
+            "random pruning without a seed draws new tokens every forward from torch's generator, which "
+            "an exported graph cannot reproduce; sparsify with tokensparse.random_prune(model, seed=...)"
+        )
+
     def __init__(self, keep_ratio: float, locations: Sequence[int], seed: int | None = None):
         super().__init__(keep_ratio, locations)
         self.seed = seed

@@ -168,6 +168,9 @@ class StagePruningPolicy(TokenPolicy, nn.Module):
     def extra_repr(self) -> str:
         return f"keep_ratio={self.keep_ratio}, locations={self.locations}"
 
+    def map_heading(self, model: nn.Module, info: SparseInfo) -> str:
+        return f"{self.method} keep ratio {self.keep_ratio:g}: kept patches, dropped ones greyed"
+
     def patch_score(self, state: TokenState, patch_index: torch.Tensor) -> torch.Tensor:
         """(B, M) score of the original patches `patch_index` (B, M); the highest are kept.
 

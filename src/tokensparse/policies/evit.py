@@ -106,6 +106,10 @@ class EViTPolicy(TokenPolicy, nn.Module):
         self.mlp_macs = mlp_macs(model)
         self.attn_dims = tuple(int(block.attn.num_heads * block.attn.head_dim) for block in model.blocks)
 
+    def map_heading(self, model: nn.Module, info: SparseInfo) -> str:
+        fused = ", the rest fused into one token" if self.fuse else ""
+        return f"EViT keep rate {self.keep_ratio:g}: kept patches{fused}, dropped ones greyed"
+
     def extra_repr(self) -> str:
         return f"keep_ratio={self.keep_ratio}, locations={self.locations}, fuse={self.fuse}, counts={self.counts!r}"
 

@@ -158,6 +158,12 @@ class ToMePolicy(TokenPolicy, nn.Module):
 
     method = "tome"
 
+    map_kind = "groups"
+
+    def map_heading(self, model: nn.Module, info: SparseInfo) -> str:
+        r = getattr(model, "r", None)
+        return f"ToMe{f' r={r}' if r is not None else ''}: each colour is one token after the last block"
+
     def __init__(self, model: VisionTransformer, prop_attn: bool, trace_source: bool):
         super().__init__()
         self.prop_attn = prop_attn
