@@ -108,7 +108,7 @@ def test_a_trained_run_evaluates_at_a_budget(tmp_path, method):
         tokensparse.load_run(make_run(tmp_path, "avit"), target_gflops=0.6 * dense)
 
 
-def test_the_cli_takes_a_budget_and_refuses_training_at_one(tmp_path, capsys):
+def test_eval_and_export_take_a_budget(tmp_path, capsys):
     import timm
     from conftest import make_run
 
@@ -129,6 +129,30 @@ def test_the_cli_takes_a_budget_and_refuses_training_at_one(tmp_path, capsys):
     assert exit_.value.code == 2
     assert main(["eval", run, "--target-gflops", str(10 * target)]) == 2
     assert "at or above the dense model's" in capsys.readouterr().err
-    args = ["train", "--method", "dynamicvit", "--target-gflops", "0.01", "--output", str(tmp_path / "t")]
-    assert main(args) == 2
-    assert "--target-gflops picks a setting for evaluation" in capsys.readouterr().err
+
+
+def test_train_solves_the_budget_records_the_knob_and_resumes_to_it(tmp_path, capsys):
+    import json
+
+    import timm
+    from conftest import TINY_KWARGS
+
+    from tokensparse.cli import main
+
+    dense = tokensparse.gflops(
+        timm.create_model("deit_tiny_patch16_224", img_size=64, num_classes=10, **TINY_KWARGS)
+    )
+    target = 0.6 * dense
+    out = tmp_path / "run"
+    args = ["train", "--method", "dynamicvit", "--model", "deit_tiny_patch16_224", "--model-kwargs",
+            json.dumps(TINY_KWARGS), "--img-size", "64", "--epochs", "1", "--train-limit", "64", "--val-limit", "16",
+            "--batch-size", "32", "--target-gflops", str(target), "--output", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "--target-gflops" in capsys.readouterr().err  # it says which keep ratio it solved
+    config = json.loads((out / "config.json").read_text())
+    assert config["target_gflops"] is None and config["solved_for_gflops"] == pytest.approx(target)
+    model = tokensparse.load_run(out)
+    assert tokensparse.get_policy(model).keep_ratio == config["keep_ratio"] < 1
+    within(model, target)
+    assert main([*args, "--epochs", "2", "--resume"]) == 0  # the same budget solves to the same knob
+    assert json.loads((out / "config.json").read_text())["keep_ratio"] == config["keep_ratio"]

@@ -56,8 +56,8 @@ _HELP = {
     "ponder_weight": "weight of A-ViT's ponder loss",
     "prior_weight": "weight of A-ViT's distributional prior (KL to a Gaussian over depths)",
     "tome_r": "ToMe: tokens merged in every block",
-    "target_gflops": "a FLOP budget in GMACs per image instead of --keep-ratio / --tome-r (eval, export; "
-    "train refuses it)",
+    "target_gflops": "a FLOP budget in GMACs per image instead of --keep-ratio / --tome-r: the knob is solved "
+    "on the model (at most the budget, within 2%%) and config.json records it",
     "workers": "data-loading processes per training process",
     "seed": "seed of the model's initialisation, the data's order and draws, and random pruning",
     "overwrite": "replace the run already in --output",
@@ -165,6 +165,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _resumed_settings(given: dict, written: set[str]) -> dict:
     """`--resume` with only `--output RUN`: the settings not written on the command line come from
     RUN/config.json; a written one still counts, so a changed one is refused by name."""
+    from ..config import BUDGET_KNOBS
+
     saved_file = Path(given["output"]) / "config.json"
     if not saved_file.is_file():
         return given
@@ -175,6 +177,8 @@ def _resumed_settings(given: dict, written: set[str]) -> dict:
     if not isinstance(saved, dict):
         return given
     kept = {"resume", "overwrite", "output", "device"} | written
+    if "target_gflops" in written:  # the budget solves the knob again; the saved knob is what it solved
+        kept |= set(BUDGET_KNOBS)
     return {k: v if k in kept or k not in saved else saved[k] for k, v in given.items()}
 
 

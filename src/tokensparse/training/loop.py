@@ -86,6 +86,23 @@ class Run:
         return self.rank == 0
 
 
+def solved_knob(cfg: TrainConfig, model: nn.Module) -> TrainConfig:
+    """`cfg` with its FLOP budget replaced by the knob `sparsify_for` solved on `model` (keep ratio, or
+    ToMe's r): what config.json records, the loss reads and a resume re-solves to the same value."""
+    from ..engine import get_policy
+
+    policy = get_policy(model)
+    if cfg.method == "tome":
+        if isinstance(model.r, list):
+            raise ValueError(
+                f"--target-gflops {cfg.target_gflops:g} needs a per-block ToMe r ({model.r}), and a run trains "
+                "one r for every block: choose a budget one r reaches (tokensparse eval --target-gflops tells), "
+                "or --tome-r"
+            )
+        return dataclasses.replace(cfg, tome_r=int(model.r), target_gflops=None)
+    return dataclasses.replace(cfg, keep_ratio=float(policy.keep_ratio), target_gflops=None)
+
+
 def build_run(cfg: TrainConfig) -> Run:
     """Set up a run as `cfg` (resolved) says: process group, data, student and teacher, optimiser,
     schedule, AMP and Mixup; claim the output folder and resume from its last checkpoint if asked."""
@@ -125,6 +142,14 @@ def build_run(cfg: TrainConfig) -> Run:
             load_teacher(teacher, cfg.teacher, cfg.model)
         teacher.requires_grad_(False).eval().to(device)
     model = sparsify_for(cfg, model).to(device)
+    budget = cfg.target_gflops
+    if budget is not None:  # the run trains, and records, the knob the budget solved on this model
+        cfg = solved_knob(cfg, model)
+        if rank == 0:
+            knob = f"ToMe r={cfg.tome_r}" if cfg.method == "tome" else f"keep ratio {cfg.keep_ratio:.6g}"
+            print(
+                f"--target-gflops {budget:g}: {knob}, solved on the model's inference form", file=sys.stderr
+            )
     criterion = build_criterion(cfg, len(getattr(model, "blocks", ())))
 
     optimizer = create_optimizer_v2(
@@ -166,6 +191,8 @@ def build_run(cfg: TrainConfig) -> Run:
     )
 
     run_facts = {"num_classes": classes, "img_size": img_size, "world_size": world}
+    if budget is not None:
+        run_facts["solved_for_gflops"] = budget
     if run.is_main:
         run.lock = run_dir.RunLock(run.out)
     try:
@@ -253,12 +280,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     Settings left None take the method's registered recipe; config.json records them.
     """
-    if cfg.target_gflops is not None:
-        raise ValueError(
-            "--target-gflops picks a setting for evaluation, benchmarks and export; to train at a budget, "
-            "read the keep ratio (or ToMe r) it solves (tokensparse.budget, or `tokensparse eval "
-            "--target-gflops`) and train with --keep-ratio / --tome-r"
-        )
     given, cfg = cfg, cfg.resolved()
     run = build_run(cfg)
     if run.is_main:
