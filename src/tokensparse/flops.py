@@ -19,13 +19,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from .engine import SparseInfo, check_images, get_policy, sparsity_info
-
-
-def linear_macs(module: nn.Module | None) -> int:
-    """Multiply-adds of every nn.Linear inside `module`, for one token."""
-    if module is None:
-        return 0
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+from .macs import linear_macs  # noqa: F401  (re-exported: tokensparse.flops.linear_macs)
 
 
 def _check_countable(model: nn.Module) -> VisionTransformer:

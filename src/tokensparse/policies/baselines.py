@@ -26,7 +26,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..checks import is_int
 from ..engine import SparseInfo, TokenPolicy, TokenState, sparsify
-from ..flops import linear_macs
+from ..macs import linear_macs
 from .dynamicvit import StagePruningPolicy, meet_budget, ratio_or_budget, stage_policy_args
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..checks import check_number, is_int
 from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, no_extra_flops, num_patches, sparsify
-from ..flops import linear_macs
+from ..macs import linear_macs
 
 if TYPE_CHECKING:
     from ..config import TrainConfig

@@ -20,7 +20,7 @@ import torch.nn as nn
 from timm.layers import Mlp
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock, ConvNeXtStage
 
-from ..flops import linear_macs
+from ..macs import linear_macs
 from .dynspatial import (
     SPARSE_STAGE,
     DynamicStageMixin,

@@ -22,7 +22,7 @@ import torch.nn as nn
 from timm.layers import Mlp
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, SwinTransformerStage
 
-from ..flops import linear_macs
+from ..macs import linear_macs
 from .dynspatial import (
     SPARSE_STAGE,
     DynamicStageMixin,
