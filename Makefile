@@ -83,7 +83,7 @@ compat: setup data
 # The API reference from the docstrings, opening with the README's guides, into build/docs (pdoc; a warning
 # is an error).
 DOC_MODULES = tokensparse tokensparse.budget tokensparse.runs tokensparse.engine tokensparse.flops \
-	tokensparse.export tokensparse.bench tokensparse.evaluate tokensparse.data tokensparse.losses \
+	tokensparse.export tokensparse.bench tokensparse.evaluate tokensparse.data tokensparse.clutter tokensparse.losses \
 	tokensparse.checkpoints tokensparse.training tokensparse.viz tokensparse.policies.dynamicvit \
 	tokensparse.policies.avit tokensparse.policies.tome tokensparse.policies.evit tokensparse.policies.baselines \
 	tokensparse.policies.dynconvnext tokensparse.policies.dynswin tokensparse.policies.registry
