@@ -75,9 +75,10 @@ def chain_lengths(jobs: list[Job]) -> dict[str, int]:
 
 
 def finished(work: Path, name: str) -> bool:
-    if name == "tome-ft":  # its folder carries the r found at run time
-        return any((run / "model.safetensors").is_file() for run in work.glob(f"{name}@*"))
-    return (work / name / "model.safetensors").is_file()
+    """The run `name` has its weights; a name without '@' also names its '@' folders, as `--runs` reads
+    it (tome-ft: the folder carries the r found at run time)."""
+    runs = [work / name] + (list(work.glob(f"{name}@*")) if "@" not in name else [])
+    return any((run / "model.safetensors").is_file() for run in runs)
 
 
 def main() -> int:

@@ -184,27 +184,23 @@ def solve_gate_center(model: nn.Module, target_gflops: float, images: torch.Tens
     target = check_target(target_gflops)
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError("A-ViT's FLOPs depend on the image: give `images`, a (B, C, H, W) batch of your own")
-    cost = lambda m: gflops(m, images)  # noqa: E731
     original = model.halting.gate_center
+
+    def cost_at(center: float) -> float:
+        model.halting.gate_center = center
+        return gflops(model, images)
+
     try:
         with _counting(model):
-            model.halting.gate_center = 1e4  # no token halts before the last block
-            dense = cost(model)
-            model.halting.gate_center = -1e4  # every token halts after the first block
-            lowest = cost(model)
-    finally:
-        model.halting.gate_center = original
-    if target >= dense:
-        raise _above_dense(target, dense)
-    if target < lowest:
-        raise _below_reach(target, lowest, dense, "avit")
-    low, high = bisect_gate_center(model, lambda m: cost(m) > target, steps)
-    try:
+            # a centre of 1e4: no token halts before the last block; -1e4: every token after the first
+            dense, lowest = cost_at(1e4), cost_at(-1e4)
+        if target >= dense:
+            raise _above_dense(target, dense)
+        if target < lowest:
+            raise _below_reach(target, lowest, dense, "avit")
+        low, high = bisect_gate_center(model, lambda m: gflops(m, images) > target, steps)
         with _counting(model):
-            model.halting.gate_center = low
-            reached = cost(model)
-            model.halting.gate_center = high
-            above = cost(model)
+            reached, above = cost_at(low), cost_at(high)
     finally:
         model.halting.gate_center = original
     if reached < (1 - TOLERANCE) * target:

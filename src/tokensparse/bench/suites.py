@@ -81,9 +81,10 @@ def _gflops(model: nn.Module, images: torch.Tensor) -> float:
     return float(model_flops(copy.deepcopy(model).float().cpu(), images.float().cpu()).mean()) / 1e9
 
 
-def make_policy(method: str, setting: float | None = None) -> Callable[[nn.Module], nn.Module]:
+def make_policy(method: str, setting: float | None = None, **settings) -> Callable[[nn.Module], nn.Module]:
     """A function sparsifying a dense model with the registered `method`, its recipe's settings but its
-    `bench_setting` (a keep ratio; r for ToMe) at `setting` (None: the recipe's)."""
+    `bench_setting` (a keep ratio; r for ToMe) at `setting` (None: the recipe's) and the other
+    `TrainConfig` fields in `settings` (e.g. target_gflops=, seed=)."""
     from ..config import TrainConfig
     from ..policies.registry import get_method, resolve
 
@@ -91,7 +92,7 @@ def make_policy(method: str, setting: float | None = None) -> Callable[[nn.Modul
     if spec.sparsify is None:
         raise ValueError(f"{method!r} sparsifies nothing; choose a token method")
     overrides = {} if setting is None or spec.bench_setting is None else {spec.bench_setting: setting}
-    cfg = TrainConfig(method=method, **overrides).resolved()
+    cfg = TrainConfig(method=method, **overrides, **settings).resolved()
     build = resolve(spec.sparsify)
     return lambda m: build(m, cfg)
 

@@ -67,9 +67,6 @@ def _export(args: argparse.Namespace) -> int:
     else:
         import timm
 
-        from ..config import TrainConfig
-        from ..policies.registry import get_method, resolve
-
         method = args.method or "dynamicvit"
         kwargs = {} if args.img_size is None else {"img_size": args.img_size}
         if args.num_classes is not None:
@@ -78,9 +75,8 @@ def _export(args: argparse.Namespace) -> int:
         if args.target_gflops is not None and method == "dense":
             raise ValueError("--target-gflops solves a token method's setting; the dense model has none")
         if args.target_gflops is not None:  # the method's recipe, its knob solved
-            cfg = TrainConfig(method=method, keep_ratio=args.keep_ratio, tome_r=args.tome_r,
-                              target_gflops=args.target_gflops, seed=args.seed or 0).resolved()  # fmt: skip
-            model = resolve(get_method(method).sparsify)(model, cfg)
+            budget = dict(keep_ratio=args.keep_ratio, tome_r=args.tome_r, target_gflops=args.target_gflops)
+            model = make_policy(method, seed=args.seed or 0, **budget)(model)
         elif method == "random":
             keep_ratio = 0.7 if args.keep_ratio is None else args.keep_ratio
             model = random_prune(model, keep_ratio=keep_ratio, seed=0 if args.seed is None else args.seed)
