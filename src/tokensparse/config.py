@@ -8,11 +8,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .policies.registry import get_method, method_names, setting_methods
+from .policies.registry import all_settings, budget_knobs, get_method, method_names, setting_methods
 
 
 def __getattr__(name: str) -> Any:
-    """METHODS, METHOD_DEFAULTS and SETTING_METHODS: views of the method registry as it is now."""
+    """METHODS, METHOD_DEFAULTS, SETTING_METHODS and BUDGET_KNOBS: views of the method registry as it is now."""
+    if name == "BUDGET_KNOBS":  # the settings a FLOP budget (--target-gflops) solves, one per method
+        return budget_knobs()
     if name == "METHODS":
         return method_names()
     if name == "METHOD_DEFAULTS":
@@ -20,10 +22,6 @@ def __getattr__(name: str) -> Any:
     if name == "SETTING_METHODS":
         return setting_methods()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# the settings a FLOP budget (--target-gflops) solves, one per method
-BUDGET_KNOBS = ("keep_ratio", "tome_r")
 
 
 @dataclass
@@ -73,6 +71,8 @@ class TrainConfig:
     tome_r: int | None = None
     # a FLOP budget instead of keep_ratio / tome_r: the knob is solved on the model (tokensparse.budget)
     target_gflops: float | None = None
+    # the settings of a method that are not fields here (a method added outside the package), by name
+    method_settings: dict[str, Any] = field(default_factory=dict)
     # Fine-tuning recipe, per method (None: the method's default).
     distill_weight: float | None = None
     backbone_lr_scale: float | None = None
@@ -88,22 +88,36 @@ class TrainConfig:
     max_nan_streak: int = 20
     keep_checkpoints: int = 2
 
+    def get(self, name: str) -> Any:
+        """The setting `name`: a field, else `method_settings[name]` (None when unset)."""
+        return getattr(self, name) if name in _FIELDS else self.method_settings.get(name)
+
+    def with_setting(self, name: str, value: Any, **fields: Any) -> TrainConfig:
+        """A copy with the setting `name` (a field or a `method_settings` entry) at `value`."""
+        if name in _FIELDS:
+            return dataclasses.replace(self, **{name: value}, **fields)
+        return dataclasses.replace(self, method_settings={**self.method_settings, name: value}, **fields)
+
     def validate(self) -> None:
-        get_method(self.method)  # ValueError naming the registered methods
+        method = get_method(self.method)  # ValueError naming the registered methods
+        if not isinstance(self.method_settings, dict):
+            raise ValueError(f"method_settings must be a JSON object, got {self.method_settings!r}")
+        for name in self.method_settings:
+            if name in _FIELDS or name not in setting_methods():
+                raise ValueError(f"method_settings: {name!r} is not a method's own setting")
         for name, methods in setting_methods().items():
-            if getattr(self, name) is not None and self.method not in methods:
+            if self.get(name) is not None and self.method not in methods:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(
                     f"{flag} applies to --method {' / '.join(methods)}, not {self.method}: "
                     f"remove it or choose one of those methods"
                 )
-        if self.target_gflops is not None:
-            given = [k for k in BUDGET_KNOBS if getattr(self, k) is not None]
-            if given:
-                flags = " / ".join("--" + k.replace("_", "-") for k in given)
-                raise ValueError(f"give {flags} or --target-gflops, not both: the budget solves the setting")
-        if self.token_distill is not None and self.token_distill not in ("mse", "kl"):
-            raise ValueError(f"--token-distill must be 'mse' or 'kl', got {self.token_distill!r}")
+        if self.target_gflops is not None and method.budget_knob is not None:
+            if self.get(method.budget_knob) is not None:
+                flag = "--" + method.budget_knob.replace("_", "-")
+                raise ValueError(f"give {flag} or --target-gflops, not both: the budget solves the setting")
+        for name, spec in all_settings().items():
+            spec.check(self.get(name))
         if self.backbone_fixed_epochs is not None and self.backbone_fixed_epochs < 0:
             raise ValueError(f"--backbone-fixed-epochs must be >= 0, got {self.backbone_fixed_epochs}")
         if self.backbone_lr_scale is not None and not self.backbone_lr_scale >= 0:
@@ -128,13 +142,13 @@ class TrainConfig:
         would never train); `schedule_notes` says what changed. A frozen span set explicitly must be
         shorter than the run."""
         self.validate()
-        knobs = BUDGET_KNOBS if self.target_gflops is not None else ()  # solved for the budget instead
-        defaults = {
-            k: v
-            for k, v in get_method(self.method).defaults().items()
-            if getattr(self, k) is None and k not in knobs
-        }
-        cfg = dataclasses.replace(self, **defaults, **self._shipped())
+        method = get_method(self.method)
+        knobs = (method.budget_knob,) if self.target_gflops is not None else ()  # the budget solves it
+        defaults = {k: v for k, v in method.defaults().items() if self.get(k) is None and k not in knobs}
+        extra = {k: defaults.pop(k) for k in list(defaults) if k not in _FIELDS}
+        cfg = dataclasses.replace(
+            self, **defaults, **self._shipped(), method_settings={**extra, **self.method_settings}
+        )
         scaled = {}
         if cfg.warmup_epochs >= cfg.epochs:
             scaled["warmup_epochs"] = cfg.epochs // 6
@@ -215,16 +229,6 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "smoothing": (0, 1, True, False),
     "mixup": (0, None, True, True),
     "cutmix": (0, None, True, True),
-    "keep_ratio": (0, 1, False, True),
-    "ratio_weight": (0, None, True, True),
-    "distill_weight": (0, None, True, True),
-    "gate_scale": (0, None, False, True),
-    "halt_eps": (0, 1, False, False),
-    "ponder_weight": (0, None, True, True),
-    "prior_weight": (0, None, True, True),
-    "prior_depth": (1, None, True, True),
-    "tome_r": (0, None, True, True),
-    "target_gflops": (0, None, False, True),
     "backbone_lr_scale": (0, None, True, True),
     "workers": (0, None, True, True),
     "max_nan_streak": (1, None, True, True),
@@ -252,7 +256,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
             bounds = "in " + bounds if high is not None else bounds
             hint = " (leave it unset to turn clipping off)" if name == "clip_grad" else ""
             raise ValueError(f"{name} ({flag}) must be {bounds}, got {value}{hint}")
-    if cfg.locations is not None and not cfg.locations:
-        raise ValueError("locations (--locations) must name at least one block")
     if not isinstance(cfg.model_kwargs, dict):
         raise ValueError(f"model_kwargs (--model-kwargs) must be a JSON object, got {cfg.model_kwargs!r}")
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))

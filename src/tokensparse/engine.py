@@ -200,6 +200,11 @@ class TokenPolicy:
         """The title of a token-map figure: the method's setting and how to read the picture."""
         return f"{self.method}: kept patches, dropped ones greyed"
 
+    def solved_setting(self, model: nn.Module, name: str) -> Any:
+        """The value of the setting `name` a FLOP budget solved on `model` (what a run records and
+        trains): the policy's attribute of that name unless a policy says otherwise."""
+        return getattr(self, name)
+
     def export_refusal(self) -> str | None:
         """Why this policy cannot become a static graph (ONNX export, torch.compile fullgraph), or None."""
         return None

@@ -154,7 +154,7 @@ def _export(
     channels = input_size(model)[0]
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, channels, *image_size, generator=generator).to(param.device, param.dtype)
-    logits_only = method in ("dense", "dynamicspatial")  # no patch tokens to index
+    logits_only = get_policy(model) is None  # dense, or a spatial model: no patch tokens to index
     if hasattr(model, "blocks"):  # a ViT: say what is wrong with the input before torch does
         check_images(model, images)
     module = model if logits_only else _WithPatchIndex(model)

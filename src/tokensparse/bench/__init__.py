@@ -12,7 +12,7 @@ importable from here.
 from __future__ import annotations
 
 from .results import BenchResult, BenchRow, _result, busy_warnings, write_results  # noqa: F401
-from .suites import _gflops, _time_all, bench_avit, bench_dynamicvit, make_policy  # noqa: F401
+from .suites import _gflops, _time_all, bench_avit, bench_dynamicvit, bench_method, make_policy  # noqa: F401
 from .timing import (  # noqa: F401
     DTYPES,
     Timing,
@@ -31,6 +31,7 @@ __all__ = [
     "Timing",
     "bench_avit",
     "bench_dynamicvit",
+    "bench_method",
     "busy_warnings",
     "interleaved",
     "machine_description",

@@ -86,18 +86,20 @@ def make_policy(method: str, setting: float | None = None, **settings) -> Callab
     `bench_setting` (a keep ratio; r for ToMe) at `setting` (None: the recipe's) and the other
     `TrainConfig` fields in `settings` (e.g. target_gflops=, seed=)."""
     from ..config import TrainConfig
-    from ..policies.registry import get_method, resolve
+    from ..policies.registry import load_method
 
-    spec = get_method(method)
+    spec = load_method(method)
     if spec.sparsify is None:
         raise ValueError(f"{method!r} sparsifies nothing; choose a token method")
     overrides = {} if setting is None or spec.bench_setting is None else {spec.bench_setting: setting}
-    cfg = TrainConfig(method=method, **overrides, **settings).resolved()
-    build = resolve(spec.sparsify)
+    fields = {k: v for k, v in {**overrides, **settings}.items() if k in TrainConfig.__dataclass_fields__}
+    extra = {k: v for k, v in {**overrides, **settings}.items() if k not in fields}
+    cfg = TrainConfig(method=method, method_settings=extra, **fields).resolved()
+    build = spec.sparsify
     return lambda m: build(m, cfg)
 
 
-def bench_dynamicvit(
+def bench_method(
     model: str | nn.Module = "deit_small_patch16_224",
     keep_ratios: Sequence[float] = (0.7,),
     batch_size: int = 32,
@@ -129,7 +131,7 @@ def bench_dynamicvit(
 
     spec = get_method(method)
     torch.manual_seed(seed)
-    name, dense = _build(model, img_size, None, spatial=method == "dynamicspatial")
+    name, dense = _build(model, img_size, None, spatial=spec.architecture == "spatial")
     dense = dense.eval().to(device=device, dtype=dtype)
     images = torch.randn(batch_size, *input_size(dense), device=device, dtype=dtype)
     if is_spatial_model(dense):
@@ -287,3 +289,7 @@ def bench_avit(
                 )
             )
     return _result(name, batch_size, device, dtype, rounds, rows)
+
+
+bench_dynamicvit = bench_method
+"""The former name of `bench_method` (it benches every method with a fixed token count per block)."""

@@ -125,8 +125,8 @@ def _is_spatial_name(model: str | None) -> bool:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ..bench import bench_avit, bench_dynamicvit
-    from ..policies.registry import get_method
+    from ..bench import bench_method
+    from ..policies.registry import get_method, load_method
 
     device = resolve_device(args.device)
     model, name, cfg = args.model, None, None
@@ -150,20 +150,22 @@ def _bench(args: argparse.Namespace) -> int:
         progress=not args.json,
     )
     run_has = cfg is not None and cfg.method == method
-    setting = get_method(method).bench_setting
+    spec = get_method(method)
+    setting = spec.bench_setting
     swept = {"keep_ratio": args.keep_ratios, "tome_r": args.tome_r, "gate_center": args.gate_centers}
     settings = swept.get(setting) or (
-        [getattr(cfg, setting)] if run_has and setting else _BENCH_SETTINGS.get(setting, [None])
+        [cfg.get(setting)] if run_has and setting else _BENCH_SETTINGS.get(setting, [None])
     )
-    if method == "avit":  # halting depends on the image: A-ViT's own bench, on a mixed batch
-        result = bench_avit(
-            model or "deit_tiny_patch16_224",
-            gate_centers=settings,
-            gate_scale=args.gate_scale or (cfg.gate_scale if run_has else 10.0),
-            **common,
-        )
+    others = {k: cfg.get(k) for k in spec.setting_names()} if run_has else {}
+    if args.gate_scale is not None:
+        if spec.setting("gate_scale") is None:
+            raise ValueError(f"--gate-scale does not apply to --method {method}")
+        others["gate_scale"] = args.gate_scale
+    own_bench = load_method(method).bench
+    if own_bench is not None:  # a method the shared bench cannot time (A-ViT: halting depends on the image)
+        result = own_bench(model, settings, others, **common)
     else:
-        result = bench_dynamicvit(
+        result = bench_method(
             model or "deit_small_patch16_224", keep_ratios=settings, method=method, **common
         )
     if name is not None:
@@ -173,10 +175,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        bound = {
-            "avit": "FLOP ratio dense/A-ViT",
-            "dynamicspatial": "FLOP ratio dense/dynamic (no tokens are removed)",
-        }.get(method, "truncation bound (dense blocks on pre-sliced tokens)")
+        bound = spec.bench_bound
         print(
             f"{result.model}, batch {result.batch_size}, {result.device} {result.dtype}, median of {result.rounds} "
             f"interleaved rounds; bound = {bound}; {result.machine}; {result.date}"

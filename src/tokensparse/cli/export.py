@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import _add_target_gflops, _non_negative_int, _positive_int, _ratio
+from .args import _add_target_gflops, _methods, _non_negative_int, _positive_int, _ratio
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -21,8 +21,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method",
         default=None,
-        choices=["dense", "dynamicvit", "evit", "random", "static", "tome"],
-        help="token policy (default: the run's, else dynamicvit); with --run it must be the run's",
+        choices=_methods(),
+        help="token policy (default: the run's, else dynamicvit); with --run it must be the run's; A-ViT "
+        "is refused (its token counts depend on the image)",
     )
     p.add_argument("--checkpoint", default=None, help="weights of the sparsified model (else random weights)")
     p.add_argument("--num-classes", type=_positive_int, default=None, help="classes of the head")
@@ -33,7 +34,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--tome-r",
         type=_non_negative_int,
         default=None,
-        help="ToMe: tokens merged per block (default: the run's, else 13)",
+        help="ToMe: tokens merged per block (default: the run's, else the recipe's 8)",
     )
     p.add_argument(
         "--seed", type=int, default=None, help="random pruning's seed (default: the run's, else 0)"
@@ -47,8 +48,18 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
 
+def _settings_of(method: str, given: dict) -> dict:
+    """The settings in `given` that `method` reads (ValueError naming one it does not read)."""
+    from ..policies.registry import get_method
+
+    spec = get_method(method)
+    for name, value in given.items():
+        if value is not None and spec.setting(name) is None:
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to --method {method}")
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _export(args: argparse.Namespace) -> int:
-    from .. import random_prune, tome
     from ..bench import make_policy
     from ..checkpoints import load_checkpoint
     from ..export import export_onnx
@@ -72,18 +83,11 @@ def _export(args: argparse.Namespace) -> int:
         if args.num_classes is not None:
             kwargs["num_classes"] = args.num_classes
         model = timm.create_model(args.model, pretrained=False, **kwargs)
-        if args.target_gflops is not None and method == "dense":
+        if method != "dense":  # the method's recipe, with the settings given here
+            given = dict(keep_ratio=args.keep_ratio, tome_r=args.tome_r, target_gflops=args.target_gflops)
+            model = make_policy(method, seed=args.seed or 0, **_settings_of(method, given))(model)
+        elif args.target_gflops is not None:
             raise ValueError("--target-gflops solves a token method's setting; the dense model has none")
-        if args.target_gflops is not None:  # the method's recipe, its knob solved
-            budget = dict(keep_ratio=args.keep_ratio, tome_r=args.tome_r, target_gflops=args.target_gflops)
-            model = make_policy(method, seed=args.seed or 0, **budget)(model)
-        elif method == "random":
-            keep_ratio = 0.7 if args.keep_ratio is None else args.keep_ratio
-            model = random_prune(model, keep_ratio=keep_ratio, seed=0 if args.seed is None else args.seed)
-        elif method == "tome":
-            model = tome(model, r=13 if args.tome_r is None else args.tome_r)
-        elif method != "dense":
-            model = make_policy(method, 0.7 if args.keep_ratio is None else args.keep_ratio)(model)
         if args.checkpoint is not None:
             load_checkpoint(model, args.checkpoint)
     result = export_onnx(

@@ -25,16 +25,9 @@ _HELP = {
     "amp": "bf16 autocast on CPU, fp16 on CUDA",
     "resume": "continue from the last checkpoint in --output",
     "output": "run folder: config.json, metrics.jsonl, checkpoints/, model.safetensors",
-    "keep_ratio": "DynamicViT keep ratio rho (stage s keeps rho^s)",
-    "gate_center": "A-ViT gate centre beta (30 for DeiT-T, 75 for DeiT-S in the paper)",
     "backbone_lr_scale": "lr multiplier of the backbone (the policy's own parameters train at the full lr)",
     "backbone_fixed_epochs": "epochs at the start during which the backbone's lr is 0 (DynamicViT's fix_step)",
     "freeze_embeddings": "leave cls_token and pos_embed out of the optimiser (DynamicViT's optim_factory)",
-    "distill_weight": "weight of the teacher's logits (and DynamicViT's token) distillation",
-    "token_distill": "DynamicViT token distillation: mse (DeiT/ViT, the authors' default) or kl (their LV-ViT)",
-    "straight_through_zeroing": "A-ViT: zero halted tokens' block input as the authors' out.data (no gradient "
-    "through the product); --no-straight-through-zeroing for a plain product",
-    "prior_depth": "A-ViT prior's centre depth (default: 2/3 of the depth, 8 of 12 as the paper)",
     "img_size": "input size in pixels (default: the data set's, 64 for the built-in one; a folder: 224)",
     "epochs": "training epochs",
     "batch_size": "images per step and process (DDP: per rank)",
@@ -49,15 +42,6 @@ _HELP = {
     "smoothing": "label smoothing of the cross-entropy",
     "mixup": "Mixup alpha (0: off)",
     "cutmix": "CutMix alpha (0: off)",
-    "locations": "blocks before which tokens are pruned (default: a quarter of the depth apart, 3 6 9 of 12)",
-    "ratio_weight": "weight of DynamicViT's keep-ratio loss",
-    "gate_scale": "A-ViT gate scale gamma (halting score sigmoid(gamma * y0 - beta))",
-    "halt_eps": "A-ViT halting threshold epsilon (a token halts once its scores sum past 1 - eps)",
-    "ponder_weight": "weight of A-ViT's ponder loss",
-    "prior_weight": "weight of A-ViT's distributional prior (KL to a Gaussian over depths)",
-    "tome_r": "ToMe: tokens merged in every block",
-    "target_gflops": "a FLOP budget in GMACs per image instead of --keep-ratio / --tome-r: the knob is solved "
-    "on the model (at most the budget, within 2%%) and config.json records it",
     "workers": "data-loading processes per training process",
     "seed": "seed of the model's initialisation, the data's order and draws, and random pruning",
     "overwrite": "replace the run already in --output",
@@ -105,40 +89,59 @@ def train_config_fields() -> tuple[list[tuple[str, str, object]], tuple[str, ...
 
 
 def _add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, typed from its default."""
+    """One flag per TrainConfig field, typed from its default; a method's setting as the method says."""
     from ..config import METHOD_DEFAULTS, SETTING_METHODS
+    from ..policies.registry import all_settings
 
     fields, methods = train_config_fields()
     groups = {
         title: p.add_argument_group(title) for title in ("data", "model", "method", "optimisation", "run")
     }
     where = {name: title for title, names in _GROUPS.items() for name in names}
-    for name, annotation, default in fields:
+    specs = all_settings()
+    names = [f[0] for f in fields if f[0] != "method_settings"]
+    defaults = {name: default for name, _, default in fields}
+    annotations = {name: annotation for name, annotation, _ in fields}
+    for name in names + [s for s in specs if s not in defaults]:  # then the settings that are not fields
         p = groups[where.get(name, "method")]
         flag = "--" + name.replace("_", "-")
-        help_text = _HELP.get(name, "") + (f" (default: {default})" if default not in (None, {}, []) else "")
+        default = defaults.get(name)
+        spec = specs.get(name)
+        text = spec.help if spec is not None else _HELP.get(name, "")
+        help_text = text + (f" (default: {default})" if default not in (None, {}, []) else "")
         per_method = {m: d[name] for m, d in METHOD_DEFAULTS.items() if name in d}
         if per_method:
             shown = ", ".join(f"{m} {v}" for m, v in per_method.items())
             help_text += f" (default per method: {shown})"
         elif name in SETTING_METHODS:
             help_text += f" (--method {' / '.join(SETTING_METHODS[name])} only)"
-        if name == "model_kwargs":
+        if spec is not None:
+            _add_setting(p, spec, help_text)
+        elif name == "model_kwargs":
             p.add_argument(flag, type=json.loads, default={}, help="extra timm.create_model kwargs as JSON")
-        elif name == "locations":
-            p.add_argument(flag, type=int, nargs="+", default=None, help=help_text)
         elif name == "method":
             p.add_argument(flag, default=default, choices=methods, help=f"token policy (default: {default})")
-        elif isinstance(default, bool) or "bool" in annotation:
+        elif isinstance(default, bool) or "bool" in annotations[name]:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif name == "token_distill":
-            p.add_argument(flag, choices=["mse", "kl"], default=None, help=help_text)
-        elif "float" in annotation:
+        elif "float" in annotations[name]:
             p.add_argument(flag, type=float, default=default, help=help_text)
-        elif "int" in annotation:
+        elif "int" in annotations[name]:
             p.add_argument(flag, type=int, default=default, help=help_text)
         else:
             p.add_argument(flag, default=default, help=help_text)
+
+
+def _add_setting(p: argparse._ActionsContainer, spec, help_text: str) -> None:
+    """The flag of a method's `Setting` (unset by default: the method's recipe fills it in)."""
+    help_text = help_text.replace("%", "%%")
+    if spec.kind is bool:
+        p.add_argument(spec.flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    elif spec.kind is list:
+        p.add_argument(spec.flag, type=int, nargs="+", default=None, help=help_text)
+    elif spec.kind is str:
+        p.add_argument(spec.flag, choices=list(spec.choices) or None, default=None, help=help_text)
+    else:
+        p.add_argument(spec.flag, type=spec.kind, default=None, help=help_text)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -188,8 +191,13 @@ def _train(args: argparse.Namespace) -> int:
     from ..training import TrainConfig, train
 
     resolve_device(args.device)
+    from ..policies.registry import all_settings
+
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
+    extra = {k: v for k, v in vars(args).items() if k in all_settings() and k not in names and v is not None}
+    if extra:  # a method's own settings that are not TrainConfig fields
+        given["method_settings"] = extra
     if args.resume:  # the run's settings, but the flags written now (only --epochs may change)
         given = _resumed_settings(given, getattr(args, "given", set(given)))
     cfg = TrainConfig(**given)

@@ -34,6 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..attention import PackedLayout, halting_block, packed_block
 from ..checks import check_flag, check_number
 from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, no_extra_flops, policy_stats, sparsify
+from .registry import DISTILL_WEIGHT, Method, Setting, register_method
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -489,3 +490,91 @@ def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer
         eps=cfg.halt_eps,
         straight_through_zeroing=cfg.straight_through_zeroing,
     )
+
+
+def _objective(cfg: TrainConfig, depth: int) -> nn.Module:
+    from ..losses.avit import AViTLoss
+
+    return AViTLoss.from_config(cfg, depth)
+
+
+def _bench(model, gate_centers, settings, **options):
+    """`tokensparse bench` for A-ViT: its own bench, on a batch of plain and busy images (halting
+    depends on the image); DeiT-T by default, as the paper's speed model."""
+    from ..bench import bench_avit
+
+    gate_scale = settings.get("gate_scale") or 10.0
+    return bench_avit(
+        model or "deit_tiny_patch16_224", gate_centers=gate_centers, gate_scale=gate_scale, **options
+    )
+
+
+# The authors' recipe (NVlabs/A-ViT): no distillation, every parameter trained, the block input zeroed
+# through `.data` (straight-through).
+register_method(
+    Method(
+        "avit",
+        sparsify=from_config,
+        objective=_objective,
+        recipe=dict(
+            gate_scale=10.0,
+            gate_center=30.0,
+            halt_eps=0.01,
+            ponder_weight=5e-4,
+            prior_weight=1e-3,
+            straight_through_zeroing=True,
+            distill_weight=0.0,
+        ),
+        settings=(
+            Setting(
+                "gate_scale",
+                float,
+                "gate scale gamma (halting score sigmoid(gamma * y0 - beta))",
+                low=0,
+                low_in=False,
+                source="A-ViT main_act.py, gate_scale",
+            ),
+            Setting(
+                "gate_center",
+                float,
+                "gate centre beta (30 for DeiT-T, 75 for DeiT-S in the paper)",
+                source="A-ViT main_act.py, gate_center",
+            ),
+            Setting(
+                "halt_eps",
+                float,
+                "halting threshold epsilon (a token halts once its scores sum past 1 - eps)",
+                low=0,
+                high=1,
+                low_in=False,
+                high_in=False,
+            ),
+            Setting(
+                "ponder_weight", float, "weight of the ponder loss", low=0, source="A-ViT ponder_token_scale"
+            ),
+            Setting(
+                "prior_weight",
+                float,
+                "weight of the distributional prior (KL to a Gaussian over depths)",
+                low=0,
+                source="A-ViT distr_prior_alpha",
+            ),
+            Setting(
+                "prior_depth",
+                int,
+                "the prior's centre depth (default: 2/3 of the depth, 8 of 12 as the paper)",
+                low=1,
+            ),
+            Setting(
+                "straight_through_zeroing",
+                bool,
+                "zero halted tokens' block input as the authors' out.data (no "
+                "gradient through the product); --no-straight-through-zeroing for a plain product",
+            ),
+            DISTILL_WEIGHT,
+        ),
+        bench_setting="gate_center",
+        bench=_bench,
+        bench_bound="FLOP ratio dense/A-ViT",
+    )
+)

@@ -28,6 +28,7 @@ from ..checks import is_int
 from ..engine import SparseInfo, TokenPolicy, TokenState, sparsify
 from ..macs import linear_macs
 from .dynamicvit import StagePruningPolicy, meet_budget, ratio_or_budget, stage_policy_args
+from .registry import DISTILL_WEIGHT, KEEP_RATIO, LOCATIONS, TARGET_GFLOPS, Method, register_method
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -217,3 +218,26 @@ def static_from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTran
     return static_prune(
         model, keep_ratio=cfg.keep_ratio, locations=cfg.locations, target_gflops=cfg.target_gflops
     )
+
+
+# training-free pruning baselines at a keep ratio, fine-tuned with cross-entropy plus the teacher's logits
+register_method(
+    Method(
+        "random",
+        sparsify=random_from_config,
+        recipe=dict(keep_ratio=0.7, distill_weight=0.5),
+        settings=(KEEP_RATIO, LOCATIONS, TARGET_GFLOPS, DISTILL_WEIGHT),
+        bench_setting="keep_ratio",
+        budget_knob="keep_ratio",
+    )
+)
+register_method(
+    Method(
+        "static",
+        sparsify=static_from_config,
+        recipe=dict(keep_ratio=0.7, distill_weight=0.5),
+        settings=(KEEP_RATIO, LOCATIONS, TARGET_GFLOPS, DISTILL_WEIGHT),
+        bench_setting="keep_ratio",
+        budget_knob="keep_ratio",
+    )
+)

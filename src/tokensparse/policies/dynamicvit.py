@@ -24,6 +24,16 @@ from timm.models.vision_transformer import VisionTransformer
 from ..checks import check_number, is_int
 from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, no_extra_flops, num_patches, sparsify
 from ..macs import linear_macs
+from .registry import (
+    DISTILL_WEIGHT,
+    KEEP_RATIO,
+    LOCATIONS,
+    RATIO_WEIGHT,
+    TARGET_GFLOPS,
+    Method,
+    Setting,
+    register_method,
+)
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -305,3 +315,46 @@ def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer
     return dynamicvit(
         model, keep_ratio=cfg.keep_ratio, locations=cfg.locations, target_gflops=cfg.target_gflops
     )
+
+
+def _objective(cfg: TrainConfig, depth: int) -> torch.nn.Module:
+    from ..losses.dynamicvit import DynamicViTLoss
+
+    return DynamicViTLoss.from_config(cfg, depth)
+
+
+# The authors' recipe (raoyongming/DynamicViT main.py and optim_factory.py): MSE token distillation for
+# DeiT/ViT, cls_token and pos_embed frozen, the backbone at lr x 0.01 and at lr 0 for its first 5
+# epochs, the predictors at the full lr from the start.
+register_method(
+    Method(
+        "dynamicvit",
+        sparsify=from_config,
+        objective=_objective,
+        recipe=dict(
+            keep_ratio=0.7,
+            ratio_weight=2.0,
+            token_distill="mse",
+            distill_weight=0.5,
+            backbone_lr_scale=0.01,
+            backbone_fixed_epochs=5,
+            freeze_embeddings=True,
+        ),
+        settings=(
+            KEEP_RATIO,
+            LOCATIONS,
+            TARGET_GFLOPS,
+            RATIO_WEIGHT,
+            Setting(
+                "token_distill",
+                str,
+                "token distillation: mse (DeiT/ViT, the authors' default) or kl (their LV-ViT)",
+                choices=("mse", "kl"),
+                source="DynamicViT losses.py, mse_token",
+            ),
+            DISTILL_WEIGHT,
+        ),
+        bench_setting="keep_ratio",
+        budget_knob="keep_ratio",
+    )
+)

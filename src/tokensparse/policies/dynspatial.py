@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checks import check_number, is_int
+from .registry import DISTILL_WEIGHT, KEEP_RATIO, LOCATIONS, RATIO_WEIGHT, Method, register_method
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -335,3 +336,34 @@ def dynamic_spatial(
 def from_config(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """`dynamic_spatial` with a run's settings (the registry's constructor)."""
     return dynamic_spatial(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
+
+
+def _objective(cfg: TrainConfig, depth: int) -> nn.Module:
+    from ..losses.spatial import DynamicSpatialLoss
+
+    return DynamicSpatialLoss.from_config(cfg, depth)
+
+
+# Dynamic spatial sparsification of timm ConvNeXt / Swin (the DynamicViT authors' T-PAMI extension), as
+# their main.py and README run it: ConvNextDistillDiffPruningLoss with ratio weight 10, --lr_scale 0.2,
+# fix_step 5.
+register_method(
+    Method(
+        "dynamicspatial",
+        sparsify=from_config,
+        objective=_objective,
+        recipe=dict(
+            keep_ratio=0.7,
+            ratio_weight=10.0,
+            distill_weight=0.5,
+            backbone_lr_scale=0.2,
+            backbone_fixed_epochs=5,
+            freeze_embeddings=False,
+        ),
+        settings=(KEEP_RATIO, LOCATIONS, RATIO_WEIGHT, DISTILL_WEIGHT),
+        bench_setting="keep_ratio",
+        new_parameters=new_parameters,
+        bench_bound="FLOP ratio dense/dynamic (no tokens are removed)",
+        architecture="spatial",
+    )
+)

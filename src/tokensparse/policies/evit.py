@@ -45,6 +45,7 @@ from ..checks import check_flag
 from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, policy_stats, sparsify
 from .baselines import mlp_macs, reduced_mlp_flops
 from .dynamicvit import check_keep_ratio, check_locations, keep_counts, meet_budget, ratio_or_budget
+from .registry import DISTILL_WEIGHT, KEEP_RATIO, LOCATIONS, TARGET_GFLOPS, Method, register_method
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -271,3 +272,16 @@ def evit(
 def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
     """`evit` with a run's settings (the registry's constructor)."""
     return evit(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations, target_gflops=cfg.target_gflops)
+
+
+# a training-free ranking, fine-tuned with cross-entropy plus the teacher's logits
+register_method(
+    Method(
+        "evit",
+        sparsify=from_config,
+        recipe=dict(keep_ratio=0.7, distill_weight=0.5),
+        settings=(KEEP_RATIO, LOCATIONS, TARGET_GFLOPS, DISTILL_WEIGHT),
+        bench_setting="keep_ratio",
+        budget_knob="keep_ratio",
+    )
+)

@@ -31,6 +31,7 @@ from ..attention import add_attention, attention_parts, mlp_tail
 from ..checks import check_flag, is_int
 from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, policy_stats, sparsify
 from .baselines import mlp_macs, reduced_mlp_flops
+from .registry import DISTILL_WEIGHT, TARGET_GFLOPS, Method, Setting, register_method
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -160,6 +161,15 @@ class ToMePolicy(TokenPolicy, nn.Module):
 
     map_kind = "groups"
 
+    def solved_setting(self, model: nn.Module, name: str) -> int:
+        """ToMe's r as a run trains it: one r for every block (a per-block schedule is refused)."""
+        if isinstance(model.r, list):
+            raise ValueError(
+                f"the budget needs a per-block ToMe r ({model.r}), and a run trains one r for every block: "
+                "choose a budget one r reaches (tokensparse eval --target-gflops tells), or --tome-r"
+            )
+        return int(model.r)
+
     def map_heading(self, model: nn.Module, info: SparseInfo) -> str:
         r = getattr(model, "r", None)
         return f"ToMe{f' r={r}' if r is not None else ''}: each colour is one token after the last block"
@@ -271,3 +281,20 @@ def tome(
 def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
     """`tome` with a run's settings (the registry's constructor)."""
     return tome(model, r=cfg.tome_r or 0, target_gflops=cfg.target_gflops)
+
+
+register_method(
+    Method(
+        "tome",
+        sparsify=from_config,
+        recipe=dict(tome_r=8, distill_weight=0.5),
+        settings=(
+            Setting("tome_r", int, "tokens merged in every block", low=0),
+            TARGET_GFLOPS,
+            DISTILL_WEIGHT,
+        ),
+        bench_setting="tome_r",
+        setting_name="r",
+        budget_knob="tome_r",
+    )
+)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..checkpoints import read_state_dict
 from ..config import BUDGET_KNOBS, TrainConfig
 from ..losses import ClassificationLoss
-from ..policies.registry import get_method, resolve, setting_methods
+from ..policies.registry import get_method, load_method, method_names, setting_methods
 from .run_dir import read_json
 
 
@@ -115,21 +115,23 @@ def build_model(cfg: TrainConfig, classes: int, img_size: int | None) -> nn.Modu
 
 
 def _check_architecture(cfg: TrainConfig, model: nn.Module) -> None:
-    """ViTs for the token methods, ConvNeXt / Swin for dynamicspatial (and either for dense)."""
+    """The architecture the method works on: a ViT, or a ConvNeXt / Swin for a spatial method."""
     from ..policies.dynspatial import is_spatial_model
 
     spatial = is_spatial_model(model)
-    if cfg.method == "dynamicspatial" and not spatial:
+    wants = get_method(cfg.method).architecture
+    if wants == "spatial" and not spatial:
         raise ValueError(
-            f"--method dynamicspatial needs a timm ConvNeXt or Swin Transformer (convnext_*, swin_*), "
+            f"--method {cfg.method} needs a timm ConvNeXt or Swin Transformer (convnext_*, swin_*), "
             f"--model {cfg.model} is a {type(model).__name__}"
             + ("; for a vision transformer use --method dynamicvit" if hasattr(model, "patch_embed") else "")
         )
-    if spatial and cfg.method not in ("dense", "dynamicspatial"):
+    if spatial and wants == "vit":
+        spatial_methods = [m for m in method_names() if get_method(m).architecture == "spatial"]
         raise ValueError(
             f"--model {cfg.model} is a {type(model).__name__}: it cannot drop tokens (convolutions and "
             f"windows need the full grid), so --method {cfg.method} does not apply; use --method "
-            "dynamicspatial (a cheap path for unimportant positions) or dense"
+            f"{' / '.join(spatial_methods)} (a cheap path for unimportant positions) or dense"
         )
     if not spatial and (not hasattr(model, "patch_embed") or not hasattr(model, "blocks")):
         raise ValueError(
@@ -246,7 +248,7 @@ def load_teacher(teacher: nn.Module, path: str, model_name: str) -> None:
 
 def sparsify_for(cfg: TrainConfig, model: nn.Module) -> nn.Module:
     """The dense `model` sparsified by `cfg.method` with `cfg`'s settings (the registry's constructor)."""
-    build = resolve(get_method(cfg.method).sparsify)
+    build = load_method(cfg.method).sparsify
     return model if build is None else build(model, cfg)
 
 
@@ -289,7 +291,7 @@ def new_parameters(model: nn.Module, method: str) -> list[nn.Parameter]:
     """The parameters `method` added to the backbone: its registered `new_parameters`, else its policy's."""
     from ..engine import get_policy
 
-    find = resolve(get_method(method).new_parameters)
+    find = load_method(method).new_parameters
     if find is not None:
         return list(find(model))
     policy = get_policy(model)
@@ -310,7 +312,7 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 def build_criterion(cfg: TrainConfig, depth: int = 12) -> nn.Module:
     """The method's training objective (its registered `objective`, else `ClassificationLoss`)."""
-    build = resolve(get_method(cfg.method).objective) or ClassificationLoss.from_config
+    build = load_method(cfg.method).objective or ClassificationLoss.from_config
     return build(cfg, depth)
 
 
@@ -356,8 +358,16 @@ def load_trained(
         weights, classes, img_size = path, None, cfg.img_size
     if overrides:
         if overrides.get("target_gflops") is not None:  # a budget replaces the run's own knob
-            cfg = dataclasses.replace(cfg, **{k: None for k in BUDGET_KNOBS})
-        cfg = dataclasses.replace(cfg, **overrides)
+            for knob in BUDGET_KNOBS:
+                cfg = cfg.with_setting(knob, None)
+        method = get_method(overrides.get("method") or cfg.method)
+        fields = {k: v for k, v in overrides.items() if k in TrainConfig.__dataclass_fields__}
+        cfg = dataclasses.replace(cfg, **fields)
+        for name, value in overrides.items():  # a method's own setting that is not a field
+            if name not in fields:
+                if method.setting(name) is None:
+                    raise ValueError(f"--method {method.name} reads no setting {name!r}")
+                cfg = cfg.with_setting(name, value)
     cfg = cfg.resolved()
     dense_cfg = dataclasses.replace(cfg, checkpoint=None, pretrained=False, drop_path=0.0)
     if classes is None:

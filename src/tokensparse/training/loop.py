@@ -30,6 +30,7 @@ from ..checkpoints import read_state_dict, save_checkpoint
 from ..config import TrainConfig
 from ..data import CLUTTER_NAME, build_dataset, build_loader, class_names, num_classes
 from ..evaluate import evaluate
+from ..policies.registry import get_method
 from . import run_dir
 from .build import (
     apply_fixed_epochs,
@@ -87,20 +88,19 @@ class Run:
 
 
 def solved_knob(cfg: TrainConfig, model: nn.Module) -> TrainConfig:
-    """`cfg` with its FLOP budget replaced by the knob `sparsify_for` solved on `model` (keep ratio, or
-    ToMe's r): what config.json records, the loss reads and a resume re-solves to the same value."""
+    """`cfg` with its FLOP budget replaced by the method's knob as `sparsify_for` solved it on `model`
+    (keep ratio, ToMe's r, ...): what config.json records, the loss reads and a resume re-solves to the
+    same value."""
     from ..engine import get_policy
 
-    policy = get_policy(model)
-    if cfg.method == "tome":
-        if isinstance(model.r, list):
-            raise ValueError(
-                f"--target-gflops {cfg.target_gflops:g} needs a per-block ToMe r ({model.r}), and a run trains "
-                "one r for every block: choose a budget one r reaches (tokensparse eval --target-gflops tells), "
-                "or --tome-r"
-            )
-        return dataclasses.replace(cfg, tome_r=int(model.r), target_gflops=None)
-    return dataclasses.replace(cfg, keep_ratio=float(policy.keep_ratio), target_gflops=None)
+    knob = get_method(cfg.method).budget_knob
+    if knob is None:
+        raise ValueError(f"--method {cfg.method} takes no --target-gflops in training")
+    try:
+        value = get_policy(model).solved_setting(model, knob)
+    except ValueError as err:
+        raise ValueError(f"--target-gflops {cfg.target_gflops:g}: {err}") from None
+    return cfg.with_setting(knob, value, target_gflops=None)
 
 
 def build_run(cfg: TrainConfig) -> Run:
@@ -146,9 +146,10 @@ def build_run(cfg: TrainConfig) -> Run:
     if budget is not None:  # the run trains, and records, the knob the budget solved on this model
         cfg = solved_knob(cfg, model)
         if rank == 0:
-            knob = f"ToMe r={cfg.tome_r}" if cfg.method == "tome" else f"keep ratio {cfg.keep_ratio:.6g}"
+            knob = get_method(cfg.method).budget_knob
             print(
-                f"--target-gflops {budget:g}: {knob}, solved on the model's inference form", file=sys.stderr
+                f"--target-gflops {budget:g}: {knob} {cfg.get(knob):.6g}, solved on the model's inference form",
+                file=sys.stderr,
             )
     criterion = build_criterion(cfg, len(getattr(model, "blocks", ())))
 
