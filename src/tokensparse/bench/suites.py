@@ -112,6 +112,7 @@ def bench_method(
     seed: int = 0,
     method: str = "dynamicvit",
     also_time: dict[str, Callable[[VisionTransformer, float], nn.Module]] | None = None,
+    settings: dict | None = None,
 ) -> BenchResult:
     """Dense vs a pruning method at each setting vs the truncation bound, in one interleaved run.
 
@@ -120,7 +121,8 @@ def bench_method(
     another contender from (an fp32 CPU copy of the dense model, setting), e.g. the authors' code
     (benchmarks/authors.py), timed in the same run. The truncation bound runs the dense blocks on the token
     counts each block's attention saw (ToMe and EViT also shrink the MLP inside a block, so for them
-    it is only indicative). For DynamicViT a second bound adds the predictors' own matmuls to it
+    it is only indicative). `settings`: the method's other settings (a run's locations, ...; default:
+    its recipe). For DynamicViT a second bound adds the predictors' own matmuls to it
     (`predictor_bound_forward`: no top-k, no gather), reported as share of predictor bound.
     """
     from ..engine import get_policy, sparsity_info
@@ -141,7 +143,8 @@ def bench_method(
     contenders: dict[str, Callable[[], object]] = {"dense": lambda: dense(images)}
     sparse_models = {}
     for ratio in keep_ratios:
-        sparse = make_policy(method, ratio)(copy.deepcopy(dense)).eval().to(device=device, dtype=dtype)
+        sparse = make_policy(method, ratio, **(settings or {}))(copy.deepcopy(dense))
+        sparse = sparse.eval().to(device=device, dtype=dtype)
         with torch.no_grad():
             sparse(images)
         counts = sparsity_info(sparse).tokens_per_block[0].tolist()

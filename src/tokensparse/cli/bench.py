@@ -165,8 +165,9 @@ def _bench(args: argparse.Namespace) -> int:
     if own_bench is not None:  # a method the shared bench cannot time (A-ViT: halting depends on the image)
         result = own_bench(model, settings, others, **common)
     else:
+        fixed = {k: v for k, v in others.items() if v is not None and k != setting}  # the run's others
         result = bench_method(
-            model or "deit_small_patch16_224", keep_ratios=settings, method=method, **common
+            model or "deit_small_patch16_224", keep_ratios=settings, method=method, settings=fixed, **common
         )
     if name is not None:
         result.model = name
