@@ -206,3 +206,39 @@ def solve_gate_center(model: nn.Module, target_gflops: float, images: torch.Tens
     if reached < (1 - TOLERANCE) * target:
         raise _between(target, (f"gate_center={low:.6g}", reached), (f"gate_center={high:.6g}", above))
     return low
+
+
+def solve_diffrate_counts(
+    model: nn.Module, target_gflops: float, steps: int = 30
+) -> tuple[list[int], list[int]]:
+    """DiffRate counts (prune_kept, merge_kept) for the DiffRate-patched `model` executing at most
+    `target_gflops` GMACs per image, within 2%: the authors' DeiT-S profile scaled by a strength in
+    [0, 1] (`policies.diffrate.profile_counts`), bisected. The model's counts are left as they were."""
+    from .policies.diffrate import profile_counts
+
+    target = check_target(target_gflops)
+    policy = get_policy(model)
+    original = (policy.prune_kept, policy.merge_kept)
+
+    def cost(strength: float) -> float:
+        policy.prune_kept, policy.merge_kept = profile_counts(model, strength)
+        return gflops(model)
+
+    try:
+        with _counting(model):
+            dense = cost(0.0)
+            if target >= dense:
+                raise _above_dense(target, dense)
+            lowest = cost(1.0)
+            if target < lowest:
+                raise _below_reach(target, lowest, dense, "diffrate (the authors' DeiT-S 2.3 GFLOPs profile)")
+            low, high = 1.0, 0.0  # cost(low) <= target < cost(high)
+            for _ in range(steps):
+                mid = (low + high) / 2
+                low, high = (mid, high) if cost(mid) <= target else (low, mid)
+            reached = cost(low)
+            if reached < (1 - TOLERANCE) * target:
+                raise _between(target, (f"strength {low:.6g}", reached), (f"strength {high:.6g}", cost(high)))
+            return profile_counts(model, low)
+    finally:
+        policy.prune_kept, policy.merge_kept = original

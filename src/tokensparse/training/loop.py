@@ -143,7 +143,9 @@ def build_run(cfg: TrainConfig) -> Run:
         teacher.requires_grad_(False).eval().to(device)
     model = sparsify_for(cfg, model).to(device)
     budget = cfg.target_gflops
-    if budget is not None:  # the run trains, and records, the knob the budget solved on this model
+    if (
+        budget is not None and get_method(cfg.method).budget_knob is not None
+    ):  # the run trains, and records, the knob the budget solved on this model
         cfg = solved_knob(cfg, model)
         if rank == 0:
             knob = get_method(cfg.method).budget_knob

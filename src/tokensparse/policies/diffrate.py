@@ -1,0 +1,590 @@
+"""DiffRate (Chen et al., ICCV 2023): per block, prune the least class-attended tokens, then merge the
+next least into the most attended; the counts are searched by gradient with the backbone frozen.
+
+Every block, after its attention (with proportional attention: log token size added to every key's
+logits), sorts the tokens by the class token's attention (mean over heads, the class token's own
+column left out; the class token stays first), keeps the first `prune_kept[b]` (class token
+included), and merges the ones after the first `merge_kept[b]` into the first `merge_kept[b]`: each
+joins the one it is most similar to (cosine of the hidden states; never the class token), features
+averaged unweighted, sizes adding the joiner's size times its similarity. The MLP then runs on what is
+left. Counts are as the authors' `compression_rate.json` writes them: tokens left, class token
+included, so block b leaves min(tokens before, prune_kept[b], merge_kept[b]).
+
+The search (`tokensparse train --method diffrate --target-gflops X`, or a model in train mode) keeps
+every token and masks attention instead (DynamicViT's masked softmax). Each block's two counts are
+`ceil(E) + 1` for the expectation E, under softmax(logits), of candidate patch counts (196, 192, ...,
+4 at granularity 4), with a straight-through gradient; the mask's gradient is that of P(count > j).
+The objective is cross-entropy plus 5 x (GFLOPs - target)^2 by the authors' FLOP formula
+(`authors_flops`). Only the logits train (AdamW, lr 0.01 cosine to 0.001, no weight decay, 3 epochs).
+
+Exact to github:OpenGVLab/DiffRate (commit 91ae3e3, `DiffRate/patch/deit.py`, `ddp.py`, `merge.py`,
+`utils.py`): `tests/test_diffrate.py` checks logits, kept and merged tokens, sizes, the search's loss
+and its gradients against outputs of their code. Kept as they are, on purpose: the unweighted mean of
+merged features, sizes clamped to >= 1 in the search but not at inference, the FLOP gradient reaching
+both counts of a block through their `ste_min`. One deviation: a searched model's counts are read from
+its final logits (their code evaluates with the counts of the last training forward, one optimiser
+step earlier).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from ..attention import _gate, _heads, _merge_heads, _output, add_attention, mlp_tail, softmax_with_keep
+from ..checks import is_int
+from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, sparsify
+from .baselines import mlp_macs, reduced_mlp_flops
+from .registry import DISTILL_WEIGHT, TARGET_GFLOPS, Method, Setting, register_method
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
+GRANULARITY = 4  # the authors' --granularity: candidate patch counts N, N - 4, ..., 4
+FLOP_WEIGHT = 5.0  # engine.py's lamb
+
+# The authors' searched counts (OpenGVLab/DiffRate compression_rate.json; ImageNet, DeiT weights), by
+# timm model and their budget in GFLOPs (their formula, `authors_flops`): (prune_kept, merge_kept).
+PUBLISHED: dict[str, dict[float, tuple[tuple[int, ...], tuple[int, ...]]]] = {
+    "deit_tiny_patch16_224": {
+        0.6: ((197, 196, 180, 157, 130, 107, 86, 73, 63, 51, 40, 3), (197, 187, 167, 139, 114, 90, 76, 66, 57, 45, 37, 3)),
+        0.7: ((197, 196, 194, 180, 150, 123, 98, 82, 68, 60, 52, 3), (197, 196, 192, 158, 133, 103, 88, 72, 64, 58, 49, 3)),
+        0.8: ((197, 197, 196, 186, 166, 147, 117, 103, 92, 80, 74, 3), (197, 196, 190, 172, 154, 125, 107, 96, 84, 78, 70, 3)),
+        0.9: ((197, 197, 196, 190, 182, 166, 141, 125, 113, 105, 99, 3), (197, 196, 194, 188, 172, 147, 129, 115, 107, 103, 96, 3)),
+        1.0: ((197, 197, 196, 194, 188, 184, 178, 164, 156, 137, 129, 21), (197, 197, 196, 190, 186, 154, 148, 156, 145, 135, 125, 21)),
+    },
+    "deit_small_patch16_224": {
+        2.3: ((197, 192, 168, 143, 121, 105, 92, 74, 62, 45, 33, 3), (197, 180, 156, 127, 109, 98, 80, 66, 52, 37, 31, 3)),
+        2.5: ((197, 192, 174, 156, 131, 115, 111, 99, 76, 50, 39, 3), (197, 186, 160, 133, 119, 107, 96, 82, 66, 43, 37, 3)),
+        2.7: ((197, 196, 182, 160, 141, 127, 115, 105, 88, 66, 49, 3), (197, 188, 170, 147, 131, 119, 109, 96, 76, 54, 45, 3)),
+        2.9: ((197, 196, 190, 168, 150, 139, 129, 117, 99, 78, 58, 3), (197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3)),
+        3.1: ((197, 197, 194, 180, 160, 147, 137, 129, 115, 92, 76, 3), (197, 196, 186, 164, 150, 141, 133, 121, 103, 78, 68, 3)),
+    },
+    "deit_base_patch16_224": {
+        8.7: ((197, 192, 172, 156, 131, 107, 90, 72, 56, 33, 17, 3), (197, 178, 162, 141, 115, 96, 78, 60, 47, 21, 13, 3)),
+        10.0: ((197, 194, 182, 168, 148, 129, 113, 101, 82, 49, 25, 3), (197, 186, 174, 156, 137, 117, 105, 90, 66, 31, 19, 3)),
+        10.4: ((197, 196, 188, 174, 156, 141, 121, 103, 90, 58, 25, 3), (197, 190, 184, 164, 145, 131, 107, 94, 74, 31, 21, 3)),
+        11.5: ((197, 197, 197, 188, 170, 154, 139, 123, 107, 72, 43, 3), (197, 197, 192, 178, 158, 145, 127, 111, 94, 50, 35, 3)),
+        12.5: ((197, 197, 196, 192, 184, 170, 154, 139, 129, 94, 58, 3), (197, 196, 194, 190, 176, 160, 145, 131, 115, 68, 47, 3)),
+    },
+}  # fmt: skip
+
+
+class STECeil(torch.autograd.Function):
+    """ceil in the forward, identity in the backward (the authors' `ste_ceil`)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return torch.ceil(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad
+
+
+class STEMin(torch.autograd.Function):
+    """min(n, prune, merge) in the forward; the backward sends the whole gradient to both counts and
+    none to n (the authors' `ste_min`)."""
+
+    @staticmethod
+    def forward(ctx, n, prune, merge):  # type: ignore[override]
+        return torch.minimum(torch.minimum(n, prune), merge)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return None, grad, grad
+
+
+class CompressionRate(nn.Module):
+    """One block's searchable count (the authors' `DiffRate` module): logits over candidate patch
+    counts; the count is ceil(E[candidate]) + 1 (class token included), straight-through."""
+
+    def __init__(self, patches: int, granularity: int):
+        super().__init__()
+        self.patches = patches
+        self.register_buffer(
+            "candidates", torch.arange(patches, 0, -granularity, dtype=torch.float32), persistent=False
+        )
+        self.logits = nn.Parameter(torch.zeros_like(self.candidates))
+
+    def kept(self) -> torch.Tensor:
+        """() tokens kept, class token included, with the straight-through gradient."""
+        return STECeil.apply(self.candidates @ self.logits.softmax(dim=0)) + 1
+
+    def token_mask(self, kept: int, present: int) -> torch.Tensor:
+        """(N + 1,) 0 at sorted positions [kept, present), else 1; gradient of P(count > position)."""
+        probability = self.logits.softmax(dim=0)
+        positions = torch.arange(self.patches + 1, device=probability.device)
+        above = (positions[:, None] < (self.candidates + 1)[None, :]).to(probability.dtype)
+        token_probability = above @ probability
+        hard = torch.ones_like(token_probability)
+        hard[kept:present] = 0.0
+        return hard - token_probability.detach() + token_probability
+
+
+@dataclass
+class DiffRateStats:
+    """DiffRate's last forward: per block the tokens kept after pruning and after merging (class
+    token included), the final token sizes (B, t) and, when traced, per block `owner` (B, N + 1): the
+    position of the token holding each input token after that block, -1 where pruned, and `sizes`
+    (B, t_b): the sizes of the tokens after that block; `search_flops`: the search's FLOPs (the
+    authors' count, differentiable)."""
+
+    prune_kept: list[int]
+    merge_kept: list[int]
+    size: torch.Tensor
+    owner: list[torch.Tensor] | None = None
+    sizes: list[torch.Tensor] | None = None
+    search_flops: torch.Tensor | None = None
+
+
+@dataclass
+class _State:
+    size: torch.Tensor
+    mask: torch.Tensor | None = None
+    owner: torch.Tensor | None = None
+    owners: list[torch.Tensor] | None = None
+    sizes: list[torch.Tensor] | None = None
+    prune: list[Any] | None = None
+    merge: list[Any] | None = None
+
+
+class DiffRatePolicy(TokenPolicy, nn.Module):
+    """DiffRate's pruning and merging in every block, at fixed counts or at searchable ones."""
+
+    method = "diffrate"
+    map_kind = "kept"
+
+    def __init__(
+        self,
+        model: VisionTransformer,
+        prune_kept: Sequence[int] | None,
+        merge_kept: Sequence[int] | None,
+        granularity: int = GRANULARITY,
+        trace: bool = False,
+    ):
+        super().__init__()
+        depth, patches = len(model.blocks), num_patches(model)
+        self.tokens = patches + 1
+        self.depth = depth
+        self.trace = trace
+        self.embed_dim = int(model.embed_dim)
+        self.patch_macs = int(model.patch_embed.proj.weight[0].numel()) * self.embed_dim
+        self.head_macs = int(getattr(model.head, "weight", torch.zeros(0, 0)).numel())
+        self.mlp_macs = mlp_macs(model)
+        self.attn_dims = tuple(int(block.attn.num_heads * block.attn.head_dim) for block in model.blocks)
+        self.fixed = prune_kept is not None
+        if self.fixed:
+            self.prune_kept, self.merge_kept = list(prune_kept), list(merge_kept)  # type: ignore[arg-type]
+        else:  # searchable: block 0 never compresses (a single candidate), as the authors'
+            self.prune_rates = nn.ModuleList(
+                CompressionRate(patches, patches + 1 if b == 0 else granularity) for b in range(depth)
+            )
+            self.merge_rates = nn.ModuleList(
+                CompressionRate(patches, patches + 1 if b == 0 else granularity) for b in range(depth)
+            )
+
+    def extra_repr(self) -> str:
+        prune, merge = self.counts()
+        return f"prune_kept={prune}, merge_kept={merge}, searchable={not self.fixed}"
+
+    def counts(self) -> tuple[list[int], list[int]]:
+        """(prune_kept, merge_kept) per block, class token included (a searchable policy: read from its
+        logits, the authors' ceil(E) + 1)."""
+        if self.fixed:
+            return list(self.prune_kept), list(self.merge_kept)
+        with torch.no_grad():
+            return (
+                [int(rate.kept()) for rate in self.prune_rates],
+                [int(rate.kept()) for rate in self.merge_rates],
+            )
+
+    def map_heading(self, model: nn.Module, info: SparseInfo) -> str:
+        left = int(info.tokens_per_block[0, -1])
+        return f"DiffRate: patches whose token survived (merged ones count with their destination); {left} tokens in the last block"
+
+    def progress(self, info: SparseInfo) -> dict[str, str]:
+        """The search's progress bar: its FLOPs (the authors' count) at the current counts."""
+        flops = info.extra.get("search_flops")
+        return {} if flops is None else {"gflops": f"{float(flops) / 1e9:.4g}"}
+
+    def begin(self, model: VisionTransformer, state: TokenState) -> None:
+        batch = state.batch_size
+        size = state.x.new_ones(batch, state.x.shape[1], 1)
+        owner = None
+        if self.trace:
+            owner = torch.arange(state.x.shape[1], device=state.x.device).expand(batch, -1).clone()
+        if state.regime == "mask":
+            if self.fixed:
+                raise ValueError("DiffRate trains (searches) its counts: build it without fixed counts")
+            state.policy_state = _State(
+                size, state.x.new_ones(batch, state.x.shape[1]), owner, [], [], [], []
+            )
+        else:
+            prune, merge = self.counts()
+            state.policy_state = _State(size, None, owner, [], [], prune, merge)
+
+    # --- inference: the tokens leave the tensor ---------------------------------------------------
+
+    def run_block(self, index: int, block: nn.Module, state: TokenState) -> None:
+        if state.regime == "mask":
+            return self._search_block(index, block, state)
+        ps: _State = state.policy_state
+        x, size = state.x, ps.size
+        present = x.shape[1]
+        prune = min(present, ps.prune[index])
+        merge = min(prune, ps.merge[index])
+        attn = block.attn
+        h = block.norm1(x)
+        q, k, v = _heads(attn, h)
+        bias = size[..., 0].log().to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :], scale=attn.scale)
+        x = add_attention(block, x, _output(attn, _merge_heads(out), _gate(attn, h)))
+        if prune < present or merge < prune or self.trace:
+            row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1) + bias[:, None, None, :]).softmax(dim=-1)
+            order = _order(row.mean(dim=1)[:, 0, 1:])
+            x, size = _take(x, order), _take(size, order)
+            self._reorder(state, order)
+            x, size = x[:, :prune], size[:, :prune]
+            self._cut(state, prune)
+            if merge < prune:
+                dst, node_max, node_idx = _matching(x, merge)
+                x = _merge_mean(x, merge, node_idx)
+                size = _merge_sum(size, merge, node_idx, size[:, merge:] * node_max[..., None])
+                self._merge(state, merge, node_idx)
+        ps.size = size
+        state.record_mlp_tokens(x.shape[1])
+        state.x = mlp_tail(block, x)
+        if self.trace:
+            ps.owners.append(ps.owner.clone())
+            ps.sizes.append(size[..., 0].clone())
+
+    def _reorder(self, state: TokenState, order: torch.Tensor) -> None:
+        """Token bookkeeping after the sort `order` (B, t) of the sequence (class token first)."""
+        state.patch_index = state.patch_index.gather(1, order[:, 1:] - 1)
+        ps: _State = state.policy_state
+        if ps.owner is not None:
+            inverse = torch.empty_like(order).scatter_(
+                1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+            )
+            ps.owner = torch.where(ps.owner >= 0, inverse.gather(1, ps.owner.clamp(min=0)), ps.owner)
+
+    def _cut(self, state: TokenState, kept: int) -> None:
+        state.patch_index = state.patch_index[:, : kept - 1]
+        ps: _State = state.policy_state
+        if ps.owner is not None:
+            ps.owner = torch.where(ps.owner >= kept, torch.full_like(ps.owner, -1), ps.owner)
+
+    def _merge(self, state: TokenState, kept: int, node_idx: torch.Tensor) -> None:
+        self._cut_patch_index(state, kept)
+        ps: _State = state.policy_state
+        if ps.owner is not None:
+            moved = torch.cat(
+                [torch.arange(kept, device=node_idx.device).expand(node_idx.shape[0], -1), node_idx], 1
+            )
+            ps.owner = torch.where(ps.owner >= 0, moved.gather(1, ps.owner.clamp(min=0)), ps.owner)
+
+    @staticmethod
+    def _cut_patch_index(state: TokenState, kept: int) -> None:
+        state.patch_index = state.patch_index[:, : kept - 1]
+
+    # --- the search: every token stays, masked --------------------------------------------------
+
+    def _search_block(self, index: int, block: nn.Module, state: TokenState) -> None:
+        ps: _State = state.policy_state
+        x, size, mask = state.x, ps.size, ps.mask
+        attn = block.attn
+        h = block.norm1(x)
+        q, k, v = _heads(attn, h)
+        logits = (q * attn.scale) @ k.transpose(-2, -1) + size[..., 0].log()[:, None, None, :]
+        probs = softmax_with_keep(logits, mask)
+        x = add_attention(block, x, _output(attn, _merge_heads(attn.attn_drop(probs) @ v), _gate(attn, h)))
+        order = _order(probs[:, :, 0, 1:].mean(dim=1))
+        x, size, mask = _take(x, order), _take(size, order), _take(mask[..., None], order)[..., 0]
+        state.patch_index = state.patch_index.gather(1, order[:, 1:] - 1)
+        present = int(mask[0].sum())  # the authors' .int(): exact here, the mask is 0/1 in the forward
+        prune_rate, merge_rate = self.prune_rates[index], self.merge_rates[index]
+        prune = prune_rate.kept()
+        ps.prune.append(prune)
+        if prune < present:
+            mask = mask * prune_rate.token_mask(int(prune), present)
+        mid = min(present, int(prune))
+        merge = merge_rate.kept()
+        ps.merge.append(merge)
+        if merge < mid:
+            kept = int(merge)
+            merge_mask = merge_rate.token_mask(kept, mid)
+            _, node_max, node_idx = _matching(x[:, :mid].detach(), kept)
+            head = torch.cat([_merge_mean(x[:, :mid], kept, node_idx), x[:, kept:mid]], dim=1)
+            x = torch.cat([head, x[:, mid:]], dim=1)
+            clamped = torch.cat([size[:, :kept], size[:, kept:mid] * node_max[..., None]], dim=1).clamp(min=1)
+            merged = _merge_sum(clamped, kept, node_idx, clamped[:, kept:])
+            size = torch.cat([merged, clamped[:, kept:], size[:, mid:]], dim=1)
+            mask = mask * merge_mask
+        ps.size, ps.mask = size, mask
+        state.x = mlp_tail(block, x)
+
+    def end(self, state: TokenState) -> None:
+        ps: _State = state.policy_state
+        search = None
+        if state.regime == "mask":
+            search = authors_flops(self, ps.prune, ps.merge)
+            prune = [int(p) for p in ps.prune]
+            merge = [int(m) for m in ps.merge]
+        else:
+            prune, merge = ps.prune, ps.merge
+        traced = self.trace and state.regime == "gather"
+        state.stats = DiffRateStats(
+            prune, merge, ps.size[..., 0], ps.owners if traced else None, ps.sizes if traced else None, search
+        )
+
+    def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
+        """(B,) multiply-adds beyond `backbone_flops`: per compressing block the class token's attention
+        row computed again (tokens x width) and the merge's similarities (sources x destinations x dim),
+        minus the MLP work on the tokens removed before that block's MLP."""
+        tokens = info.tokens_per_block.detach().to("cpu", torch.float64)
+        prune, merge = info.extra["prune_kept"], info.extra["merge_kept"]
+        extra = torch.zeros(tokens.shape[0], dtype=torch.float64)
+        for b in range(tokens.shape[1]):
+            t = tokens[:, b]
+            p = torch.clamp(t, max=prune[b])
+            m = torch.clamp(p, max=merge[b])
+            compressing = (p < t) | (m < p)
+            extra += torch.where(compressing, t * self.attn_dims[b] + (p - m) * m * self.embed_dim, 0.0)
+        return extra + reduced_mlp_flops(self, info)
+
+
+def authors_flops(policy: DiffRatePolicy, prune: Sequence[Any], merge: Sequence[Any]) -> torch.Tensor:
+    """The authors' FLOP count (multiply-adds, `calculate_flop_training` / `_inference`): patch
+    embedding on every token (class token included), per block 4 N C^2 + 2 N^2 C for attention on the N
+    tokens entering and 8 N' C^2 for the MLP on N' = min(N, prune, merge), and the head. With tensors
+    for the counts, differentiable as theirs (`STEMin`)."""
+    c = policy.embed_dim
+    device = next((v.device for v in (*prune, *merge) if torch.is_tensor(v)), torch.device("cpu"))
+
+    def count(v: Any) -> torch.Tensor:
+        return v.float() if torch.is_tensor(v) else torch.tensor(float(v), device=device)
+
+    n = torch.tensor(float(policy.tokens), device=device)
+    flops = n * policy.patch_macs
+    for p, m in zip(prune, merge, strict=True):
+        flops = flops + 4 * n * c * c + 2 * n * n * c
+        n = STEMin.apply(n, count(p), count(m))
+        flops = flops + 8 * n * c * c
+    return flops + policy.head_macs
+
+
+def _order(class_attention: torch.Tensor) -> torch.Tensor:
+    """(B, t) positions sorted by class attention (B, t - 1) descending, the class token first."""
+    order = class_attention.argsort(dim=1, descending=True) + 1
+    return torch.cat([torch.zeros_like(order[:, :1]), order], dim=1)
+
+
+def _take(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _matching(x: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each token after the first `kept` joins its most similar one among them (cosine of `x`, never the
+    class token): (destinations, similarity (B, s), index (B, s))."""
+    metric = x / x.norm(dim=-1, keepdim=True)
+    similarity = metric[:, kept:] @ metric[:, :kept].transpose(-2, -1)
+    similarity[..., 0] = -math.inf
+    node_max, node_idx = similarity.max(dim=-1)
+    return metric[:, :kept], node_max, node_idx
+
+
+def _merge_mean(x: torch.Tensor, kept: int, node_idx: torch.Tensor) -> torch.Tensor:
+    """The first `kept` rows of `x`, each the unweighted mean of itself and the rows that joined it."""
+    index = node_idx[..., None].expand(-1, -1, x.shape[-1])
+    return x[:, :kept].scatter_reduce(1, index, x[:, kept:], reduce="mean", include_self=True)
+
+
+def _merge_sum(size: torch.Tensor, kept: int, node_idx: torch.Tensor, joining: torch.Tensor) -> torch.Tensor:
+    return size[:, :kept].scatter_reduce(1, node_idx[..., None], joining, reduce="sum", include_self=True)
+
+
+def _check_counts(model: VisionTransformer, prune_kept: Sequence[int], merge_kept: Sequence[int]) -> None:
+    depth, tokens = len(model.blocks), num_patches(model) + 1
+    for name, counts in (("prune_kept", prune_kept), ("merge_kept", merge_kept)):
+        if len(counts) != depth or not all(is_int(c) and 2 <= c <= tokens for c in counts):
+            raise ValueError(
+                f"{name} must list {depth} whole numbers in 2..{tokens} (tokens left after each block, class "
+                f"token included), got {list(counts)}"
+            )
+
+
+def published_counts(model_name: str, gflops: float) -> tuple[list[int], list[int]]:
+    """The authors' searched (prune_kept, merge_kept) for a DeiT at one of their budgets (GFLOPs by
+    their formula): `PUBLISHED`; ValueError naming what there is."""
+    entries = PUBLISHED.get(model_name)
+    if entries is None:
+        raise ValueError(f"no published DiffRate counts for {model_name}; they exist for {sorted(PUBLISHED)}")
+    for budget, (prune, merge) in entries.items():
+        if math.isclose(budget, gflops, abs_tol=1e-9):
+            return list(prune), list(merge)
+    raise ValueError(f"the authors published {model_name} at {sorted(entries)} GFLOPs, not {gflops:g}")
+
+
+def diffrate(
+    model: VisionTransformer,
+    prune_kept: Sequence[int] | None = None,
+    merge_kept: Sequence[int] | None = None,
+    target_gflops: float | None = None,
+    published: float | None = None,
+    granularity: int = GRANULARITY,
+    trace: bool = False,
+) -> VisionTransformer:
+    """Make `model` (a timm ViT with a class token) a DiffRate model in place and return it.
+
+    Give the counts one way:
+    - `prune_kept`, `merge_kept`: per block, tokens left after pruning and after merging (class token
+      included), as the authors' `compression_rate.json`;
+    - `published`: their searched counts for this DeiT (`deit_{tiny,small,base}_patch16_224`) at that
+      budget in GFLOPs (their formula), e.g. `published=2.9` for DeiT-S (79.54% top-1 in their paper);
+    - `target_gflops`: counts whose executed GMACs per image (tokensparse's count) are at most the
+      target and within 2% of it, without a search: the authors' DeiT-S profile (their 2.3 GFLOPs
+      counts as shares of the tokens) scaled between none and that share (`tokensparse.budget`);
+    - none of them: searchable counts (logits at zero, as the authors start), trained by
+      `tokensparse train --method diffrate --target-gflops X` with the backbone frozen.
+    `granularity`: the search's step between candidate patch counts (the authors' 4). `trace` records
+    which input tokens each token holds after every block (`diffrate_stats(model).owner`).
+    """
+    check_vit(model)
+    if getattr(model, "cls_token", None) is None or model.num_prefix_tokens != 1:
+        raise ValueError(
+            "DiffRate ranks tokens by the class token's attention: it needs one class token and no registers"
+        )
+    given = [
+        prune_kept is not None or merge_kept is not None,
+        published is not None,
+        target_gflops is not None,
+    ]
+    if sum(given) > 1:
+        raise ValueError("give the counts one way: prune_kept and merge_kept, published=, or target_gflops=")
+    if (prune_kept is None) != (merge_kept is None):
+        raise ValueError("give both prune_kept and merge_kept")
+    if published is not None:
+        name = getattr(model, "pretrained_cfg", {}).get("architecture") or ""
+        prune_kept, merge_kept = published_counts(name, published)
+    if prune_kept is not None:
+        _check_counts(model, prune_kept, merge_kept)  # type: ignore[arg-type]
+    if not is_int(granularity) or granularity < 1:
+        raise ValueError(f"granularity must be a whole number >= 1, got {granularity!r}")
+    if target_gflops is not None:
+        prune_kept, merge_kept = profile_counts(model, 0.0)
+    sparsify(model, DiffRatePolicy(model, prune_kept, merge_kept, granularity, trace), "diffrate")
+    if target_gflops is not None:
+        from ..budget import solve_diffrate_counts
+
+        model.diffrate.prune_kept, model.diffrate.merge_kept = solve_diffrate_counts(model, target_gflops)
+    return model
+
+
+def profile_counts(model: VisionTransformer, strength: float) -> tuple[list[int], list[int]]:
+    """Counts `strength` of the way (0: none, 1: all) from no compression to the authors' DeiT-S 2.3
+    GFLOPs profile, as shares of this model's tokens (blocks mapped by relative depth)."""
+    prune, merge = PUBLISHED["deit_small_patch16_224"][2.3]
+    depth, tokens = len(model.blocks), num_patches(model) + 1
+    out: tuple[list[int], list[int]] = ([], [])
+    for b in range(depth):
+        source = min(len(prune) - 1, round(b * (len(prune) - 1) / max(1, depth - 1)))
+        for counts, target in ((prune, out[0]), (merge, out[1])):
+            share = 1.0 - strength * (1.0 - counts[source] / 197)
+            target.append(max(2, min(tokens, math.ceil(share * (tokens - 1)) + 1)))
+    out[0][0] = out[1][0] = tokens  # block 0 never compresses, as the authors'
+    return out
+
+
+def diffrate_stats(model: nn.Module) -> DiffRateStats:
+    """The counts, sizes (and traced owners) of DiffRate's last forward (`DiffRateStats`)."""
+    from ..engine import policy_stats
+
+    return policy_stats(model, DiffRatePolicy, DiffRateStats, "diffrate_stats", "diffrate")
+
+
+def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
+    """`diffrate` for a run: searchable counts with the backbone frozen (the search trains only the
+    logits); a FLOP budget is the search's target, not solved here."""
+    diffrate(model, granularity=cfg.get("granularity") or GRANULARITY)
+    for name, param in model.named_parameters():
+        if not name.startswith("diffrate."):
+            param.requires_grad_(False)
+    return model
+
+
+class DiffRateLoss(nn.Module):
+    """The search's objective: cross-entropy (soft targets with Mixup) + flop_weight x (GFLOPs by the
+    authors' formula - target)^2, as their engine.py."""
+
+    def __init__(self, target_gflops: float, flop_weight: float = FLOP_WEIGHT, label_smoothing: float = 0.0):
+        super().__init__()
+        if target_gflops is None or not target_gflops > 0:
+            raise ValueError("the DiffRate search needs --target-gflops (its FLOP target)")
+        self.target_gflops, self.flop_weight, self.label_smoothing = (
+            float(target_gflops),
+            flop_weight,
+            label_smoothing,
+        )
+        self.authors_target: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, depth: int = 12) -> DiffRateLoss:
+        return cls(cfg.target_gflops, cfg.get("flop_weight") or FLOP_WEIGHT, cfg.smoothing)
+
+    def step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None):
+        from ..engine import get_policy, sparsity_info
+        from ..losses.common import classification_loss
+
+        logits = model(images)
+        inner = getattr(model, "module", model)
+        policy = get_policy(inner)
+        if self.authors_target is None:  # tokensparse's GMACs -> the authors' count, by the dense ratio
+            self.authors_target = self.target_gflops * authors_dense_ratio(inner, policy)
+        flops = sparsity_info(inner).extra["search_flops"]
+        task = classification_loss(logits, labels, self.label_smoothing)
+        flop_term = (flops / 1e9 - self.authors_target) ** 2
+        loss = self.flop_weight * flop_term + task
+        return loss, {"cls": task.item(), "flops": float(flops) / 1e9, "total": loss.item()}
+
+
+def authors_dense_ratio(model: nn.Module, policy: DiffRatePolicy) -> float:
+    """The authors' dense FLOP count over tokensparse's (executed GMACs of the dense model)."""
+    from ..flops import backbone_flops
+
+    tokens = torch.full((1, policy.depth), policy.tokens)
+    ours = float(backbone_flops(model, tokens, policy.tokens - 1).sum())
+    theirs = float(authors_flops(policy, [policy.tokens] * policy.depth, [policy.tokens] * policy.depth))
+    return theirs / ours
+
+
+def _objective(cfg: TrainConfig, depth: int) -> nn.Module:
+    return DiffRateLoss.from_config(cfg, depth)
+
+
+# The authors' search (OpenGVLab/DiffRate README and main.py): the backbone frozen, only the rates'
+# logits trained with AdamW (lr 0.01, cosine to 0.001, no weight decay) for 3 epochs, cross-entropy on
+# Mixup 0.8 / CutMix 1.0 targets smoothed 0.1, no distillation.
+register_method(
+    Method(
+        "diffrate",
+        sparsify=from_config,
+        objective=_objective,
+        recipe=dict(distill_weight=0.0, granularity=4, flop_weight=5.0),
+        settings=(
+            TARGET_GFLOPS,
+            Setting("granularity", int, "DiffRate: step between the search's candidate patch counts", low=1,
+                    source="DiffRate main.py --granularity"),
+            Setting("flop_weight", float, "DiffRate: weight of the search's (GFLOPs - target)^2 term", low=0,
+                    source="DiffRate engine.py lamb"),
+            DISTILL_WEIGHT,
+        ),
+    )
+)  # fmt: skip
