@@ -41,20 +41,20 @@ class TrainConfig:
     # with train_limit: each epoch draws its items afresh (seeded by `seed` and the epoch) from the whole split
     fresh_subset: bool = False
     val_limit: int | None = None
-    epochs: int = 30
+    epochs: int | None = None
     batch_size: int = 64
-    lr: float = 1e-3
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    warmup_epochs: int = 5
+    lr: float | None = None
+    min_lr: float | None = None
+    weight_decay: float | None = None
+    warmup_epochs: int | None = None
     warmup_lr: float = 1e-6
     opt: str = "adamw"
     sched: str = "cosine"
     clip_grad: float | None = None
     drop_path: float = 0.0
-    smoothing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    smoothing: float | None = None
+    mixup: float | None = None
+    cutmix: float | None = None
     # Method settings: None takes the method's default (its registered recipe), which config.json
     # records; a setting of another method is an error.
     keep_ratio: float | None = None
@@ -125,11 +125,11 @@ class TrainConfig:
         if self.distill_weight is not None and not self.distill_weight >= 0:
             raise ValueError(f"--distill-weight must be >= 0, got {self.distill_weight}")
         for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.warmup_epochs < 0:
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         _check_ranges(self)
 

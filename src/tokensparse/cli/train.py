@@ -91,7 +91,7 @@ def train_config_fields() -> tuple[list[tuple[str, str, object]], tuple[str, ...
 def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, typed from its default; a method's setting as the method says."""
     from ..config import METHOD_DEFAULTS, SETTING_METHODS
-    from ..policies.registry import all_settings
+    from ..policies.registry import COMMON_RECIPE, all_settings
 
     fields, methods = train_config_fields()
     groups = {
@@ -108,9 +108,15 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
         default = defaults.get(name)
         spec = specs.get(name)
         text = spec.help if spec is not None else _HELP.get(name, "")
+        if default in (None, {}, []) and name in COMMON_RECIPE:
+            default = COMMON_RECIPE[name]
         help_text = text + (f" (default: {default})" if default not in (None, {}, []) else "")
         per_method = {m: d[name] for m, d in METHOD_DEFAULTS.items() if name in d}
-        if per_method:
+        if name in COMMON_RECIPE:  # only the methods whose recipe differs
+            per_method = {m: v for m, v in per_method.items() if v != COMMON_RECIPE[name]}
+            if per_method:
+                help_text += " (" + ", ".join(f"{m} {v}" for m, v in per_method.items()) + ")"
+        elif per_method:
             shown = ", ".join(f"{m} {v}" for m, v in per_method.items())
             help_text += f" (default per method: {shown})"
         elif name in SETTING_METHODS:

@@ -37,11 +37,20 @@ Ref = Callable[..., Any] | str
 """A callable, or "package.module:attribute[.attribute]" naming one (imported on first use)."""
 
 COMMON_RECIPE: Mapping[str, Any] = {
+    "epochs": 30,
+    "lr": 1e-3,
+    "min_lr": 1e-6,
+    "weight_decay": 0.05,
+    "warmup_epochs": 5,
+    "smoothing": 0.0,
+    "mixup": 0.0,
+    "cutmix": 0.0,
     "backbone_lr_scale": 1.0,
     "backbone_fixed_epochs": 0,
     "freeze_embeddings": False,
 }
-"""Fine-tuning defaults of every method unless its recipe says otherwise: the whole model at the full lr."""
+"""Training defaults of every method unless its recipe says otherwise: 30 epochs of AdamW at lr 1e-3
+(cosine to 1e-6, 5 warm-up epochs, weight decay 0.05), the whole model at the full lr."""
 
 ENV = "TOKENSPARSE_METHODS"
 
@@ -227,9 +236,8 @@ class Method:
         return f"{self.setting_name or self.bench_setting}={value}"
 
 
-# TrainConfig's fine-tuning fields a recipe may set besides the method's own settings (torch-free copy of
-# the names; `tests/test_registry.py` checks it against TrainConfig)
-_TRAIN_FIELDS = {"distill_weight", "backbone_lr_scale", "backbone_fixed_epochs", "freeze_embeddings"}
+# TrainConfig's training fields a recipe may set besides the method's own settings
+_TRAIN_FIELDS = {"distill_weight", *COMMON_RECIPE}
 
 _METHODS: dict[str, Method] = {}
 _DISCOVERED = False
