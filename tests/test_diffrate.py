@@ -102,3 +102,65 @@ def test_the_search_matches_the_authors_loss_and_gradients():
                 expected = GOLDEN[f"search.{start}.{term}.{name}.selected_probability"]
                 got = torch.zeros_like(expected) if grad is None else grad
                 torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4, msg=f"{start} {term} {name}")
+
+
+def test_published_counts_and_budgets():
+    from conftest import tiny
+
+    model = timm.create_model("deit_small_patch16_224").eval()
+    published = tokensparse.diffrate(model, published=2.9)
+    assert published.diffrate.counts()[0][:4] == [197, 196, 190, 168]  # compression_rate.json ViT-S-DeiT 2.9
+    with pytest.raises(ValueError, match=r"published deit_small_patch16_224 at \[2.3, 2.5, 2.7, 2.9, 3.1\]"):
+        tokensparse.diffrate(timm.create_model("deit_small_patch16_224"), published=2.0)
+    small = tiny(depth=6).eval()
+    dense = tokensparse.gflops(small)
+    for share in (0.6, 0.8):
+        reached = tokensparse.gflops(tokensparse.diffrate(tiny(depth=6).eval(), target_gflops=share * dense))
+        assert 0.98 * share * dense <= reached <= share * dense
+    with pytest.raises(ValueError, match="at or above the dense model's"):
+        tokensparse.diffrate(tiny(depth=6), target_gflops=dense * 1.01)
+    with pytest.raises(
+        ValueError,
+        match=r"below what diffrate \(the authors. DeiT-S 2.3 GFLOPs profile\) reaches on this model: it executes between",
+    ):
+        tokensparse.diffrate(tiny(depth=6), target_gflops=dense * 0.05)
+    with pytest.raises(ValueError, match="prune_kept must list 6 whole numbers in 2..65"):
+        tokensparse.diffrate(tiny(depth=6), [65] * 5, [65] * 5)
+
+
+def test_a_search_trains_only_the_rates_and_its_run_infers_at_the_searched_counts(tmp_path):
+    import json
+
+    from conftest import TINY_KWARGS
+
+    from tokensparse.data import fashion_mnist_dir
+    from tokensparse.runs import load_run
+    from tokensparse.train import TrainConfig, train
+
+    if not any((fashion_mnist_dir() / f"t10k-labels-idx1-ubyte{s}").exists() for s in ("", ".gz")):
+        pytest.skip("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist")
+    base = dict(model="vit_tiny_patch16_224", model_kwargs=dict(TINY_KWARGS, depth=3), train_limit=64,
+                val_limit=16, batch_size=32, device="cpu")  # fmt: skip
+    train(TrainConfig(method="dense", epochs=1, warmup_epochs=0, output=str(tmp_path / "dense"), **base))
+    dense = load_run(tmp_path / "dense")
+    target = 0.7 * tokensparse.gflops(dense)
+    out = tmp_path / "search"
+    last = train(TrainConfig(method="diffrate", checkpoint=str(tmp_path / "dense" / "model.safetensors"),
+                             target_gflops=target, epochs=2, output=str(out), **base))  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert (config["epochs"], config["lr"], config["mixup"], config["target_gflops"]) == (
+        2,
+        0.01,
+        0.8,
+        target,
+    )
+    assert config["method_settings"] == {"granularity": 4, "flop_weight": 5.0}
+    searched = load_run(out)
+    backbone = {k: v for k, v in searched.state_dict().items() if not k.startswith("diffrate.")}
+    for key, value in dense.state_dict().items():  # the backbone stayed frozen
+        torch.testing.assert_close(backbone[key], value, rtol=0, atol=0)
+    rates = [v for k, v in searched.state_dict().items() if k.endswith("logits")]
+    assert any(float(r.abs().max()) > 0 for r in rates)  # the search moved its logits from zero
+    prune, merge = searched.diffrate.counts()
+    assert prune[0] == merge[0] == 65 and min(merge) < 65
+    assert last["val_gflops"] == pytest.approx(tokensparse.gflops(searched), rel=1e-6)

@@ -23,6 +23,7 @@ METHODS = {
     "random": lambda m: tokensparse.random_prune(m, keep_ratio=0.7, locations=LOCATIONS, seed=3),
     "static": lambda m: tokensparse.static_prune(m, keep_ratio=0.7, locations=LOCATIONS),
     "tome": lambda m: tokensparse.tome(m, r=3),
+    "diffrate": lambda m: tokensparse.diffrate(m, [17, 15, 13, 11], [17, 13, 10, 8]),
 }
 
 

@@ -73,7 +73,13 @@ def test_method_defaults_are_the_authors_recipes() -> None:
         "diffrate",
     }
     search = TrainConfig(method="diffrate", target_gflops=1.0).resolved()  # DiffRate's README search
-    assert (search.epochs, search.lr, search.min_lr, search.weight_decay, search.warmup_epochs) == (3, 0.01, 0.001, 0.0, 0)
+    assert (search.epochs, search.lr, search.min_lr, search.weight_decay, search.warmup_epochs) == (
+        3,
+        0.01,
+        0.001,
+        0.0,
+        0,
+    )
     assert (search.mixup, search.cutmix, search.smoothing, search.distill_weight) == (0.8, 1.0, 0.1, 0.0)
     assert search.method_settings == {"granularity": 4, "flop_weight": 5.0}
     assert TrainConfig(method="diffrate", epochs=5, lr=0.02).resolved().epochs == 5  # what you set stays

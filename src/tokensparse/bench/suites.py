@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -95,7 +96,7 @@ def make_policy(method: str, setting: float | None = None, **settings) -> Callab
     fields = {k: v for k, v in {**overrides, **settings}.items() if k in TrainConfig.__dataclass_fields__}
     extra = {k: v for k, v in {**overrides, **settings}.items() if k not in fields}
     cfg = TrainConfig(method=method, method_settings=extra, **fields).resolved()
-    build = spec.sparsify
+    build = spec.untrained or spec.sparsify
     return lambda m: build(m, cfg)
 
 
@@ -113,6 +114,8 @@ def bench_method(
     method: str = "dynamicvit",
     also_time: dict[str, Callable[[VisionTransformer, float], nn.Module]] | None = None,
     settings: dict | None = None,
+    build: Callable[[nn.Module, Any], nn.Module] | None = None,
+    mlp_bound: bool = False,
 ) -> BenchResult:
     """Dense vs a pruning method at each setting vs the truncation bound, in one interleaved run.
 
@@ -121,8 +124,10 @@ def bench_method(
     another contender from (an fp32 CPU copy of the dense model, setting), e.g. the authors' code
     (benchmarks/authors.py), timed in the same run. The truncation bound runs the dense blocks on the token
     counts each block's attention saw (ToMe and EViT also shrink the MLP inside a block, so for them
-    it is only indicative). `settings`: the method's other settings (a run's locations, ...; default:
-    its recipe). For DynamicViT a second bound adds the predictors' own matmuls to it
+    it is only indicative; `mlp_bound` also slices the bound's tokens between each block's attention
+    and MLP as the method does, the tight bound). `settings`: the method's other settings (a run's
+    locations, ...; default: its recipe). `build`: (dense model, setting) -> the sparse model, instead of
+    the method's registered constructor at that setting. For DynamicViT a second bound adds the predictors' own matmuls to it
     (`predictor_bound_forward`: no top-k, no gather), reported as share of predictor bound.
     """
     from ..engine import get_policy, sparsity_info
@@ -143,14 +148,17 @@ def bench_method(
     contenders: dict[str, Callable[[], object]] = {"dense": lambda: dense(images)}
     sparse_models = {}
     for ratio in keep_ratios:
-        sparse = make_policy(method, ratio, **(settings or {}))(copy.deepcopy(dense))
-        sparse = sparse.eval().to(device=device, dtype=dtype)
+        make = build or make_policy(method, ratio, **(settings or {}))
+        sparse = (make(copy.deepcopy(dense), ratio) if build else make(copy.deepcopy(dense))).eval()
+        sparse = sparse.to(device=device, dtype=dtype)
         with torch.no_grad():
             sparse(images)
-        counts = sparsity_info(sparse).tokens_per_block[0].tolist()
+        info = sparsity_info(sparse)
+        counts = info.tokens_per_block[0].tolist()
+        mlp = info.mlp_tokens[0].tolist() if mlp_bound else None
         sparse_models[ratio] = sparse
         contenders[f"{method}@{ratio}"] = lambda m=sparse: m(images)
-        contenders[f"bound@{ratio}"] = lambda c=counts: truncated_forward(dense, images, c)
+        contenders[f"bound@{ratio}"] = lambda c=counts, m=mlp: truncated_forward(dense, images, c, m)
         policy = get_policy(sparse)
         if isinstance(policy, DynamicViTPolicy):
             contenders[f"predictor_bound@{ratio}"] = lambda c=counts, p=policy: predictor_bound_forward(

@@ -74,21 +74,31 @@ def interleaved(
 
 @torch.no_grad()
 def truncated_forward(
-    model: VisionTransformer, images: torch.Tensor, tokens_per_block: Sequence[int]
+    model: VisionTransformer,
+    images: torch.Tensor,
+    tokens_per_block: Sequence[int],
+    mlp_tokens: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """The dense model with its sequence sliced to `tokens_per_block[i]` tokens before block i.
+    """The dense model with its sequence sliced to `tokens_per_block[i]` tokens before block i (and to
+    `mlp_tokens[i]` between block i's attention and its MLP, for methods that reduce tokens there).
 
     No scoring, no gather: the speed of pruning with zero overhead, the bound a pruning method can reach.
     A count of 0 stops there (the image exited early, as A-ViT's does): the head reads the tokens as
     the last block that ran left them.
     """
+    from ..attention import add_attention, mlp_tail
+
     x = embed(model, images)
-    for block, tokens in zip(model.blocks, tokens_per_block):
+    for i, (block, tokens) in enumerate(zip(model.blocks, tokens_per_block)):
         if tokens == 0:
             break
         if tokens < x.shape[1]:
             x = x[:, :tokens]
-        x = block(x)
+        if mlp_tokens is None or mlp_tokens[i] >= x.shape[1]:
+            x = block(x)
+        else:
+            x = add_attention(block, x, block.attn(block.norm1(x)))
+            x = mlp_tail(block, x[:, : mlp_tokens[i]])
     return model.forward_head(model.norm(x))
 
 

@@ -56,6 +56,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="keep ratios of the pruning methods (default: the run's, else 0.5 0.7 0.9)",
     )
     p.add_argument(
+        "--target-gflops",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="GMACS",
+        help="FLOP budgets of DiffRate (default: the run's counts, else the authors' published budget for a "
+        "DeiT they searched, else 63%% of the dense GMACs)",
+    )
+    p.add_argument(
         "--gate-scale", type=float, default=None, help="A-ViT gate scale (default: the run's, else 10)"
     )
     p.add_argument(
@@ -87,7 +96,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench_run(args: argparse.Namespace):
-    """(dense model with the run's backbone weights, its name, the run's TrainConfig) for `bench --run`."""
+    """(dense model with the run's backbone weights, its name, the run's TrainConfig, the run's policy)
+    for `bench --run`."""
     import dataclasses
 
     from ..flops import input_size
@@ -105,7 +115,9 @@ def _bench_run(args: argparse.Namespace):
     if missing:
         raise ValueError(f"{args.run}: its backbone lacks {missing[:4]}")
     dense.pretrained_cfg = sparse.pretrained_cfg  # the run's image size
-    return dense, f"{cfg.model} ({args.run})", cfg
+    from ..engine import get_policy
+
+    return dense, f"{cfg.model} ({args.run})", cfg, get_policy(sparse)
 
 
 _BENCH_SETTINGS = {"keep_ratio": [0.5, 0.7, 0.9], "tome_r": [8, 13], "gate_center": [3.0]}
@@ -129,9 +141,9 @@ def _bench(args: argparse.Namespace) -> int:
     from ..policies.registry import get_method, load_method
 
     device = resolve_device(args.device)
-    model, name, cfg = args.model, None, None
+    model, name, cfg, sparse_policy = args.model, None, None, None
     if args.run is not None:
-        model, name, cfg = _bench_run(args)
+        model, name, cfg, sparse_policy = _bench_run(args)
         img_size = None
     else:
         img_size = args.img_size
@@ -152,11 +164,18 @@ def _bench(args: argparse.Namespace) -> int:
     run_has = cfg is not None and cfg.method == method
     spec = get_method(method)
     setting = spec.bench_setting
-    swept = {"keep_ratio": args.keep_ratios, "tome_r": args.tome_r, "gate_center": args.gate_centers}
+    swept = {
+        "keep_ratio": args.keep_ratios,
+        "tome_r": args.tome_r,
+        "gate_center": args.gate_centers,
+        "target_gflops": args.target_gflops,
+    }
     settings = swept.get(setting) or (
         [cfg.get(setting)] if run_has and setting else _BENCH_SETTINGS.get(setting, [None])
     )
     others = {k: cfg.get(k) for k in spec.setting_names()} if run_has else {}
+    if run_has and hasattr(sparse_policy, "counts"):  # a run's searched counts (DiffRate)
+        others["counts"] = sparse_policy.counts()
     if args.gate_scale is not None:
         if spec.setting("gate_scale") is None:
             raise ValueError(f"--gate-scale does not apply to --method {method}")

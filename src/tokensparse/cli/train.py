@@ -108,9 +108,8 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
         default = defaults.get(name)
         spec = specs.get(name)
         text = spec.help if spec is not None else _HELP.get(name, "")
-        if default in (None, {}, []) and name in COMMON_RECIPE:
-            default = COMMON_RECIPE[name]
-        help_text = text + (f" (default: {default})" if default not in (None, {}, []) else "")
+        shown = COMMON_RECIPE[name] if default is None and name in COMMON_RECIPE else default
+        help_text = text + (f" (default: {shown})" if shown not in (None, {}, []) else "")
         per_method = {m: d[name] for m, d in METHOD_DEFAULTS.items() if name in d}
         if name in COMMON_RECIPE:  # only the methods whose recipe differs
             per_method = {m: v for m, v in per_method.items() if v != COMMON_RECIPE[name]}

@@ -197,14 +197,28 @@ class DiffRatePolicy(TokenPolicy, nn.Module):
 
     def counts(self) -> tuple[list[int], list[int]]:
         """(prune_kept, merge_kept) per block, class token included (a searchable policy: read from its
-        logits, the authors' ceil(E) + 1)."""
+        logits, the authors' ceil(E) + 1, and kept as plain numbers while it infers, so an exported or
+        compiled graph holds them as constants)."""
         if self.fixed:
             return list(self.prune_kept), list(self.merge_kept)
-        with torch.no_grad():
-            return (
-                [int(rate.kept()) for rate in self.prune_rates],
-                [int(rate.kept()) for rate in self.merge_rates],
-            )
+        if getattr(self, "_counts", None) is None:
+            with torch.no_grad():
+                self._counts = (
+                    [int(rate.kept()) for rate in self.prune_rates],
+                    [int(rate.kept()) for rate in self.merge_rates],
+                )
+        return self._counts
+
+    def train(self, mode: bool = True) -> DiffRatePolicy:
+        self._counts = None  # the logits may change in training; read them again after
+        super().train(mode)
+        if not mode and not self.fixed:
+            self.counts()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._counts = None
 
     def map_heading(self, model: nn.Module, info: SparseInfo) -> str:
         left = int(info.tokens_per_block[0, -1])
@@ -213,7 +227,7 @@ class DiffRatePolicy(TokenPolicy, nn.Module):
     def progress(self, info: SparseInfo) -> dict[str, str]:
         """The search's progress bar: its FLOPs (the authors' count) at the current counts."""
         flops = info.extra.get("search_flops")
-        return {} if flops is None else {"gflops": f"{float(flops) / 1e9:.4g}"}
+        return {} if flops is None else {"gflops": f"{float(flops.detach()) / 1e9:.4g}"}
 
     def begin(self, model: VisionTransformer, state: TokenState) -> None:
         batch = state.batch_size
@@ -221,9 +235,7 @@ class DiffRatePolicy(TokenPolicy, nn.Module):
         owner = None
         if self.trace:
             owner = torch.arange(state.x.shape[1], device=state.x.device).expand(batch, -1).clone()
-        if state.regime == "mask":
-            if self.fixed:
-                raise ValueError("DiffRate trains (searches) its counts: build it without fixed counts")
+        if state.regime == "mask" and not self.fixed:  # the search (fixed counts train as they infer)
             state.policy_state = _State(
                 size, state.x.new_ones(batch, state.x.shape[1]), owner, [], [], [], []
             )
@@ -234,7 +246,7 @@ class DiffRatePolicy(TokenPolicy, nn.Module):
     # --- inference: the tokens leave the tensor ---------------------------------------------------
 
     def run_block(self, index: int, block: nn.Module, state: TokenState) -> None:
-        if state.regime == "mask":
+        if state.policy_state.mask is not None:
             return self._search_block(index, block, state)
         ps: _State = state.policy_state
         x, size = state.x, ps.size
@@ -334,13 +346,13 @@ class DiffRatePolicy(TokenPolicy, nn.Module):
     def end(self, state: TokenState) -> None:
         ps: _State = state.policy_state
         search = None
-        if state.regime == "mask":
+        if ps.mask is not None:
             search = authors_flops(self, ps.prune, ps.merge)
             prune = [int(p) for p in ps.prune]
             merge = [int(m) for m in ps.merge]
         else:
             prune, merge = ps.prune, ps.merge
-        traced = self.trace and state.regime == "gather"
+        traced = self.trace and ps.mask is None
         state.stats = DiffRateStats(
             prune, merge, ps.size[..., 0], ps.owners if traced else None, ps.sizes if traced else None, search
         )
@@ -402,13 +414,18 @@ def _matching(x: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def _merge_mean(x: torch.Tensor, kept: int, node_idx: torch.Tensor) -> torch.Tensor:
-    """The first `kept` rows of `x`, each the unweighted mean of itself and the rows that joined it."""
+    """The first `kept` rows of `x`, each the unweighted mean of itself and the rows that joined it (the
+    authors' scatter_reduce 'mean', written as a sum over a count: ONNX has no scatter mean)."""
     index = node_idx[..., None].expand(-1, -1, x.shape[-1])
-    return x[:, :kept].scatter_reduce(1, index, x[:, kept:], reduce="mean", include_self=True)
+    total = x[:, :kept].scatter_add(1, index, x[:, kept:])
+    count = torch.ones_like(x[:, :kept, :1]).scatter_add(
+        1, node_idx[..., None], torch.ones_like(x[:, kept:, :1])
+    )
+    return total / count
 
 
 def _merge_sum(size: torch.Tensor, kept: int, node_idx: torch.Tensor, joining: torch.Tensor) -> torch.Tensor:
-    return size[:, :kept].scatter_reduce(1, node_idx[..., None], joining, reduce="sum", include_self=True)
+    return size[:, :kept].scatter_add(1, node_idx[..., None], joining)
 
 
 def _check_counts(model: VisionTransformer, prune_kept: Sequence[int], merge_kept: Sequence[int]) -> None:
@@ -510,6 +527,12 @@ def diffrate_stats(model: nn.Module) -> DiffRateStats:
     return policy_stats(model, DiffRatePolicy, DiffRateStats, "diffrate_stats", "diffrate")
 
 
+def untrained(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
+    """A fresh DiffRate model at a run's settings without a search: a FLOP budget gives the counts of
+    `diffrate(target_gflops=)`; without one, the search's starting counts."""
+    return diffrate(model, target_gflops=cfg.target_gflops, granularity=cfg.get("granularity") or GRANULARITY)
+
+
 def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
     """`diffrate` for a run: searchable counts with the backbone frozen (the search trains only the
     logits); a FLOP budget is the search's target, not solved here."""
@@ -547,26 +570,59 @@ class DiffRateLoss(nn.Module):
         inner = getattr(model, "module", model)
         policy = get_policy(inner)
         if self.authors_target is None:  # tokensparse's GMACs -> the authors' count, by the dense ratio
-            self.authors_target = self.target_gflops * authors_dense_ratio(inner, policy)
+            ratio, dense = authors_dense_ratio(inner, policy)
+            if self.target_gflops >= dense:
+                raise ValueError(
+                    f"--target-gflops {self.target_gflops:g} is at or above the dense model's {dense:.4g} GMACs "
+                    "per image: there is nothing for the search to remove"
+                )
+            self.authors_target = self.target_gflops * ratio
         flops = sparsity_info(inner).extra["search_flops"]
         task = classification_loss(logits, labels, self.label_smoothing)
         flop_term = (flops / 1e9 - self.authors_target) ** 2
         loss = self.flop_weight * flop_term + task
-        return loss, {"cls": task.item(), "flops": float(flops) / 1e9, "total": loss.item()}
+        return loss, {"cls": task.item(), "gflops": float(flops.detach()) / 1e9, "total": loss.item()}
 
 
-def authors_dense_ratio(model: nn.Module, policy: DiffRatePolicy) -> float:
-    """The authors' dense FLOP count over tokensparse's (executed GMACs of the dense model)."""
+def authors_dense_ratio(model: nn.Module, policy: DiffRatePolicy) -> tuple[float, float]:
+    """(the authors' dense FLOP count over tokensparse's, tokensparse's dense GMACs per image)."""
     from ..flops import backbone_flops
 
     tokens = torch.full((1, policy.depth), policy.tokens)
     ours = float(backbone_flops(model, tokens, policy.tokens - 1).sum())
     theirs = float(authors_flops(policy, [policy.tokens] * policy.depth, [policy.tokens] * policy.depth))
-    return theirs / ours
+    return theirs / ours, ours / 1e9
 
 
 def _objective(cfg: TrainConfig, depth: int) -> nn.Module:
     return DiffRateLoss.from_config(cfg, depth)
+
+
+def _bench(model, budgets, settings, **options):
+    """`tokensparse bench` for DiffRate: each budget's counts (`diffrate(target_gflops=)`; None: the
+    authors' published budget nearest 63% of the dense model's GMACs for a DeiT they searched, else 63%,
+    DeiT-S's 2.9 of 4.6), or a run's searched counts; the bound slices tokens between attention and MLP
+    as DiffRate does."""
+    from ..bench import bench_method
+    from ..flops import gflops
+
+    counts = settings.get("counts")
+
+    def build(dense: nn.Module, budget: float | None) -> nn.Module:
+        if counts is not None:
+            return diffrate(dense, *counts)
+        if budget is None:
+            name = getattr(dense, "pretrained_cfg", {}).get("architecture")
+            dense_gflops = gflops(dense.eval())
+            published = [b for b in PUBLISHED.get(name, {}) if b < dense_gflops]
+            if published:
+                return diffrate(dense, published=min(published, key=lambda b: abs(b / dense_gflops - 0.63)))
+            budget = 0.63 * dense_gflops
+        return diffrate(dense, target_gflops=budget)
+
+    settings = [None] if counts is not None else budgets
+    return bench_method(model or "deit_small_patch16_224", keep_ratios=settings, method="diffrate", build=build,
+                        mlp_bound=True, **options)  # fmt: skip
 
 
 # The authors' search (OpenGVLab/DiffRate README and main.py): the backbone frozen, only the rates'
@@ -576,7 +632,11 @@ register_method(
     Method(
         "diffrate",
         sparsify=from_config,
+        untrained=untrained,
         objective=_objective,
+        bench_setting="target_gflops",
+        bench=_bench,
+        bench_bound="truncation bound (dense blocks on DiffRate's counts, sliced between attention and MLP)",
         recipe=dict(
             epochs=3,
             lr=0.01,

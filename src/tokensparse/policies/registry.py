@@ -172,6 +172,9 @@ class Method:
     setting_name: how result tables name `bench_setting` (default: its field name).
     budget_knob: the setting a FLOP budget (`target_gflops`) solves; None: the method takes no budget in
                training (`tokensparse.budget` may still calibrate it, as A-ViT's gate).
+    untrained: (dense model, resolved TrainConfig) -> the sparsified model as a fresh, untrained one
+               at those settings (bench, export and eval without a run); None: `sparsify`. For a
+               method whose run builds something to train (DiffRate's searchable counts).
     bench:     (model or None, settings, **options of `tokensparse.bench.bench_method`) -> BenchResult, for
                a method `bench_method` cannot time (A-ViT: its halting depends on the image); None: it.
     bench_bound: what the bench's bound row is, as its table says.
@@ -190,6 +193,7 @@ class Method:
     setting_name: str | None = None
     budget_knob: str | None = None
     new_parameters: Ref | None = None
+    untrained: Ref | None = None
     bench: Ref | None = None
     bench_bound: str = "truncation bound (dense blocks on pre-sliced tokens)"
     architecture: str = "vit"
@@ -384,7 +388,7 @@ _SAFE_BUILTINS = {
     "bool": bool,
     "str": str,
 }
-_CODE_FIELDS = ("sparsify", "objective", "new_parameters", "bench")
+_CODE_FIELDS = ("sparsify", "objective", "new_parameters", "untrained", "bench")
 
 
 def read_methods(path: Path, module: str) -> list[Method]:

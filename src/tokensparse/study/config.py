@@ -73,6 +73,10 @@ class DemoConfig:
     # evaluate the object oracle (DynamicViT's counts, the object's patches first): what a ranking can reach
     oracle: bool = True
     baseline_epochs: int = 0  # 0: the baselines are training-free only
+    # DiffRate's search (the backbone frozen: the shipped teacher's) at DynamicViT keep_ratio's executed
+    # GMACs, `diffrate_epochs` x `finetune_limit` training canvases with the authors' recipe (3 epochs)
+    diffrate: bool = False
+    diffrate_epochs: int = 3
     # Also fine-tune the dense model on DynamicViT's data and schedule at the backbone's lr (`dense-ft`): the
     # control that says how much of a fine-tune's accuracy is only more training of the dense model.
     dense_finetune: bool = False
@@ -134,6 +138,10 @@ def study_config(**overrides) -> DemoConfig:
         avit_grid_limit=8000,
         avit_grid_warmup_epochs=1,
         baseline_epochs=1,
+        # DiffRate's search: the authors' 3 epochs, 48k canvases (2.6% of the teacher's; theirs 3 ImageNet
+        # epochs, 1% of DeiT's 300)
+        diffrate=True,
+        diffrate_epochs=3,
         curve_ratios=(0.5, 0.7, 0.9),
         avit_cuts=(0.2, 0.3, 0.4, 0.5, 0.6),
         val_limit=None,

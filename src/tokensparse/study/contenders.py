@@ -20,7 +20,7 @@ from ..flops import gflops
 from ..models import pretrained, pretrained_entry
 from ..training import load_trained
 from .config import DemoConfig
-from .runs import StudyRuns, gate_center_for_cut, match, seed_name, sha256
+from .runs import StudyRuns, gate_center_for_cut, headline_gflops, match, seed_name, sha256
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,15 @@ def contenders(cfg: DemoConfig, study: StudyRuns, test_set) -> list[Contender]:
         r_match = int(match(lambda r: tome(dense_copy(), r=int(r)), range(1, patches // 2), target))
         rows.append(free(f"tome@r{r_match}", "tome", f"r={r_match}", r_match,
                          lambda r=r_match: tome(dense_copy(), r=r)))  # fmt: skip
+    # DiffRate: its search (the teacher frozen) and its rule at the authors' profile scaled to the budget
+    target = headline_gflops(cfg, runs)
+    if target is not None:
+        from ..policies.diffrate import diffrate
+
+        rows.append(trained("diffrate", "diffrate", f"searched for {target:.4g} GMACs (backbone frozen)",
+                            None, "diffrate"))  # fmt: skip
+        rows.append(free("diffrate-profile", "diffrate-profile", f"authors' DeiT-S profile at {target:.4g} GMACs",
+                         None, lambda: diffrate(dense_copy(), target_gflops=target)))  # fmt: skip
     for name, (method, setting) in study.baselines.items():
         rows.append(trained(name, f"{method}-ft", f"{setting} (fine-tuned)", None, name))
     headline = f"dynamicvit@{cfg.keep_ratio}"

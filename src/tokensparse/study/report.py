@@ -25,6 +25,8 @@ FAMILIES = {  # family -> (marker, legend label)
     "random": ("v", "random pruning (training-free), labelled by keep ratio"),
     "static": ("^", "static pruning (training-free), labelled by keep ratio"),
     "oracle": ("*", "object oracle at DynamicViT's counts (evaluation only)"),
+    "diffrate": ("h", "DiffRate (counts searched, backbone frozen) at DynamicViT's GMACs"),
+    "diffrate-profile": ("H", "DiffRate's rule, the authors' profile scaled (no search)"),
 }
 
 
@@ -81,6 +83,7 @@ def headline_rows(cfg: DemoConfig, results: dict[str, dict], rows: list[Contende
         candidates = [r.name for r in rows if r.family == family]
         if candidates and target is not None:
             names.append(min(candidates, key=lambda n: abs(results[n]["gflops"] - target)))
+    names += ["diffrate", "diffrate-profile"]
     names += [f"random@{cfg.keep_ratio}", f"static@{cfg.keep_ratio}"]
     names += [
         r.name for r in rows if r.family == "oracle" or r.family.endswith("-ft") and r.family != "dense-ft"
@@ -468,7 +471,7 @@ def claims(cfg: DemoConfig, results: dict[str, dict]) -> list[str]:
         out.append(line(avit["object_depth"] > avit["background_depth"],
                         f"A-ViT halts later on the object: depth {avit['object_depth']:.2f} on it vs "
                         f"{avit['background_depth']:.2f} off it"))  # fmt: skip
-    for family in ("tome", "evit"):
+    for family in ("tome", "evit", "diffrate", "diffrate-profile"):
         names = [n for n in results if results[n]["family"] == family]
         if names and dvit is not None:
             other = min(names, key=lambda n: abs(results[n]["gflops"] - dvit["gflops"]))

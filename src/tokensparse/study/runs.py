@@ -230,6 +230,8 @@ def train_study(cfg: DemoConfig) -> StudyRuns:
             dynamicvit(ratio, cfg.seed)
     if cfg.baseline_epochs:
         _baseline_finetunes(cfg, fine_tune, teacher)
+    if cfg.diffrate:
+        _diffrate_search(cfg, fine_tune)
     return StudyRuns(
         fine_tune.runs,
         start,
@@ -271,6 +273,22 @@ def _baseline_finetunes(cfg: DemoConfig, fine_tune: _Trainer, teacher: nn.Module
             fine_tune.baselines[f"{method}-ft@{label}"] = (method, shown)
 
 
+def headline_gflops(cfg: DemoConfig, runs: dict[str, Path]) -> float | None:
+    """Executed GMACs per image of DynamicViT at `keep_ratio` (the budget the FLOP-matched rows meet)."""
+    dvit = runs.get(f"dynamicvit@{cfg.keep_ratio}")
+    return None if dvit is None else round(gflops(load_trained(dvit)[0].eval(), batch=2), 6)
+
+
+def _diffrate_search(cfg: DemoConfig, fine_tune: _Trainer) -> None:
+    """DiffRate's search on the shipped teacher (frozen) for DynamicViT's executed GMACs: the authors'
+    recipe (`Method` diffrate), `diffrate_epochs` epochs of `finetune_limit` fresh canvases."""
+    target = headline_gflops(cfg, fine_tune.runs)
+    if target is None:
+        fine_tune.missing.append("diffrate")
+        return
+    fine_tune("diffrate", method="diffrate", target_gflops=target, epochs=cfg.diffrate_epochs)
+
+
 def _training_steps(cfg: DemoConfig) -> int:
     """How many fine-tunes `train_study` runs at most, for the progress line."""
     per_seed = 2 + cfg.dense_finetune
@@ -280,6 +298,7 @@ def _training_steps(cfg: DemoConfig) -> int:
         + len(cfg.dynamicvit_ratios)
         - 1
         + 4 * bool(cfg.baseline_epochs)
+        + bool(cfg.diffrate)
     )
 
 
