@@ -23,7 +23,7 @@ import torch
 from results_dir import add_update_flag, results_folder
 
 import tokensparse
-from tokensparse.bench import BenchRow, _gflops, _result, _time_all, write_results
+from tokensparse.bench import BenchRow, executed_gflops, make_result, time_contenders, write_results
 from tokensparse.export import export_onnx, onnx_session, run_onnx
 
 BACKENDS = ("eager", "torch.compile", "onnxruntime")
@@ -42,10 +42,10 @@ def bench_batch(model_name: str, keep_ratio: float, batch: int, rounds: int, war
         path = export_onnx(model, folder / f"{name}_b{batch}.onnx", batch_size=batch).path
         session = onnx_session(path)
         contenders[f"{name}/onnxruntime"] = lambda s=session: run_onnx(s, images)
-    seconds = _time_all(contenders, f"export b{batch}", rounds, warmup, "cpu", True)
+    seconds = time_contenders(contenders, f"export b{batch}", rounds, warmup, "cpu", True)
     rows = []
     for name, model in models.items():
-        flops = _gflops(model, images[:1])
+        flops = executed_gflops(model, images[:1])
         for backend in BACKENDS:
             timing = seconds[f"{name}/{backend}"]
             t = timing.median
@@ -59,7 +59,7 @@ def bench_batch(model_name: str, keep_ratio: float, batch: int, rounds: int, war
                     spread=timing.spread,
                 )
             )
-    return _result(model_name, batch, "cpu", torch.float32, rounds, rows)
+    return make_result(model_name, batch, "cpu", torch.float32, rounds, rows)
 
 
 def main() -> None:

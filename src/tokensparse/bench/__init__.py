@@ -12,7 +12,10 @@ importable from here.
 from __future__ import annotations
 
 from .results import BenchResult, BenchRow, _result, busy_warnings, write_results  # noqa: F401
+from .results import _result as make_result
 from .suites import _gflops, _time_all, bench_avit, bench_dynamicvit, bench_method, make_policy  # noqa: F401
+from .suites import _gflops as executed_gflops
+from .suites import _time_all as time_contenders
 from .timing import (  # noqa: F401
     DTYPES,
     Timing,
@@ -32,6 +35,9 @@ __all__ = [
     "bench_avit",
     "bench_dynamicvit",
     "bench_method",
+    "executed_gflops",
+    "make_result",
+    "time_contenders",
     "busy_warnings",
     "interleaved",
     "machine_description",

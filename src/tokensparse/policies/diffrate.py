@@ -42,91 +42,18 @@ from ..attention import _gate, _heads, _merge_heads, _output, add_attention, mlp
 from ..checks import is_int
 from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, sparsify
 from .baselines import mlp_macs, reduced_mlp_flops
+from .diffrate_published import PUBLISHED, published_counts
+from .diffrate_search import (
+    CompressionRate,
+    DiffRateLoss,
+    authors_flops,
+)
 from .registry import DISTILL_WEIGHT, TARGET_GFLOPS, Method, Setting, register_method
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
 
 GRANULARITY = 4  # the authors' --granularity: candidate patch counts N, N - 4, ..., 4
-FLOP_WEIGHT = 5.0  # engine.py's lamb
-
-# The authors' searched counts (OpenGVLab/DiffRate compression_rate.json; ImageNet, DeiT weights), by
-# timm model and their budget in GFLOPs (their formula, `authors_flops`): (prune_kept, merge_kept).
-PUBLISHED: dict[str, dict[float, tuple[tuple[int, ...], tuple[int, ...]]]] = {
-    "deit_tiny_patch16_224": {
-        0.6: ((197, 196, 180, 157, 130, 107, 86, 73, 63, 51, 40, 3), (197, 187, 167, 139, 114, 90, 76, 66, 57, 45, 37, 3)),
-        0.7: ((197, 196, 194, 180, 150, 123, 98, 82, 68, 60, 52, 3), (197, 196, 192, 158, 133, 103, 88, 72, 64, 58, 49, 3)),
-        0.8: ((197, 197, 196, 186, 166, 147, 117, 103, 92, 80, 74, 3), (197, 196, 190, 172, 154, 125, 107, 96, 84, 78, 70, 3)),
-        0.9: ((197, 197, 196, 190, 182, 166, 141, 125, 113, 105, 99, 3), (197, 196, 194, 188, 172, 147, 129, 115, 107, 103, 96, 3)),
-        1.0: ((197, 197, 196, 194, 188, 184, 178, 164, 156, 137, 129, 21), (197, 197, 196, 190, 186, 154, 148, 156, 145, 135, 125, 21)),
-    },
-    "deit_small_patch16_224": {
-        2.3: ((197, 192, 168, 143, 121, 105, 92, 74, 62, 45, 33, 3), (197, 180, 156, 127, 109, 98, 80, 66, 52, 37, 31, 3)),
-        2.5: ((197, 192, 174, 156, 131, 115, 111, 99, 76, 50, 39, 3), (197, 186, 160, 133, 119, 107, 96, 82, 66, 43, 37, 3)),
-        2.7: ((197, 196, 182, 160, 141, 127, 115, 105, 88, 66, 49, 3), (197, 188, 170, 147, 131, 119, 109, 96, 76, 54, 45, 3)),
-        2.9: ((197, 196, 190, 168, 150, 139, 129, 117, 99, 78, 58, 3), (197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3)),
-        3.1: ((197, 197, 194, 180, 160, 147, 137, 129, 115, 92, 76, 3), (197, 196, 186, 164, 150, 141, 133, 121, 103, 78, 68, 3)),
-    },
-    "deit_base_patch16_224": {
-        8.7: ((197, 192, 172, 156, 131, 107, 90, 72, 56, 33, 17, 3), (197, 178, 162, 141, 115, 96, 78, 60, 47, 21, 13, 3)),
-        10.0: ((197, 194, 182, 168, 148, 129, 113, 101, 82, 49, 25, 3), (197, 186, 174, 156, 137, 117, 105, 90, 66, 31, 19, 3)),
-        10.4: ((197, 196, 188, 174, 156, 141, 121, 103, 90, 58, 25, 3), (197, 190, 184, 164, 145, 131, 107, 94, 74, 31, 21, 3)),
-        11.5: ((197, 197, 197, 188, 170, 154, 139, 123, 107, 72, 43, 3), (197, 197, 192, 178, 158, 145, 127, 111, 94, 50, 35, 3)),
-        12.5: ((197, 197, 196, 192, 184, 170, 154, 139, 129, 94, 58, 3), (197, 196, 194, 190, 176, 160, 145, 131, 115, 68, 47, 3)),
-    },
-}  # fmt: skip
-
-
-class STECeil(torch.autograd.Function):
-    """ceil in the forward, identity in the backward (the authors' `ste_ceil`)."""
-
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
-        return torch.ceil(x)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return grad
-
-
-class STEMin(torch.autograd.Function):
-    """min(n, prune, merge) in the forward; the backward sends the whole gradient to both counts and
-    none to n (the authors' `ste_min`)."""
-
-    @staticmethod
-    def forward(ctx, n, prune, merge):  # type: ignore[override]
-        return torch.minimum(torch.minimum(n, prune), merge)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return None, grad, grad
-
-
-class CompressionRate(nn.Module):
-    """One block's searchable count (the authors' `DiffRate` module): logits over candidate patch
-    counts; the count is ceil(E[candidate]) + 1 (class token included), straight-through."""
-
-    def __init__(self, patches: int, granularity: int):
-        super().__init__()
-        self.patches = patches
-        self.register_buffer(
-            "candidates", torch.arange(patches, 0, -granularity, dtype=torch.float32), persistent=False
-        )
-        self.logits = nn.Parameter(torch.zeros_like(self.candidates))
-
-    def kept(self) -> torch.Tensor:
-        """() tokens kept, class token included, with the straight-through gradient."""
-        return STECeil.apply(self.candidates @ self.logits.softmax(dim=0)) + 1
-
-    def token_mask(self, kept: int, present: int) -> torch.Tensor:
-        """(N + 1,) 0 at sorted positions [kept, present), else 1; gradient of P(count > position)."""
-        probability = self.logits.softmax(dim=0)
-        positions = torch.arange(self.patches + 1, device=probability.device)
-        above = (positions[:, None] < (self.candidates + 1)[None, :]).to(probability.dtype)
-        token_probability = above @ probability
-        hard = torch.ones_like(token_probability)
-        hard[kept:present] = 0.0
-        return hard - token_probability.detach() + token_probability
 
 
 @dataclass
@@ -373,26 +300,6 @@ class DiffRatePolicy(TokenPolicy, nn.Module):
         return extra + reduced_mlp_flops(self, info)
 
 
-def authors_flops(policy: DiffRatePolicy, prune: Sequence[Any], merge: Sequence[Any]) -> torch.Tensor:
-    """The authors' FLOP count (multiply-adds, `calculate_flop_training` / `_inference`): patch
-    embedding on every token (class token included), per block 4 N C^2 + 2 N^2 C for attention on the N
-    tokens entering and 8 N' C^2 for the MLP on N' = min(N, prune, merge), and the head. With tensors
-    for the counts, differentiable as theirs (`STEMin`)."""
-    c = policy.embed_dim
-    device = next((v.device for v in (*prune, *merge) if torch.is_tensor(v)), torch.device("cpu"))
-
-    def count(v: Any) -> torch.Tensor:
-        return v.float() if torch.is_tensor(v) else torch.tensor(float(v), device=device)
-
-    n = torch.tensor(float(policy.tokens), device=device)
-    flops = n * policy.patch_macs
-    for p, m in zip(prune, merge, strict=True):
-        flops = flops + 4 * n * c * c + 2 * n * n * c
-        n = STEMin.apply(n, count(p), count(m))
-        flops = flops + 8 * n * c * c
-    return flops + policy.head_macs
-
-
 def _order(class_attention: torch.Tensor) -> torch.Tensor:
     """(B, t) positions sorted by class attention (B, t - 1) descending, the class token first."""
     order = class_attention.argsort(dim=1, descending=True) + 1
@@ -436,18 +343,6 @@ def _check_counts(model: VisionTransformer, prune_kept: Sequence[int], merge_kep
                 f"{name} must list {depth} whole numbers in 2..{tokens} (tokens left after each block, class "
                 f"token included), got {list(counts)}"
             )
-
-
-def published_counts(model_name: str, gflops: float) -> tuple[list[int], list[int]]:
-    """The authors' searched (prune_kept, merge_kept) for a DeiT at one of their budgets (GFLOPs by
-    their formula): `PUBLISHED`; ValueError naming what there is."""
-    entries = PUBLISHED.get(model_name)
-    if entries is None:
-        raise ValueError(f"no published DiffRate counts for {model_name}; they exist for {sorted(PUBLISHED)}")
-    for budget, (prune, merge) in entries.items():
-        if math.isclose(budget, gflops, abs_tol=1e-9):
-            return list(prune), list(merge)
-    raise ValueError(f"the authors published {model_name} at {sorted(entries)} GFLOPs, not {gflops:g}")
 
 
 def diffrate(
@@ -543,57 +438,6 @@ def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer
     return model
 
 
-class DiffRateLoss(nn.Module):
-    """The search's objective: cross-entropy (soft targets with Mixup) + flop_weight x (GFLOPs by the
-    authors' formula - target)^2, as their engine.py."""
-
-    def __init__(self, target_gflops: float, flop_weight: float = FLOP_WEIGHT, label_smoothing: float = 0.0):
-        super().__init__()
-        if target_gflops is None or not target_gflops > 0:
-            raise ValueError("the DiffRate search needs --target-gflops (its FLOP target)")
-        self.target_gflops, self.flop_weight, self.label_smoothing = (
-            float(target_gflops),
-            flop_weight,
-            label_smoothing,
-        )
-        self.authors_target: float | None = None
-
-    @classmethod
-    def from_config(cls, cfg: TrainConfig, depth: int = 12) -> DiffRateLoss:
-        return cls(cfg.target_gflops, cfg.get("flop_weight") or FLOP_WEIGHT, cfg.smoothing)
-
-    def step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None):
-        from ..engine import get_policy, sparsity_info
-        from ..losses.common import classification_loss
-
-        logits = model(images)
-        inner = getattr(model, "module", model)
-        policy = get_policy(inner)
-        if self.authors_target is None:  # tokensparse's GMACs -> the authors' count, by the dense ratio
-            ratio, dense = authors_dense_ratio(inner, policy)
-            if self.target_gflops >= dense:
-                raise ValueError(
-                    f"--target-gflops {self.target_gflops:g} is at or above the dense model's {dense:.4g} GMACs "
-                    "per image: there is nothing for the search to remove"
-                )
-            self.authors_target = self.target_gflops * ratio
-        flops = sparsity_info(inner).extra["search_flops"]
-        task = classification_loss(logits, labels, self.label_smoothing)
-        flop_term = (flops / 1e9 - self.authors_target) ** 2
-        loss = self.flop_weight * flop_term + task
-        return loss, {"cls": task.item(), "gflops": float(flops.detach()) / 1e9, "total": loss.item()}
-
-
-def authors_dense_ratio(model: nn.Module, policy: DiffRatePolicy) -> tuple[float, float]:
-    """(the authors' dense FLOP count over tokensparse's, tokensparse's dense GMACs per image)."""
-    from ..flops import backbone_flops
-
-    tokens = torch.full((1, policy.depth), policy.tokens)
-    ours = float(backbone_flops(model, tokens, policy.tokens - 1).sum())
-    theirs = float(authors_flops(policy, [policy.tokens] * policy.depth, [policy.tokens] * policy.depth))
-    return theirs / ours, ours / 1e9
-
-
 def _objective(cfg: TrainConfig, depth: int) -> nn.Module:
     return DiffRateLoss.from_config(cfg, depth)
 
@@ -654,7 +498,9 @@ register_method(
             TARGET_GFLOPS,
             Setting("granularity", int, "DiffRate: step between the search's candidate patch counts", low=1,
                     source="DiffRate main.py --granularity"),
-            Setting("flop_weight", float, "DiffRate: weight of the search's (GFLOPs - target)^2 term", low=0,
+            Setting("flop_weight", float, "DiffRate: weight of the search's (GFLOPs - target)^2 term, in absolute "
+                    "GFLOPs as the authors' (their 5 was set on DeiT-S's 4.6 GFLOPs; a model k times smaller needs "
+                    "k^2 times the weight for the same pull: tokensparse.policies.diffrate.deit_s_flop_weight)", low=0,
                     source="DiffRate engine.py lamb"),
             DISTILL_WEIGHT,
         ),

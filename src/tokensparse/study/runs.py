@@ -282,11 +282,22 @@ def headline_gflops(cfg: DemoConfig, runs: dict[str, Path]) -> float | None:
 def _diffrate_search(cfg: DemoConfig, fine_tune: _Trainer) -> None:
     """DiffRate's search on the shipped teacher (frozen) for DynamicViT's executed GMACs: the authors'
     recipe (`Method` diffrate), `diffrate_epochs` epochs of `finetune_limit` fresh canvases."""
+    from ..policies.diffrate import deit_s_flop_weight
+
     target = headline_gflops(cfg, fine_tune.runs)
     if target is None:
         fine_tune.missing.append("diffrate")
         return
-    fine_tune("diffrate", method="diffrate", target_gflops=target, epochs=cfg.diffrate_epochs)
+    weight = (
+        {"flop_weight": deit_s_flop_weight(pretrained(cfg.teacher))} if cfg.diffrate_deit_s_scaled else {}
+    )
+    fine_tune(
+        "diffrate",
+        method="diffrate",
+        target_gflops=target,
+        epochs=cfg.diffrate_epochs,
+        method_settings=weight,
+    )
 
 
 def _training_steps(cfg: DemoConfig) -> int:
