@@ -67,6 +67,9 @@ def test_inference_matches_the_authors(k):
         ordered = size.gather(1, group_of_position.argsort(dim=1))
         torch.testing.assert_close(ordered, sizes[:, start : start + after[b]], atol=1e-4, rtol=1e-5)
         start += after[b]
+    untraced = diffrate(golden_model(), prune, merge)  # the fast path: a top-k of the kept tokens only
+    with torch.no_grad():
+        torch.testing.assert_close(untraced(images()), logits, atol=1e-5, rtol=0)
     assert float(authors_flops(model.diffrate, prune, merge)) == pytest.approx(
         float(GOLDEN[f"eval_flops.setting{k}"]), rel=1e-6
     )

@@ -188,11 +188,18 @@ class DiffRatePolicy(TokenPolicy, nn.Module):
         x = add_attention(block, x, _output(attn, _merge_heads(out), _gate(attn, h)))
         if prune < present or merge < prune or self.trace:
             row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1) + bias[:, None, None, :]).softmax(dim=-1)
-            order = _order(row.mean(dim=1)[:, 0, 1:])
-            x, size = _take(x, order), _take(size, order)
-            self._reorder(state, order)
-            x, size = x[:, :prune], size[:, :prune]
-            self._cut(state, prune)
+            score = row.mean(dim=1)[:, 0, 1:]
+            if self.trace:  # the whole order, to follow every input token
+                order = _order(score)
+                x, size = _take(x, order), _take(size, order)
+                self._reorder(state, order)
+                x, size = x[:, :prune], size[:, :prune]
+                self._cut(state, prune)
+            else:  # only the kept tokens, most attended first: one gather of what stays
+                top = score.topk(prune - 1, dim=1).indices
+                order = torch.cat([torch.zeros_like(top[:, :1]), top + 1], dim=1)
+                x, size = _take(x, order), _take(size, order)
+                state.patch_index = state.patch_index.gather(1, top)
             if merge < prune:
                 dst, node_max, node_idx = _matching(x, merge)
                 x = _merge_mean(x, merge, node_idx)

@@ -273,6 +273,24 @@ def write_report(
             if cfg.baseline_epochs
             else "The baselines are training-free."
         ),
+        *(
+            [
+                f"- DiffRate: its search as the authors run it ({cfg.diffrate_epochs} epochs x {cfg.finetune_limit} "
+                "canvases, only the per-block rates train at lr 0.01 cosine to 0.001, the shipped teacher frozen, "
+                "cross-entropy on Mixup 0.8 / CutMix 1.0 targets smoothed 0.1 plus the FLOP term) for DynamicViT "
+                f"rho {cfg.keep_ratio}'s executed GMACs; the FLOP term weighted "
+                + (
+                    "as theirs pulls on DeiT-S (their 5 x (DeiT-S GFLOPs / this model's)^2, their term being in "
+                    "absolute GFLOPs)"
+                    if cfg.diffrate_deit_s_scaled
+                    else "5, theirs"
+                )
+                + "; `diffrate-profile`: DiffRate's rule without a search, the authors' DeiT-S counts scaled to the "
+                "same GMACs"
+            ]
+            if cfg.diffrate
+            else []
+        ),
         "- vs dense: top-1 difference on the same test items, ± the half-width of its 95% confidence interval "
         "(normal approximation over the per-item paired differences); a claim is read on the point estimate",
         "- GMACs: executed multiply-adds per image (what the papers call FLOPs); speedup: one paired, interleaved "
