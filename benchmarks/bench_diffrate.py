@@ -26,7 +26,14 @@ import torch
 from results_dir import add_update_flag, results_folder
 
 import tokensparse
-from tokensparse.bench import BenchRow, executed_gflops, make_result, time_contenders, truncated_forward, write_results
+from tokensparse.bench import (
+    BenchRow,
+    executed_gflops,
+    make_result,
+    time_contenders,
+    truncated_forward,
+    write_results,
+)
 from tokensparse.export import export_onnx, onnx_session, run_onnx
 
 
@@ -63,7 +70,9 @@ def bench_batch(model_name: str, budget: float, batch: int, rounds: int, warmup:
                     base / timing.median,
                     bound if name == "diffrate" and backend == "eager" else None,
                     timing.spread,
-                    bound_spread=seconds["bound/eager"].spread if name == "diffrate" and backend == "eager" else None,
+                    bound_spread=seconds["bound/eager"].spread
+                    if name == "diffrate" and backend == "eager"
+                    else None,
                 )
             )
     return make_result(model_name, batch, "cpu", torch.float32, rounds, rows)
@@ -74,7 +83,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="deit_small_patch16_224")
-    parser.add_argument("--published", type=float, default=2.9, help="the authors' budget whose counts to time")
+    parser.add_argument(
+        "--published", type=float, default=2.9, help="the authors' budget whose counts to time"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1])
     parser.add_argument("--rounds", type=int, nargs="+", default=[30, 200], help="rounds per batch size")
     parser.add_argument("--warmup", type=int, default=3)

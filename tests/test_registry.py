@@ -3,8 +3,8 @@ through the engine, train, evaluate, gflops, bench and the CLI (the README's "Ad
 
 from __future__ import annotations
 
-import math
 import json
+import math
 
 import pytest
 import timm

@@ -507,7 +507,7 @@ register_method(
                     source="DiffRate main.py --granularity"),
             Setting("flop_weight", float, "DiffRate: weight of the search's (GFLOPs - target)^2 term, in absolute "
                     "GFLOPs as the authors' (their 5 was set on DeiT-S's 4.6 GFLOPs; a model k times smaller needs "
-                    "k^2 times the weight for the same pull: tokensparse.policies.diffrate.deit_s_flop_weight)", low=0,
+                    "k^2 times the weight for the same pull: tokensparse.policies.diffrate_search.deit_s_flop_weight)", low=0,
                     source="DiffRate engine.py lamb"),
             DISTILL_WEIGHT,
         ),

@@ -282,7 +282,7 @@ def headline_gflops(cfg: DemoConfig, runs: dict[str, Path]) -> float | None:
 def _diffrate_search(cfg: DemoConfig, fine_tune: _Trainer) -> None:
     """DiffRate's search on the shipped teacher (frozen) for DynamicViT's executed GMACs: the authors'
     recipe (`Method` diffrate), `diffrate_epochs` epochs of `finetune_limit` fresh canvases."""
-    from ..policies.diffrate import deit_s_flop_weight
+    from ..policies.diffrate_search import deit_s_flop_weight
 
     target = headline_gflops(cfg, fine_tune.runs)
     if target is None:
