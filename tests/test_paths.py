@@ -117,7 +117,7 @@ def test_train_help_lists_methods_and_demo_help_describes_it(capsys):
         with pytest.raises(SystemExit):
             cli_main([command, "--help"])
     out = capsys.readouterr().out
-    assert "{dense,dynamicvit,avit,evit,tome,random,static,dynamicspatial}" in out
+    assert "{dense,dynamicvit,avit,evit,tome,random,static,dynamicspatial,diffrate}" in out
     assert "Start from the shipped dense model" in out and "--study" in out
 
 
@@ -382,9 +382,22 @@ def test_accuracy_vs_gflops_labels_each_point(monkeypatch, tmp_path):
 
 
 def test_readme_commands_parse_as_written():
+    import re
+
+    from tokensparse.policies.registry import import_methods, method_names, unregister_method
+
     text = README.read_text()
     assert "source .venv/bin/activate" in text
+    before = method_names()
+    for entry in re.findall(
+        r"^export TOKENSPARSE_METHODS=(\S+)", text, re.M
+    ):  # its methods join the registry
+        import_methods(str(README.parent / entry))
     parser = build_parser()
+    for name in set(method_names()) - set(before):
+        unregister_method(name)
+    for name in [m for m in sys.modules if m.startswith("tokensparse_methods_")]:
+        del sys.modules[name]
     commands = [
         line.split("  #")[0].strip()
         for block in text.split("```bash")[1:]
@@ -393,7 +406,10 @@ def test_readme_commands_parse_as_written():
     ]
     assert len(commands) >= 6
     for command in commands:
-        parser.parse_args(shlex.split(command)[1:])
+        try:
+            parser.parse_args(shlex.split(command)[1:])
+        except SystemExit as exit:  # `--help` prints and exits 0; anything else is a parse error
+            assert exit.code == 0 and "--help" in command, command
     assert any(c.startswith("tokensparse train --method dynamicvit --model") for c in commands)
 
 

@@ -30,6 +30,8 @@ TOLERANCE = 0.02
 
 
 def check_target(target_gflops: float) -> float:
+    """`target_gflops`, a budget in GMACs per image (multiply-adds, what the papers call FLOPs), as a float;
+    ValueError unless it is a finite number > 0."""
     if isinstance(target_gflops, bool) or not isinstance(target_gflops, (int, float)):
         raise ValueError(f"target_gflops must be a number of GMACs per image, got {target_gflops!r}")
     if not (math.isfinite(target_gflops) and target_gflops > 0):
@@ -74,6 +76,7 @@ def solve_keep_ratio(model: nn.Module, target_gflops: float, steps: int = 30) ->
     """The largest keep ratio at which the stage-pruning `model` (DynamicViT, EViT, random, static: its
     policy's `keep_ratio`) executes at most `target_gflops` GMACs per image, within 2% of it.
 
+    `steps` (default 30) is the number of bisection steps of each of the two searches (2^-30 in ratio).
     The model's own keep ratio is left as it was; set `get_policy(model).keep_ratio` to the result."""
     target = check_target(target_gflops)
     policy = get_policy(model)
@@ -161,7 +164,7 @@ def bisect_gate_center(
 ) -> tuple[float, float]:
     """Bisect the A-ViT `model`'s gate centre in [-100, 200] (a higher centre lowers every halting score,
     so tokens run deeper) for the boundary of `too_deep`: (low, high) with `too_deep` false at low and
-    true at high. The model is left at its original centre."""
+    true at high, after `steps` (default 20) halvings. The model is left at its original centre."""
     original = model.halting.gate_center
     low, high = -100.0, 200.0
     try:
@@ -179,8 +182,8 @@ def bisect_gate_center(
 
 def solve_gate_center(model: nn.Module, target_gflops: float, images: torch.Tensor, steps: int = 30) -> float:
     """The A-ViT gate centre at which `model` executes at most `target_gflops` GMACs per image on average
-    over `images` (a few of the user's own: A-ViT's FLOPs depend on the image), within 2% of it.
-    `model`'s centre is left as it was."""
+    over `images` (a few of the user's own: A-ViT's FLOPs depend on the image), within 2% of it, in
+    `steps` (default 30) bisection steps. `model`'s centre is left as it was."""
     target = check_target(target_gflops)
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError("A-ViT's FLOPs depend on the image: give `images`, a (B, C, H, W) batch of your own")
@@ -213,7 +216,8 @@ def solve_diffrate_counts(
 ) -> tuple[list[int], list[int]]:
     """DiffRate counts (prune_kept, merge_kept) for the DiffRate-patched `model` executing at most
     `target_gflops` GMACs per image, within 2%: the authors' DeiT-S profile scaled by a strength in
-    [0, 1] (`policies.diffrate.profile_counts`), bisected. The model's counts are left as they were."""
+    [0, 1] (`policies.diffrate.profile_counts`), bisected in `steps` (default 30) steps. The model's counts
+    are left as they were."""
     from .policies.diffrate import profile_counts
 
     target = check_target(target_gflops)

@@ -30,7 +30,7 @@ class CheckpointError(ValueError):
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, whatever of the supported layouts it uses."""
+    """The tensors of the checkpoint file at `path`, whatever of the supported layouts it uses."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -107,7 +107,9 @@ def _summarise(keys: list[str], limit: int = 6) -> str:
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write the model's weights as safetensors atomically (temp file in the same folder, then rename)."""
+    """Write `model`'s weights to `path` as safetensors atomically (temp file in the same folder, then
+    rename) and return the path; `metadata` (None: none) goes into the file's header, non-strings as
+    JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)
@@ -146,9 +148,9 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
-    """A temporary path beside `path` for a writer that wants a file name (matplotlib, the ONNX
-    exporter); renamed over `path` when the block ends without error, removed otherwise. An OSError
-    inside names `path`, not the temporary file."""
+    """A temporary path beside `path`, ending in `suffix` (default ".tmp"), for a writer that wants a file
+    name (matplotlib, the ONNX exporter); renamed over `path` when the block ends without error, removed
+    otherwise. An OSError inside names `path`, not the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)

@@ -41,6 +41,10 @@ class TokenState:
     """Per-forward bookkeeping shared by the engine and a policy.
 
     x:               (B, P + M, C) tokens: P prefix tokens (never pruned) then M patch tokens.
+    num_prefix:      P, the model's prefix tokens (class, distillation, registers).
+    num_patches:     N, the patches the patch embedding produced (196 for 224/16).
+    regime:          'mask' (training: every token stays, attention is masked) or 'gather' (eval:
+                     dropped tokens leave the sequence); see `run`.
     patch_index:     (B, M) index in 0..N-1 (row-major) of the original patch each patch token is;
                      N marks a token that is no patch (EViT's fused token, authors' counts).
     keep:            mask regime only: (B, N) keep mask of the patch tokens (1 = kept); None = all.
@@ -139,6 +143,7 @@ class SparseInfo:
                     token stays in the tensor; the kept tokens in eval).
     patch_index:    (B, M) original patch index of each row of `patch_tokens`.
     tokens_per_block: (B, depth) tokens each block computed on, per image.
+    num_prefix:     P, the model's prefix tokens (class, distillation, registers), never pruned.
     mlp_tokens:     (B, depth) tokens that reached each block's MLP (fewer than `tokens_per_block`
                     where ToMe merged or EViT reorganised between attention and MLP).
     extra:          the policy's statistics by name (`TokenState.stats`; typed: `avit_stats`,
@@ -157,7 +162,10 @@ class SparseInfo:
 
 
 class TokenPolicy:
-    """Hooks the engine calls at block boundaries; mixed into a policy's nn.Module class."""
+    """Hooks the engine calls at block boundaries; mixed into a policy's nn.Module class.
+
+    Every hook gets `state`, the forward's `TokenState`, which it may change; `index` is the block's
+    position (0-based) in `model.blocks`; `info` is the `SparseInfo` of a finished forward."""
 
     method: str = "dense"
     # The data set index of each image of the next forward (`evaluate` sets it); a policy whose
@@ -166,13 +174,15 @@ class TokenPolicy:
     image_indices: torch.Tensor | None = None
 
     def begin(self, model: VisionTransformer, state: TokenState) -> None:
-        """Called once per forward, after the embeddings and before block 0."""
+        """Called once per forward of `model` (the sparsified ViT), after the embeddings and before block 0,
+        with the fresh `state`."""
 
     def before_block(self, index: int, state: TokenState) -> None:
-        """Called before block `index`; may prune (gather) or mask tokens."""
+        """Called before block `index`; may prune (gather) or mask tokens of `state`."""
 
     def run_block(self, index: int, block: nn.Module, state: TokenState) -> None:
-        """Run one block on the state; the default is timm's block, masked when a keep mask is set."""
+        """Run `block` (model.blocks[index]) on `state.x`; the default is timm's block, masked when a keep
+        mask is set."""
         if state.keep is None:
             state.x = block(state.x)
         else:
@@ -180,13 +190,14 @@ class TokenPolicy:
             state.x = masked_block(block, state.x, torch.cat([prefix, state.keep], dim=1))
 
     def after_block(self, index: int, state: TokenState) -> None:
-        """Called after block `index`."""
+        """Called after block `index` has updated `state`."""
 
     def end(self, state: TokenState) -> None:
-        """Called after the last block, before the final norm."""
+        """Called after the last block, before the final norm; sets `state.stats` if the policy has any."""
 
     def token_depth(self, info: SparseInfo) -> torch.Tensor | None:
-        """(B, P + N) blocks each token computed, prefix tokens first, for a method whose tokens stop
+        """(B, P + N) blocks each token computed in the forward `info` describes, prefix tokens first, for
+        a method whose tokens stop
         at depths of their own (A-ViT); None: every token still present runs every block. `evaluate`
         reports mean depths, on and off the object, from it."""
         return None
@@ -197,7 +208,8 @@ class TokenPolicy:
     map_kind: Literal["kept", "depth", "groups"] = "kept"
 
     def map_heading(self, model: nn.Module, info: SparseInfo) -> str:
-        """The title of a token-map figure: the method's setting and how to read the picture."""
+        """The title of a token-map figure of `model`'s forward that `info` describes: the method's setting
+        and how to read the picture."""
         return f"{self.method}: kept patches, dropped ones greyed"
 
     def solved_setting(self, model: nn.Module, name: str) -> Any:
@@ -210,13 +222,14 @@ class TokenPolicy:
         return None
 
     def progress(self, info: SparseInfo) -> dict[str, str]:
-        """What the training progress bar shows of the last forward: the share of patches kept."""
+        """What the training progress bar shows of the last forward (`info`): the share of patches kept."""
         return {"keep": f"{float(info.keep_mask.float().mean()):.2f}"}
 
     def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
         """(B,) multiply-adds of the forward `info` describes beyond `flops.backbone_flops` (which counts
         each block on the tokens it started with): the policy's own matmuls, less any block work it
-        skipped; `no_extra_flops(info)` for a policy that computes nothing of its own. Every policy says."""
+        skipped; `no_extra_flops(info)` for a policy that computes nothing of its own. Every policy says.
+        `num_patches` is N, the patches of the image. Multiply-adds are what the papers call FLOPs."""
         raise ValueError(
             f"no FLOP count for policy method {self.method!r}: its policy must define extra_flops "
             "(tokensparse.engine.no_extra_flops when it runs no matmul of its own)"
@@ -224,7 +237,8 @@ class TokenPolicy:
 
 
 def no_extra_flops(info: SparseInfo) -> torch.Tensor:
-    """(B,) zeros: the `extra_flops` of a policy that only ranks, drops or reads what the blocks computed."""
+    """(B,) zeros, B from `info.tokens_per_block`: the `extra_flops` of a policy that only ranks, drops or
+    reads what the blocks computed."""
     return torch.zeros(info.tokens_per_block.shape[0], dtype=torch.float64)
 
 
@@ -294,7 +308,8 @@ def num_patches(model: VisionTransformer) -> int:
 
 
 def check_images(model: VisionTransformer, images: torch.Tensor) -> None:
-    """Raise ValueError on an input the model cannot take, before torch fails deep inside."""
+    """Raise ValueError if `images` is not a (B, C, H, W) tensor `model` can take (its channels, and its
+    image size unless it has dynamic_img_size), before torch fails deep inside."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"expected images as a (B, C, H, W) tensor, got {shape}")
@@ -319,6 +334,8 @@ def check_images(model: VisionTransformer, images: torch.Tensor) -> None:
 
 
 def get_policy(model: nn.Module) -> TokenPolicy | None:
+    """The `TokenPolicy` attached to `model` by `sparsify` (by any tokensparse method), or None for a
+    model tokensparse has not changed (a DDP wrapper is not unwrapped here)."""
     name = getattr(model, _POLICY_ATTR, None)
     return None if name is None else getattr(model, name)
 
@@ -382,7 +399,8 @@ def sparsify(model: VisionTransformer, policy: TokenPolicy, attr: str) -> Vision
 
 
 def sparsity_info(model: nn.Module) -> SparseInfo:
-    """What the last forward of a sparsified model decided (keep masks, kept indices, final tokens)."""
+    """What the last forward of `model`, a sparsified ViT (or its DDP / DataParallel wrapper), decided
+    (keep masks, kept indices, final tokens); RuntimeError before its first forward."""
     model = getattr(model, "module", model)  # DDP / DataParallel
     info = model.__dict__.get(_INFO_ATTR)
     if info is None:
@@ -391,13 +409,15 @@ def sparsity_info(model: nn.Module) -> SparseInfo:
 
 
 def embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-    """The tokens block 0 reads: timm's patch embedding, position embedding (and prefix tokens), patch
-    dropout and pre-norm, as `VisionTransformer.forward_features` runs them."""
+    """The tokens block 0 of `model` reads from `images` (B, C, H, W): timm's patch embedding, position
+    embedding (and prefix tokens), patch dropout and pre-norm, as `VisionTransformer.forward_features` runs
+    them."""
     return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
 
 
 def run(model: VisionTransformer, images: torch.Tensor, regime: Regime | None = None) -> torch.Tensor:
-    """Forward features through the engine: embeddings, policy-driven blocks, final norm.
+    """Forward features of `images` (B, C, H, W) through the engine on `model`, a sparsified ViT:
+    embeddings, policy-driven blocks, final norm.
 
     regime: 'mask' keeps every token and masks attention (the training form), 'gather' removes
     tokens and runs timm's ordinary blocks on the shorter sequences (the inference form). By default
@@ -455,7 +475,9 @@ def _fields(stats: Any) -> dict[str, Any]:
 
 
 def policy_stats(model: nn.Module, policy_type: type, stats_type: type, accessor: str, maker: str):
-    """`stats_type` of the last forward of a model whose policy is a `policy_type` (else ValueError)."""
+    """`stats_type` of the last forward of `model`, whose policy must be a `policy_type` (else ValueError
+    naming `accessor`, the public function asking, and `maker`, the tokensparse function that makes such
+    a model)."""
     if not isinstance(get_policy(getattr(model, "module", model)), policy_type):
         raise ValueError(f"{accessor} needs a model made by tokensparse.{maker}")
     extra = sparsity_info(model).extra

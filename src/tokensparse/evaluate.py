@@ -24,10 +24,13 @@ def evaluate(
     amp: bool = False,
     per_item: bool = False,
 ) -> dict[str, Any]:
-    """Top-1/top-5 (%), mean executed GFLOPs per image, img/s, and keep ratio per stage or mean depth.
+    """Top-1/top-5 (%), mean executed GMACs per image (multiply-adds, what the papers call FLOPs; the
+    result's `gflops`), img/s, and keep ratio per stage or mean depth, of `model` on `loader`'s batches.
 
-    Runs the model in eval mode (the inference form: tokens removed); under torch.distributed the
-    counts are summed over ranks, each rank reading its own shard. When the loader also yields object
+    Runs the model in eval mode (the inference form: tokens removed) on `device` (default "cpu"), with a
+    tqdm bar unless `progress` is False, and with `amp` (default False) under autocast (bfloat16 on the
+    CPU, float16 on a GPU). Under torch.distributed the counts are summed over ranks, each rank reading
+    its own shard. When the loader also yields object
     boxes (fashion-mnist-clutter with return_box=True), `object_kept` is the share of the patches
     overlapping the object that survive to the last block (pruning methods) and `object_depth` /
     `background_depth` the mean halting depth on and off the object (A-ViT). With `per_item`,
@@ -145,7 +148,8 @@ def evaluate(
 
 def paired_difference(correct: str | list[str], reference: str, z: float = 1.96) -> tuple[float, float]:
     """Top-1 difference (pt) of a model against a reference on the same items, and the half-width of
-    its 95% confidence interval (normal approximation over the paired per-item differences).
+    its confidence interval (normal approximation over the paired per-item differences; `z` = 1.96, the
+    default, gives 95%).
 
     `correct` and `reference` are `evaluate(per_item=True)["correct"]` strings over the same items in
     the same order; `correct` may be a list of them (one model trained with several seeds), whose

@@ -35,6 +35,9 @@ class ExportResult:
     """What `export_onnx` wrote and how onnxruntime's run of it compared with eager PyTorch.
 
     path:          the .onnx file.
+    method:        the exported model's method ('dense', 'dynamicvit', ...; `check_exportable`).
+    batch_size:    the fixed batch size of the graph.
+    image_size:    the fixed (H, W) of its input images.
     output_names:  ('logits', 'patch_index') for a sparsified model, ('logits',) for a dense one.
     max_abs_diff:  largest |logit difference| between onnxruntime and eager PyTorch (None unverified).
     same_patches:  whether onnxruntime kept exactly the patches eager PyTorch kept (None unverified).
@@ -117,7 +120,8 @@ def export_onnx(
     merged token is anchored at). image_size defaults to the model's. With verify (needs onnxruntime),
     onnxruntime runs the file on random images and must give logits within `atol` of eager PyTorch and
     the same patch_index, else RuntimeError. ValueError for A-ViT (data-dependent shapes, see
-    `check_exportable`) and for unseeded random pruning.
+    `check_exportable`) and for unseeded random pruning. batch_size defaults to 1, verify to True, atol
+    to 1e-4; opset is the ONNX opset version (None: torch.onnx.export's default).
     """
     method = check_exportable(model)
     check_int("batch_size", batch_size, lambda v: v >= 1, "an int >= 1")
@@ -206,7 +210,8 @@ def _write_data_config(path: Path, model: nn.Module, image_size: tuple[int, int]
 
 
 def data_config(path: str | os.PathLike) -> dict:
-    """The preprocessing an exported file records (input_size, mean, std, crop_pct, interpolation)."""
+    """The preprocessing the exported file at `path` records (input_size, mean, std, crop_pct,
+    interpolation)."""
     import json
 
     import onnx
@@ -232,6 +237,7 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
 
 
 def run_onnx(path_or_session, images: torch.Tensor) -> list:
-    """Run an exported model on `images` with onnxruntime; returns its outputs as numpy arrays."""
+    """Run an exported model (`path_or_session`: the .onnx path or an `onnx_session`) on `images` with
+    onnxruntime; returns its outputs as numpy arrays."""
     session = path_or_session if hasattr(path_or_session, "run") else onnx_session(path_or_session)
     return session.run(None, {session.get_inputs()[0].name: images.detach().float().cpu().numpy()})

@@ -40,7 +40,8 @@ def _check_countable(model: nn.Module) -> VisionTransformer:
 def backbone_flops(
     model: VisionTransformer, tokens_per_block: torch.Tensor, num_patches: int
 ) -> torch.Tensor:
-    """Multiply-adds per image of the ViT itself: patch embedding, blocks, head (no policy work).
+    """Multiply-adds (MACs, what the papers call FLOPs) per image of `model`, a timm ViT, itself: patch
+    embedding, blocks, head (no policy work).
 
     tokens_per_block: (B, depth) tokens (prefix included) each block computed on, per image.
     num_patches: patches the patch embedding produced (its conv runs on all of them).
@@ -63,7 +64,8 @@ def backbone_flops(
 
 
 def flops_from_info(model: VisionTransformer, info: SparseInfo | None = None) -> torch.Tensor:
-    """Executed multiply-adds per image, (B,) float64, of a forward that already ran on a sparsified model.
+    """Executed multiply-adds (MACs, what the papers call FLOPs) per image, (B,) float64, of a forward that
+    already ran on `model`, a sparsified ViT.
 
     info defaults to `tokensparse.sparsity_info(model)` (the last forward), so an evaluation loop can
     count what it ran without a second pass.
@@ -77,7 +79,8 @@ def flops_from_info(model: VisionTransformer, info: SparseInfo | None = None) ->
 
 
 def model_flops(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-    """Executed multiply-adds per image, (B,) float64 on the CPU.
+    """Executed multiply-adds (MACs, what the papers call FLOPs) per image of `model` on `images`
+    (B, 3, H, W), (B,) float64 on the CPU; divide by 1e9 for GMACs.
 
     Dense timm ViT: the formula with every token in every block (no forward runs). Sparsified model:
     one no-grad forward in the model's current mode (eval: pruned sequences; train: the mask regime,
@@ -120,11 +123,11 @@ def gflops(
     img_size: int | tuple[int, int] | None = None,
     batch: int = 1,
 ) -> float:
-    """Mean executed GFLOPs (1e9 multiply-adds) per image.
+    """Mean executed GMACs (1e9 multiply-adds, what the papers call GFLOPs) per image of `model`.
 
-    Without `images`, counts a random-normal batch of `batch` images of `img_size` (default: the
-    model's). Enough for DynamicViT, whose token counts do not depend on the image; pass real
-    images for data-dependent methods (A-ViT).
+    Without `images`, counts a random-normal batch of `batch` (default 1) images of `img_size` (an int for
+    square images or (H, W); default: the model's, `input_size`). Enough for DynamicViT, whose token counts do
+    not depend on the image; pass real images for data-dependent methods (A-ViT).
     """
     if images is None:
         channels, *size = input_size(model)

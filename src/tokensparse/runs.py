@@ -30,7 +30,8 @@ def load_run(
     device: str | torch.device = "cpu",
     **config: Any,
 ) -> nn.Module:
-    """The trained model of a run folder (or of a weights file, given `model=` and `method=`), in eval mode.
+    """The trained model of a run folder `path` (or of a weights file, given `model=`, a timm model name,
+    and `method=`, a registered method), in eval mode on `device` (default "cpu").
 
     `config` overrides fields of the run's TrainConfig (e.g. keep_ratio=0.5 to run DynamicViT at
     another ratio, gate_center= for A-ViT). The run's settings stay readable as `model.tokensparse_run`
@@ -45,7 +46,9 @@ def load_run(
 def load_with_config(
     path: str | os.PathLike, model: str | None = None, method: str | None = None, **config: Any
 ) -> tuple[nn.Module, Any]:
-    """(model, TrainConfig) of a run folder or a bare weights file; ValueError/FileNotFoundError if neither."""
+    """(model, TrainConfig) of `path`, a run folder or a bare weights file; ValueError/FileNotFoundError if
+    neither. `model` (a timm model name) and `method` are required for a weights file and checked
+    against a run folder's; `config` overrides TrainConfig fields (None values are ignored)."""
     from .training import METHODS, TrainConfig, load_trained
 
     config = {k: v for k, v in config.items() if v is not None}
@@ -94,7 +97,8 @@ def _image_size_of(state: dict[str, torch.Tensor]) -> int | None:
 
 
 def run_class_names(path: str | os.PathLike, cfg: Any) -> list[str] | None:
-    """Class names of a run: its classes.json, else its data set's (Fashion-MNIST, an ImageFolder's folders)."""
+    """Class names of the run at `path` with TrainConfig `cfg`: its classes.json, else its data set's
+    (Fashion-MNIST, an ImageFolder's folders); None when unknown."""
     path = Path(path)
     saved = path / "classes.json" if path.is_dir() else None
     if saved is not None and saved.is_file():
@@ -113,8 +117,8 @@ def run_class_names(path: str | os.PathLike, cfg: Any) -> list[str] | None:
 def read_images(
     paths: Sequence[str | os.PathLike], model: nn.Module, dataset: str = CLUTTER_NAME
 ) -> torch.Tensor:
-    """Image files as a (B, 3, H, W) batch for `model`: read with PIL, sized to the model's input and
-    normalised as `dataset` does (the clutter set: grey levels, ImageNet statistics; others: timm's eval
+    """The image files `paths` as a (B, 3, H, W) batch for `model`: read with PIL, sized to the model's input
+    and normalised as `dataset` does (the clutter set: grey levels, ImageNet statistics; others: timm's eval
     transform, resize and centre crop)."""
     from PIL import Image, UnidentifiedImageError
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
@@ -149,7 +153,8 @@ def to_8bit(image, path: str | os.PathLike = "image"):
     from its type's range (PIL's own conversion clips 16-bit grey to white and floats to black).
 
     Integers: 16-bit images over 0..65535 (0..255 when no pixel exceeds it); floats: 0..1, or 0..255
-    when a pixel exceeds 1. A pixel outside those ranges is a ValueError naming the file."""
+    when a pixel exceeds 1. A pixel outside those ranges is a ValueError naming the file (`path`, only
+    for the message). Any other image comes back unchanged."""
     import numpy as np
     from PIL import Image
 
@@ -183,7 +188,7 @@ def train_dense_then_sparse(cfg: Any, dense_epochs: int) -> dict[str, Any]:
             "--finetune-dense-epochs is for sparsifying methods; --method dense already fine-tunes"
         )
     dense_out = Path(cfg.output) / "dense"
-    warmup = min(cfg.warmup_epochs, dense_epochs // 6)
+    warmup = min(dataclasses.replace(cfg, method="dense").resolved().warmup_epochs, dense_epochs // 6)
     dense_cfg = dataclasses.replace(
         cfg, method="dense", epochs=dense_epochs, warmup_epochs=warmup, output=str(dense_out), teacher=None
     )

@@ -31,12 +31,13 @@ from .common import (
 
 
 def avit_prior(depth: int = 12, target_depth: int = 8, std: float = 1.0, mass: float = 0.98) -> torch.Tensor:
-    """The A-ViT distributional prior over blocks, as the authors' code builds it.
+    """The A-ViT distributional prior over `depth` blocks (default 12), as the authors' code builds it.
 
-    Gaussian pdf N(target_depth, std) at depths 0..depth-1, scaled so that the first `target_depth`
-    entries sum to `mass` (0.98). It is not normalised to 1 (for depth 12, target 8 the entries sum
-    to about 2.29); the authors regularise towards exactly this vector. Computed in float64, returned
-    as float32.
+    Gaussian pdf N(target_depth, std) at depths 0..depth-1, scaled so that the first `target_depth` entries
+    sum to `mass` (0.98). The defaults, target_depth 8 and std 1.0 for 12 blocks, are A-ViT's (Yin et al.
+    2022, the authors' `distr_target_depth`). It is not normalised to 1 (for depth 12, target 8 the entries
+    sum to about 2.29); the authors regularise towards exactly this vector. Computed in float64, returned as
+    float32.
     """
     check_int("depth", depth, lambda v: v >= 1, "a positive int")
     check_int("target_depth", target_depth, lambda v: 1 <= v <= depth, f"an int in 1..{depth}")
@@ -50,7 +51,8 @@ def avit_prior(depth: int = 12, target_depth: int = 8, std: float = 1.0, mass: f
 
 
 def halting_distribution(halting_score_layer: torch.Tensor) -> torch.Tensor:
-    """Per-block mean halting scores (depth,) divided by their sum, clamped to [0.01, 0.99]."""
+    """`halting_score_layer`, the per-block mean halting scores (depth,), divided by their sum and clamped to
+    [0.01, 0.99], as the authors' code does before the prior's KL."""
     scores = halting_score_layer.float()
     return torch.clamp(scores / scores.sum(), 0.01, 0.99)
 
@@ -72,7 +74,12 @@ def avit_loss(
 
     ponder (B, P + N): per-token ponder cost N_k + R_k, class token included; its mean over images and
     all tokens is the ponder part. halting_score_layer (depth,): per-block mean halting score. prior
-    (depth,): `avit_prior(depth, target_depth)`.
+    (depth,): `avit_prior(depth, target_depth)`. logits (B, K) or a `(cls, dist)` tuple and labels as in
+    `classification_loss`; teacher_logits (B, K), or None without distillation.
+
+    The weights default to A-ViT's DeiT setting (Yin et al. 2022, the authors' code): ponder_weight 5e-4
+    (their `ponder_token_scale`), prior_weight 1e-3 (`distr_prior_alpha`); distill_weight 0.0 (off;
+    needs teacher_logits when > 0); label_smoothing 0.0 (DeiT's recipe uses 0.1).
 
     The prior part is `nn.KLDivLoss(reduction='batchmean')(q.log(), prior)` on the 1-D vectors, as
     the authors' code computes it: 'batchmean' divides sum_l prior_l (log prior_l - log q_l) by the
@@ -103,6 +110,10 @@ class AViTLoss(Objective):
     The prior is a Gaussian over blocks centred at `target_depth` (8 for 12 blocks) with std 1 and
     the first `target_depth` entries summing to 0.98 (see `avit_prior`), built for the model's depth
     on first use. distill_weight > 0 adds the logits KL to a teacher (as in DynamicViT).
+
+    Defaults, A-ViT's (Yin et al. 2022, the authors' code): ponder_weight 5e-4, prior_weight 1e-3,
+    target_depth 8, prior_std 1.0; distill_weight 0.0 (off) and label_smoothing 0.0 (see
+    `classification_loss`). The weights are the coefficients of the unweighted parts in `avit_loss`.
 
     halting_score_layer averages each block's halting scores over ALL images of the batch (halted
     tokens included). The authors' code averages `h[1:]`, dropping image 0 of every batch: a slip,
@@ -135,6 +146,7 @@ class AViTLoss(Objective):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, depth: int = 12) -> AViTLoss:
+        """The loss of a `TrainConfig` `cfg` for a model of `depth` blocks (target depth 8/12 of it)."""
         loss = cls(
             ponder_weight=cfg.ponder_weight,
             prior_weight=cfg.prior_weight,
@@ -147,6 +159,7 @@ class AViTLoss(Objective):
         return loss
 
     def prior(self, depth: int) -> torch.Tensor:
+        """`avit_prior` for a model of `depth` blocks, built once and cached."""
         if depth not in self._priors:
             if self.target_depth > depth:
                 raise ValueError(
@@ -162,7 +175,10 @@ class AViTLoss(Objective):
         student_info: SparseInfo | nn.Module,
         teacher_logits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss and {'cls', 'ponder', 'prior', 'distill', 'total'} as floats (unweighted parts)."""
+        """Total loss and {'cls', 'ponder', 'prior', 'distill', 'total'} as floats (unweighted parts).
+
+        `logits` and `labels` as in `avit_loss`; `student_info` the student model (an `avit` model in
+        training mode) or its `SparseInfo`; `teacher_logits` the teacher's, or None."""
         extra: Mapping = _resolve_info(student_info).extra
         missing = [key for key in ("ponder", "halting_score_layer") if extra.get(key) is None]
         if missing:

@@ -41,13 +41,16 @@ def merge_heads(logits: Logits) -> torch.Tensor:
 def classification_loss(
     logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
 ) -> torch.Tensor:
-    """Cross-entropy for hard labels (B,) or soft targets (B, classes), e.g. from timm's Mixup/CutMix.
+    """Cross-entropy of `logits` (B, classes) for `labels`: hard labels (B,) or soft targets (B, classes),
+    e.g. from timm's Mixup/CutMix.
 
     Soft targets give mean_b(-sum_c y_bc log softmax(x)_bc), timm's SoftTargetCrossEntropy.
+    `label_smoothing` (default 0.0: off) is torch's, for hard labels only (timm's Mixup smooths the soft
+    targets it makes); DeiT's recipe, which DynamicViT and A-ViT train with, uses 0.1 (Touvron et al. 2021).
     """
     logits = logits.float()
     if labels.ndim == logits.ndim and labels.shape == logits.shape and labels.is_floating_point():
-        return F.cross_entropy(logits, labels.float(), label_smoothing=label_smoothing)
+        return F.cross_entropy(logits, labels.float())  # soft targets (Mixup) carry their smoothing already
     if (
         labels.ndim == logits.ndim - 1
         and labels.shape == logits.shape[:-1]
@@ -91,12 +94,14 @@ class Objective(nn.Module):
     teacher_parts = 1  # how many targets `teacher_targets` gives (None each without a teacher)
 
     def teacher_targets(self, teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """What the loss takes from the frozen teacher: by default its logits."""
+        """What the loss takes from the frozen `teacher` on a batch of `images`: by default its logits."""
         return (teacher_outputs(teacher, images)[0],)
 
     def step(
         self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, parts) of one training step: `model` (the student) on `images`, then `teacher` (the
+        frozen dense model, or None for no distillation) on them, then the loss against `labels`."""
         logits = model(images)  # the student first: its random draws come before the teacher's forward
         targets = (
             self.teacher_targets(teacher, images) if teacher is not None else (None,) * self.teacher_parts
@@ -106,7 +111,10 @@ class Objective(nn.Module):
 
 class ClassificationLoss(Objective):
     """Cross-entropy, plus distill_weight x KL to the teacher's logits when there is a teacher (as
-    DynamicViT distils them): the training objective of the dense model and of the baselines."""
+    DynamicViT distils them): the training objective of the dense model and of the baselines.
+
+    `distill_weight` defaults to 0.0 (no distillation); `label_smoothing` to 0.0 (see
+    `classification_loss`)."""
 
     def __init__(self, distill_weight: float = 0.0, label_smoothing: float = 0.0):
         super().__init__()
@@ -115,6 +123,7 @@ class ClassificationLoss(Objective):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, depth: int = 12) -> ClassificationLoss:
+        """The loss of a `TrainConfig` `cfg`: its distill_weight (None: 0) and smoothing (`depth` unused)."""
         return cls(distill_weight=cfg.distill_weight or 0.0, label_smoothing=cfg.smoothing)
 
     def forward(
@@ -124,7 +133,10 @@ class ClassificationLoss(Objective):
         student: nn.Module | None = None,
         teacher_logits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss and {'cls', 'distill' (with a teacher), 'total'} as floats (`student` is not read)."""
+        """Total loss and {'cls', 'distill' (with a teacher), 'total'} as floats (`student` is not read).
+
+        `logits` are the student's (a `(cls, dist)` tuple is averaged), `labels` as in
+        `classification_loss`, `teacher_logits` the teacher's (None: no distillation term)."""
         merged = logits if not isinstance(logits, tuple) else sum(logits) / 2
         loss = classification_loss(merged, labels, label_smoothing=self.label_smoothing)
         parts = {"cls": loss.item()}
@@ -142,7 +154,8 @@ def _as_floats(names: Sequence[str], parts: torch.Tensor, total: torch.Tensor) -
 
 @torch.no_grad()
 def teacher_outputs(teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, K), final-norm patch tokens (B, N, C)) of the frozen dense teacher, without gradient.
+    """(logits (B, K), final-norm patch tokens (B, N, C)) of the frozen dense `teacher` on `images`
+    (B, 3, H, W), without gradient.
 
     Runs `forward_features` then `forward_head` in eval mode (restoring the teacher's mode after), so
     dropout and drop-path are off. A distilled DeiT's two heads are averaged. The teacher must be a

@@ -33,7 +33,8 @@ from .common import (
 
 
 def keep_targets(keep_ratio: float, stages: int) -> list[float]:
-    """Per-stage keep targets rho, rho^2, rho^3, ... (the fraction of all patches each stage keeps)."""
+    """Per-stage keep targets rho, rho^2, rho^3, ... (the fraction of all patches each stage keeps), for
+    rho = `keep_ratio` in (0, 1] and `stages` pruning stages (DynamicViT's, Rao et al. 2021)."""
     return [keep_ratio ** (s + 1) for s in range(stages)]
 
 
@@ -63,7 +64,13 @@ def dynamicvit_loss(
     ratio_sum = sum_s mean_b (mean_n keep_s - target_s)^2 (the part is reported undivided, as the
     authors log it) and token_term is computed on the kept tokens only: KL over channels (batch mean
     over kept tokens) or the mean squared error over kept tokens and channels; 0 if none is kept.
-    With distill_weight = 0 the teacher's outputs may be None (their parts are then 0).
+    With distill_weight = 0 the teacher's outputs may be None (their parts are then 0); teacher_logits
+    (B, K) is the teacher's.
+
+    The weights default to DynamicViT's (Rao et al. 2021, the authors' DistillDiffPruningLoss for DeiT):
+    clf_weight 1.0, ratio_weight 2.0, distill_weight 0.5 (on both distillation terms), token_distill
+    'mse' (their main.py's mse_token=True; 'kl' is their LV-ViT setting); label_smoothing 0.0 (see
+    `classification_loss`).
     """
     if token_distill not in TOKEN_DISTILL_MODES:
         raise ValueError(f"token_distill must be one of {TOKEN_DISTILL_MODES}, got {token_distill!r}")
@@ -126,7 +133,9 @@ class DynamicViTLoss(Objective):
     keep_ratio gives the per-stage targets rho^(s+1) for as many stages as the model has; `targets`
     sets them explicitly instead. token_distill: 'mse' (the default: the authors' current main.py
     builds every DeiT criterion with mse_token=True; they use ratio_weight=5.0 for DeiT-B) or 'kl'
-    (KL over channels, their LV-ViT setting).
+    (KL over channels, their LV-ViT setting). keep_ratio defaults to 0.7, DynamicViT's headline ratio;
+    clf_weight 1.0, ratio_weight 2.0 and distill_weight 0.5 are the authors' DeiT weights (as in
+    `dynamicvit_loss`); label_smoothing 0.0 (see `classification_loss`).
 
         teacher_logits, teacher_tokens = teacher_outputs(teacher, images)
         logits = model(images)
@@ -167,6 +176,7 @@ class DynamicViTLoss(Objective):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, depth: int = 12) -> DynamicViTLoss:
+        """The loss of a `TrainConfig` `cfg` (`depth` unused: the stages are counted on each forward)."""
         return cls(
             cfg.keep_ratio,
             ratio_weight=cfg.ratio_weight,
@@ -178,9 +188,11 @@ class DynamicViTLoss(Objective):
     teacher_parts = 2
 
     def teacher_targets(self, teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The frozen `teacher`'s logits and final-norm patch tokens on `images` (`teacher_outputs`)."""
         return teacher_outputs(teacher, images)  # logits and final-norm patch tokens
 
     def stage_targets(self, stages: int) -> list[float]:
+        """The keep targets of a model with `stages` pruning stages (`targets`, or rho^(s+1))."""
         if self.targets is None:
             return keep_targets(self.keep_ratio, stages)
         if len(self.targets) != stages:
@@ -199,6 +211,8 @@ class DynamicViTLoss(Objective):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Total loss and {'cls', 'ratio', 'distill', 'token', 'total'} as floats (unweighted parts).
 
+        logits and labels as in `dynamicvit_loss`; teacher_logits (B, K): the teacher's (None: no
+        distillation, only with distill_weight 0).
         student_info: `tokensparse.sparsity_info(model)` of the forward that gave `logits` (or the model).
         teacher_tokens: (B, N, C) the dense teacher's final-norm patch tokens. In the training (mask)
         regime the student carries all N patch tokens; in the gather regime (eval) the teacher's tokens

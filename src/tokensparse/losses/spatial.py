@@ -29,6 +29,10 @@ class DynamicSpatialLoss(Objective):
     DynamicViT's 2), clf 1 and distill 0.5. Unlike DynamicViT, the feature distillation covers all
     positions (none is dropped), and the parts are reported as the authors log them (ratio undivided).
 
+    keep_ratio rho defaults to 0.7, the journal version's headline ratio (Rao et al. 2023); clf_weight
+    1.0, ratio_weight 10.0 and distill_weight 0.5 are their main.py's; label_smoothing 0.0 (see
+    `classification_loss`).
+
         teacher_logits, teacher_features = spatial_teacher_outputs(teacher, images)
         logits = model(images)  # train mode
         loss, parts = criterion(logits, labels, tokensparse.dynamic_spatial_info(model),
@@ -57,6 +61,7 @@ class DynamicSpatialLoss(Objective):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, depth: int = 12) -> DynamicSpatialLoss:
+        """The loss of a `TrainConfig` `cfg` (`depth` unused)."""
         return cls(
             cfg.keep_ratio,
             ratio_weight=cfg.ratio_weight,
@@ -67,6 +72,7 @@ class DynamicSpatialLoss(Objective):
     teacher_parts = 2
 
     def teacher_targets(self, teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The frozen `teacher`'s logits and features on `images` (`spatial_teacher_outputs`)."""
         return spatial_teacher_outputs(teacher, images)  # logits and final-norm features per position
 
     def forward(
@@ -79,6 +85,8 @@ class DynamicSpatialLoss(Objective):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Total loss and {'cls', 'ratio', 'distill', 'token', 'total'} as floats (unweighted parts).
 
+        logits (B, K) and labels as in `classification_loss`; teacher_logits (B, K), the teacher's (None:
+        no distillation, only with distill_weight 0).
         student_info: `tokensparse.dynamic_spatial_info(model)` of the training forward that gave
         `logits` (or the model); teacher_features (B, M, C) from `spatial_teacher_outputs`.
         """
@@ -126,8 +134,9 @@ class DynamicSpatialLoss(Objective):
 
 @torch.no_grad()
 def spatial_teacher_outputs(teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, K), final-norm features per position (B, M, C)) of a frozen dense timm ConvNeXt or
-    SwinTransformer, in eval mode (restored after): the authors' ConvNeXt_Teacher / SwinTransformer_Teacher."""
+    """(logits (B, K), final-norm features per position (B, M, C)) of a frozen dense `teacher`, a timm
+    ConvNeXt or SwinTransformer, on `images` (B, 3, H, W), in eval mode (restored after): the authors'
+    ConvNeXt_Teacher / SwinTransformer_Teacher."""
     from timm.models.convnext import ConvNeXt
     from timm.models.swin_transformer import SwinTransformer
 

@@ -23,7 +23,12 @@ HERE = Path(__file__).resolve().parent
 
 @dataclass(frozen=True)
 class PretrainedEntry:
-    """A shipped dense model: how to build it and where its weights are."""
+    """A shipped dense model: how to build it and where its weights are.
+
+    name: the name `pretrained` takes; model: the timm architecture, built with `model_kwargs`,
+    `num_classes` (default 10) and `img_size` (default 64, pixels); dataset: the data set it was
+    trained on (default "fashion-mnist-clutter", the built-in one); weights: the safetensors file beside
+    this module."""
 
     name: str
     model: str
@@ -56,7 +61,7 @@ PRETRAINED: dict[str, PretrainedEntry] = {
 
 
 def pretrained_entry(name: str) -> PretrainedEntry:
-    """The entry of a shipped model; ValueError listing the names if there is none by that name."""
+    """The entry of the shipped model `name`; ValueError listing the names if there is none by that name."""
     if name not in PRETRAINED:
         raise ValueError(f"no shipped model named {name!r}; available: {', '.join(sorted(PRETRAINED))}")
     entry = PRETRAINED[name]
@@ -66,7 +71,8 @@ def pretrained_entry(name: str) -> PretrainedEntry:
 
 
 def pretrained(name: str = "clutter-vit", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The shipped dense model `name` as a timm model in eval mode, weights cast to `dtype`."""
+    """The shipped dense model `name` (default "clutter-vit", the only one) as a timm model in eval mode,
+    weights cast to `dtype` (default float32)."""
     entry = pretrained_entry(name)
     model = timm.create_model(
         entry.model,

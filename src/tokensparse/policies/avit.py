@@ -55,7 +55,11 @@ MASKED_KEY_BIAS = -1000.0
 
 
 class AViTPolicy(TokenPolicy, nn.Module):
-    """The halting rule of A-ViT; holds its three settings and no parameters."""
+    """The halting rule of A-ViT; holds its settings and no parameters.
+
+    gate_scale, gate_center, eps, early_exit (default True) and straight_through_zeroing (default True)
+    as in `avit`, which checks them and gives the paper's defaults (gate_scale 10, gate_center 30, eps
+    0.01: A-ViT's DeiT-T setting, Yin et al. 2022)."""
 
     method = "avit"
 
@@ -97,11 +101,14 @@ class AViTPolicy(TokenPolicy, nn.Module):
         )
 
     def halting_score(self, block_output: torch.Tensor) -> torch.Tensor:
-        """h = sigmoid(gate_scale * y[..., 0] - gate_center), in float32 whatever the compute dtype."""
+        """h = sigmoid(gate_scale * y[..., 0] - gate_center) for y = `block_output` (..., C), in float32
+        whatever the compute dtype."""
         return torch.sigmoid(block_output[..., 0].float() * self.gate_scale - self.gate_center)
 
     def halting_step(self, cumulative, remainder, h, running=None):
-        """One block of the halting rule, elementwise, in the authors' order and strict comparisons.
+        """One block of the halting rule, elementwise, in the authors' order and strict comparisons:
+        `cumulative` scores and `remainder` before this block, `h` its halting scores, `running` (None:
+        all) 1.0 where the token still ran.
 
         Returns the new cumulative score and remainder, the weight of this block's output in the
         token's output (R where it halts now, h where it runs on, 0 for a token that sits exactly on
@@ -357,6 +364,7 @@ def avit_stats(model: nn.Module) -> HaltingStats:
     (inference): token_depth counts the blocks that ran; with early_exit, tokens of an image whose
     class token halted stop there (their ponder is then the blocks they ran, without remainder), and
     halting_score_layer averages the tokens each block computed (nan for a block that ran none).
+    `model` must be made by `avit` and have run a forward.
     """
     return policy_stats(model, AViTPolicy, HaltingStats, "avit_stats", "avit")
 
@@ -379,18 +387,21 @@ def avit(
 
     Halting score h = sigmoid(gate_scale * y[..., 0] - gate_center) of each block's output y; a token
     halts once its summed scores exceed 1 - eps. The authors use gate_scale 10, gate_center 30 for
-    DeiT-T and 75 for DeiT-S. early_exit (inference only): stop computing an image once the tokens its
-    head reads have halted (the logits are unchanged; its other tokens' depths then stop there too).
+    DeiT-T and 75 for DeiT-S; the defaults, gate_scale 10 and eps 0.01, are A-ViT's DeiT-T setting
+    (Yin et al. 2022, the authors' code). early_exit (inference only, default True): stop computing an
+    image once the tokens its head reads have halted (the logits are unchanged; its other tokens'
+    depths then stop there too).
 
-    straight_through_zeroing (training only): a halted token's block input is zeroed with an identity
-    gradient, as the authors' training does it (`out.data = out.data * mask`, which autograd does not
-    see); their released checkpoints were trained so. False zeroes it with an ordinary product, whose
-    gradient is zero there. Forward values are identical; only the distributional prior's gradient
+    straight_through_zeroing (training only, default True): a halted token's block input is zeroed with
+    an identity gradient, as the authors' training does it (`out.data = out.data * mask`, which autograd
+    does not see); their released checkpoints were trained so. False zeroes it with an ordinary product,
+    whose gradient is zero there. Forward values are identical; only the distributional prior's gradient
     differs (through halted tokens' halting scores, which the per-block mean includes).
 
-    gate_center defaults to 30 (the authors' DeiT-T). `target_gflops` instead of it, with `images` (a
-    few of your own, (B, C, H, W)): the centre at which the model executes at most that many GMACs per
-    image on average over `images`, within 2% (`tokensparse.budget`). A-ViT's FLOPs depend on the image,
+    gate_center defaults to 30 (the authors' DeiT-T). `target_gflops` (GMACs per image: multiply-adds,
+    what the papers call FLOPs; default None) instead of it, with `images` (a few of your own,
+    (B, C, H, W)): the centre at which the model executes at most that many GMACs per image on average
+    over `images`, within 2% (`tokensparse.budget`). A-ViT's FLOPs depend on the image,
     so other images execute more or fewer; calibrate on images like those it will see.
     """
     check_vit(model)
@@ -418,7 +429,7 @@ def avit(
 
 
 def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
-    """`avit` with a run's settings (the registry's constructor)."""
+    """`avit` on `model` with the settings of the `TrainConfig` `cfg` (the registry's constructor)."""
     return avit(
         model,
         gate_scale=cfg.gate_scale,

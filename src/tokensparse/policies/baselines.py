@@ -37,12 +37,14 @@ if TYPE_CHECKING:
 
 
 def mlp_macs(model: VisionTransformer) -> tuple[int, ...]:
-    """Multiply-adds per token of each block's MLP: what a token removed before the MLP saves."""
+    """Multiply-adds (MACs, what the papers call FLOPs) per token of each block's MLP of `model`: what a
+    token removed before the MLP saves."""
     return tuple(linear_macs(block.mlp) for block in model.blocks)
 
 
 def reduced_mlp_flops(policy: TokenPolicy, info: SparseInfo) -> torch.Tensor:
-    """(B,) multiply-adds to add to `backbone_flops` for blocks that reduce tokens between attention and MLP.
+    """(B,) multiply-adds to add to `backbone_flops` for blocks that reduce tokens between attention and
+    MLP, for the forward `info` describes; `policy` holds `mlp_macs` of its model.
 
     `backbone_flops` counts each block on the tokens it started with; ToMe and EViT run the block's MLP
     on fewer (`info.mlp_tokens`), so the MLP work on the removed tokens is subtracted.
@@ -67,8 +69,9 @@ class _Draws:
 def seeded_draws(
     seed: int, image_indices: torch.Tensor, stages: int, num_patches: int, device: torch.device | str = "cpu"
 ) -> list[torch.Tensor]:
-    """Per stage, (B, num_patches) uniform draws; image b's from a generator seeded with
-    (seed, image_indices[b]), so an image draws the same whatever batch it is in."""
+    """Per stage (`stages` of them), (B, num_patches) uniform draws; image b's from a generator seeded with
+    (seed, image_indices[b]), so an image draws the same whatever batch it is in; returned on `device`
+    (default "cpu")."""
     rows = []
     for index in image_indices.tolist():
         generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
@@ -78,6 +81,9 @@ def seeded_draws(
 
 
 class RandomPruningPolicy(StagePruningPolicy):
+    """Random pruning: DynamicViT's stages (`keep_ratio`, `locations`) ranking patches by uniform draws;
+    `seed` (default None: torch's global generator) as in `random_prune`."""
+
     method = "random"
 
     def export_refusal(self) -> str | None:
@@ -99,7 +105,8 @@ class RandomPruningPolicy(StagePruningPolicy):
     def fix_draws(
         self, batch_size: int | None, num_patches: int = 0, device: torch.device | str = "cpu"
     ) -> None:
-        """Precompute the seeded draws of a forward on `batch_size` images of `num_patches`; None drops them.
+        """Precompute the seeded draws of a forward on `batch_size` images of `num_patches`, on `device`;
+        `batch_size` None drops them.
 
         With a seed the draws depend on the seed and the input's shape only; fixed, they become
         constants of a traced graph (ONNX export), since torch's generator cannot be exported.
@@ -152,6 +159,9 @@ def centre_rank(grid: tuple[int, int]) -> torch.Tensor:
 
 
 class StaticPruningPolicy(StagePruningPolicy):
+    """Static pruning: DynamicViT's stages (`keep_ratio`, `locations`) keeping the patches nearest the
+    centre of the model's (H, W) patch `grid` (`centre_rank`)."""
+
     method = "static"
 
     def __init__(self, keep_ratio: float, locations: Sequence[int], grid: tuple[int, int]):
@@ -175,11 +185,14 @@ def random_prune(
     seed: int | None = None,
     target_gflops: float | None = None,
 ) -> VisionTransformer:
-    """Prune a random subset of patch tokens per image at DynamicViT's locations and counts (in place).
+    """Prune a random subset of patch tokens per image of `model` at DynamicViT's locations and counts (in
+    place; returns the model).
 
-    locations defaults to DynamicViT's (3, 6, 9) for 12 blocks, keep_ratio to 0.7; `target_gflops`
-    instead of keep_ratio solves it for that budget as `dynamicvit` does. Without `seed` every forward
-    draws anew from torch's global generator; with it, each forward uses a generator seeded with `seed`.
+    locations defaults to DynamicViT's (3, 6, 9) for 12 blocks, keep_ratio to 0.7 (DynamicViT's headline
+    ratio, Rao et al. 2021); `target_gflops` (GMACs per image: multiply-adds, what the papers call FLOPs;
+    default None) instead of keep_ratio solves it for that budget as `dynamicvit` does. Without `seed` every
+    forward draws anew from torch's global generator; with it, each forward uses a generator seeded with
+    `seed`.
     """
     ratio, locations = stage_policy_args(model, ratio_or_budget(keep_ratio, target_gflops), locations)
     if seed is not None and not is_int(seed):
@@ -194,8 +207,10 @@ def static_prune(
     locations: Sequence[int] | None = None,
     target_gflops: float | None = None,
 ) -> VisionTransformer:
-    """Keep the patches nearest the image centre, the same for every image, at DynamicViT's counts (in
-    place); keep_ratio defaults to 0.7, or `target_gflops` solves it as `dynamicvit` does."""
+    """Keep the patches of `model` nearest the image centre, the same for every image, at DynamicViT's
+    counts (in place; returns the model). locations defaults to DynamicViT's (3, 6, 9) for 12 blocks,
+    keep_ratio to 0.7 (DynamicViT's headline ratio, Rao et al. 2021), or `target_gflops` (GMACs per
+    image: multiply-adds, what the papers call FLOPs) solves it as `dynamicvit` does."""
     ratio, locations = stage_policy_args(model, ratio_or_budget(keep_ratio, target_gflops), locations)
     grid = tuple(model.patch_embed.grid_size)
     sparsify(model, StaticPruningPolicy(ratio, locations, grid), "static_prune")
@@ -203,7 +218,7 @@ def static_prune(
 
 
 def random_from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
-    """`random_prune` with a run's settings (the registry's constructor)."""
+    """`random_prune` on `model` with the settings of the `TrainConfig` `cfg` (the registry's constructor)."""
     return random_prune(
         model,
         keep_ratio=cfg.keep_ratio,
@@ -214,7 +229,7 @@ def random_from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTran
 
 
 def static_from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
-    """`static_prune` with a run's settings (the registry's constructor)."""
+    """`static_prune` on `model` with the settings of the `TrainConfig` `cfg` (the registry's constructor)."""
     return static_prune(
         model, keep_ratio=cfg.keep_ratio, locations=cfg.locations, target_gflops=cfg.target_gflops
     )

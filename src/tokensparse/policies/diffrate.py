@@ -58,10 +58,10 @@ GRANULARITY = 4  # the authors' --granularity: candidate patch counts N, N - 4, 
 
 @dataclass
 class DiffRateStats:
-    """DiffRate's last forward: per block the tokens kept after pruning and after merging (class
-    token included), the final token sizes (B, t) and, when traced, per block `owner` (B, N + 1): the
-    position of the token holding each input token after that block, -1 where pruned, and `sizes`
-    (B, t_b): the sizes of the tokens after that block; `search_flops`: the search's FLOPs (the
+    """DiffRate's last forward: per block the tokens kept after pruning (`prune_kept`) and after merging
+    (`merge_kept`), class token included, the final token sizes `size` (B, t) and, when traced, per block
+    `owner` (B, N + 1): the position of the token holding each input token after that block, -1 where pruned,
+    and `sizes` (B, t_b): the sizes of the tokens after that block; `search_flops`: the search's FLOPs (the
     authors' count, differentiable)."""
 
     prune_kept: list[int]
@@ -84,7 +84,11 @@ class _State:
 
 
 class DiffRatePolicy(TokenPolicy, nn.Module):
-    """DiffRate's pruning and merging in every block, at fixed counts or at searchable ones."""
+    """DiffRate's pruning and merging in every block, at fixed counts or at searchable ones.
+
+    model: the ViT (its depth, patches and widths); prune_kept and merge_kept: the fixed counts, or
+    None for searchable ones; granularity (default 4: DiffRate's main.py `--granularity`, Chen et al.
+    2023) and trace (default False) as in `diffrate`, which checks them."""
 
     method = "diffrate"
     map_kind = "kept"
@@ -292,9 +296,10 @@ class DiffRatePolicy(TokenPolicy, nn.Module):
         )
 
     def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
-        """(B,) multiply-adds beyond `backbone_flops`: per compressing block the class token's attention
-        row computed again (tokens x width) and the merge's similarities (sources x destinations x dim),
-        minus the MLP work on the tokens removed before that block's MLP."""
+        """(B,) multiply-adds (what the papers call FLOPs) of the forward `info` describes beyond
+        `backbone_flops` (`num_patches`, N, is not needed here): per compressing block the class token's
+        attention row computed again (tokens x width) and the merge's similarities (sources x destinations x
+        dim), minus the MLP work on the tokens removed before that block's MLP."""
         tokens = info.tokens_per_block.detach().to("cpu", torch.float64)
         prune, merge = info.extra["prune_kept"], info.extra["merge_kept"]
         extra = torch.zeros(tokens.shape[0], dtype=torch.float64)
@@ -367,14 +372,17 @@ def diffrate(
     - `prune_kept`, `merge_kept`: per block, tokens left after pruning and after merging (class token
       included), as the authors' `compression_rate.json`;
     - `published`: their searched counts for this DeiT (`deit_{tiny,small,base}_patch16_224`) at that
-      budget in GFLOPs (their formula), e.g. `published=2.9` for DeiT-S (79.54% top-1 in their paper);
-    - `target_gflops`: counts whose executed GMACs per image (tokensparse's count) are at most the
-      target and within 2% of it, without a search: the authors' DeiT-S profile (their 2.3 GFLOPs
-      counts as shares of the tokens) scaled between none and that share (`tokensparse.budget`);
+      budget in GFLOPs (their formula: GMACs, multiply-adds), e.g. `published=2.9` for DeiT-S (79.54%
+      top-1 in their paper);
+    - `target_gflops`: counts whose executed GMACs per image (multiply-adds, what the papers call FLOPs;
+      tokensparse's count) are at most the target and within 2% of it, without a search: the authors'
+      DeiT-S profile (their 2.3 GFLOPs counts as shares of the tokens) scaled between none and that
+      share (`tokensparse.budget`);
     - none of them: searchable counts (logits at zero, as the authors start), trained by
       `tokensparse train --method diffrate --target-gflops X` with the backbone frozen.
-    `granularity`: the search's step between candidate patch counts (the authors' 4). `trace` records
-    which input tokens each token holds after every block (`diffrate_stats(model).owner`).
+    `granularity`: the search's step between candidate patch counts (default 4: DiffRate's main.py
+    `--granularity`, Chen et al. 2023). `trace` (default False) records which input tokens each token
+    holds after every block (`diffrate_stats(model).owner`).
     """
     check_vit(model)
     if getattr(model, "cls_token", None) is None or model.num_prefix_tokens != 1:
@@ -409,7 +417,7 @@ def diffrate(
 
 def profile_counts(model: VisionTransformer, strength: float) -> tuple[list[int], list[int]]:
     """Counts `strength` of the way (0: none, 1: all) from no compression to the authors' DeiT-S 2.3
-    GFLOPs profile, as shares of this model's tokens (blocks mapped by relative depth)."""
+    GFLOPs profile, as shares of the tokens of `model` (blocks mapped by relative depth)."""
     prune, merge = PUBLISHED["deit_small_patch16_224"][2.3]
     depth, tokens = len(model.blocks), num_patches(model) + 1
     out: tuple[list[int], list[int]] = ([], [])
@@ -423,20 +431,22 @@ def profile_counts(model: VisionTransformer, strength: float) -> tuple[list[int]
 
 
 def diffrate_stats(model: nn.Module) -> DiffRateStats:
-    """The counts, sizes (and traced owners) of DiffRate's last forward (`DiffRateStats`)."""
+    """The counts, sizes (and traced owners) of the last forward of `model`, made by `diffrate`
+    (`DiffRateStats`)."""
     from ..engine import policy_stats
 
     return policy_stats(model, DiffRatePolicy, DiffRateStats, "diffrate_stats", "diffrate")
 
 
 def untrained(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
-    """A fresh DiffRate model at a run's settings without a search: a FLOP budget gives the counts of
-    `diffrate(target_gflops=)`; without one, the search's starting counts."""
+    """`model` made a fresh DiffRate model at the settings of the `TrainConfig` `cfg`, without a search: a
+    FLOP budget gives the counts of `diffrate(target_gflops=)`; without one, the search's starting counts."""
     return diffrate(model, target_gflops=cfg.target_gflops, granularity=cfg.get("granularity") or GRANULARITY)
 
 
 def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
-    """`diffrate` for a run: searchable counts with the backbone frozen (the search trains only the
+    """`diffrate` on `model` for a run with `TrainConfig` `cfg` (its granularity, default 4): searchable
+    counts with the backbone frozen (the search trains only the
     logits); a FLOP budget is the search's target, not solved here."""
     diffrate(model, granularity=cfg.get("granularity") or GRANULARITY)
     for name, param in model.named_parameters():

@@ -32,8 +32,9 @@ PUBLISHED: dict[str, dict[float, tuple[tuple[int, ...], tuple[int, ...]]]] = {
 
 
 def published_counts(model_name: str, gflops: float) -> tuple[list[int], list[int]]:
-    """The authors' searched (prune_kept, merge_kept) for a DeiT at one of their budgets (GFLOPs by
-    their formula): `PUBLISHED`; ValueError naming what there is."""
+    """The authors' searched (prune_kept, merge_kept) for the DeiT `model_name` (a timm name) at `gflops`,
+    one of their budgets (GFLOPs by their formula: GMACs, multiply-adds): `PUBLISHED` (Chen et al. 2023);
+    ValueError naming what there is."""
     entries = PUBLISHED.get(model_name)
     if entries is None:
         raise ValueError(f"no published DiffRate counts for {model_name}; they exist for {sorted(PUBLISHED)}")

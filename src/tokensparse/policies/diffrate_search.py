@@ -24,10 +24,12 @@ class STECeil(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):  # type: ignore[override]
+        """ceil(`x`)."""
         return torch.ceil(x)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
+        """`grad` unchanged (straight-through)."""
         return grad
 
 
@@ -37,16 +39,21 @@ class STEMin(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, n, prune, merge):  # type: ignore[override]
+        """min(`n`, `prune`, `merge`): the tokens a block leaves of the n entering it."""
         return torch.minimum(torch.minimum(n, prune), merge)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
+        """`grad` to both counts, none to n."""
         return None, grad, grad
 
 
 class CompressionRate(nn.Module):
     """One block's searchable count (the authors' `DiffRate` module): logits over candidate patch
-    counts; the count is ceil(E[candidate]) + 1 (class token included), straight-through."""
+    counts; the count is ceil(E[candidate]) + 1 (class token included), straight-through.
+
+    patches: N, the patch count (candidates N, N - granularity, ..., down to >= 1); granularity: the step
+    between candidates (DiffRate's main.py uses 4, Chen et al. 2023; N + 1 leaves one candidate, N)."""
 
     def __init__(self, patches: int, granularity: int):
         super().__init__()
@@ -72,7 +79,8 @@ class CompressionRate(nn.Module):
 
 
 def authors_flops(policy: DiffRatePolicy, prune: Sequence[Any], merge: Sequence[Any]) -> torch.Tensor:
-    """The authors' FLOP count (multiply-adds, `calculate_flop_training` / `_inference`): patch
+    """The authors' FLOP count (multiply-adds, `calculate_flop_training` / `_inference`) of `policy`'s
+    model at the per-block counts `prune` and `merge` (ints or tensors): patch
     embedding on every token (class token included), per block 4 N C^2 + 2 N^2 C for attention on the N
     tokens entering and 8 N' C^2 for the MLP on N' = min(N, prune, merge), and the head. With tensors
     for the counts, differentiable as theirs (`STEMin`)."""
@@ -93,7 +101,11 @@ def authors_flops(policy: DiffRatePolicy, prune: Sequence[Any], merge: Sequence[
 
 class DiffRateLoss(nn.Module):
     """The search's objective: cross-entropy (soft targets with Mixup) + flop_weight x (GFLOPs by the
-    authors' formula - target)^2, as their engine.py."""
+    authors' formula - target)^2, as their engine.py.
+
+    target_gflops: the budget in GMACs per image (multiply-adds, what the papers call FLOPs) by
+    tokensparse's count, converted to the authors' count by the dense model's ratio; flop_weight defaults
+    to 5.0, their engine.py's `lamb` (Chen et al. 2023); label_smoothing to 0.0."""
 
     def __init__(self, target_gflops: float, flop_weight: float = FLOP_WEIGHT, label_smoothing: float = 0.0):
         super().__init__()
@@ -108,9 +120,12 @@ class DiffRateLoss(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, depth: int = 12) -> DiffRateLoss:
+        """The loss of a `TrainConfig` `cfg` (its target_gflops, flop_weight, smoothing; `depth` unused)."""
         return cls(cfg.target_gflops, cfg.get("flop_weight") or FLOP_WEIGHT, cfg.smoothing)
 
     def step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None):
+        """(loss, parts) of one search step of `model` (a searchable DiffRate model) on `images` and
+        `labels`; `teacher` is not used (the search does not distil)."""
         from ..engine import get_policy, sparsity_info
         from ..losses.common import classification_loss
 
@@ -133,7 +148,8 @@ class DiffRateLoss(nn.Module):
 
 
 def authors_dense_ratio(model: nn.Module, policy: DiffRatePolicy) -> tuple[float, float]:
-    """(the authors' dense FLOP count over tokensparse's, tokensparse's dense GMACs per image)."""
+    """(the authors' dense FLOP count over tokensparse's, tokensparse's dense GMACs per image) of `model`,
+    the ViT under `policy`, a `DiffRatePolicy`."""
     from ..flops import backbone_flops
 
     tokens = torch.full((1, policy.depth), policy.tokens)

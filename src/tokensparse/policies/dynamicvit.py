@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 
 def default_locations(depth: int) -> tuple[int, ...]:
-    """The paper's placement, a quarter of the depth apart: (3, 6, 9) for 12 blocks, (6, 12, 18) for 24."""
+    """The paper's placement for a ViT of `depth` blocks, a quarter of the depth apart: (3, 6, 9) for 12
+    blocks, (6, 12, 18) for 24 (Rao et al. 2021)."""
     return tuple(sorted({max(1, depth * s // 4) for s in (1, 2, 3)}))
 
 
@@ -52,7 +53,7 @@ class ScorePredictor(nn.Module):
     (log-probs near log 0.5) and the ranking is learned from the training signal alone. PyTorch's
     default Linear init instead gives a strong random ranking from the start, which a short
     fine-tune does not undo (the cause of learned pruning ranking worse than random after a few
-    hundred steps).
+    hundred steps). `dim` is the ViT's embedding width C (a multiple of 4).
     """
 
     def __init__(self, dim: int):
@@ -79,7 +80,7 @@ class ScorePredictor(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, patch_tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, M, C) patch tokens and optional (B, M, 1) keep mask -> (B, M, 2) log-probs, 0 = keep."""
+        """`patch_tokens` (B, M, C) and optional `keep` (B, M, 1) mask -> (B, M, 2) log-probs, 0 = keep."""
         x = self.in_conv(patch_tokens)
         half = x.shape[-1] // 2
         local, image = x[..., :half], x[..., half:]
@@ -107,7 +108,8 @@ class ScorePredictor(nn.Module):
         return tokens * (full - image_half - last.in_features * (last.out_features - 1)) + image_half
 
     def keep_score(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, M) scores ranking tokens as the keep log-probability does, for inference (all kept).
+        """(B, M) scores ranking `patch_tokens` (B, M, C) as the keep log-probability does, for inference
+        (all kept).
 
         The same function computed with less work: log p(keep) = -softplus(l1 - l0) is monotone in
         l0 - l1, so the last layer collapses to one vector and the LogSoftmax goes; the image half of
@@ -127,16 +129,19 @@ class ScorePredictor(nn.Module):
 
 
 def stage_keep_counts(patches: int, keep_ratio: float, stages: int) -> list[int]:
-    """Patch tokens kept after each stage: int(N * rho^(s+1)), as the authors compute them."""
+    """Patch tokens kept after each of `stages` stages: int(N * rho^(s+1)) for N = `patches` and rho =
+    `keep_ratio`, as the authors compute them."""
     return [int(patches * keep_ratio ** (s + 1)) for s in range(stages)]
 
 
 def check_keep_ratio(keep_ratio: float) -> float:
+    """`keep_ratio` as a float; ValueError unless it is a number in (0, 1]."""
     return check_number("keep_ratio", keep_ratio, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 
 
 def check_locations(locations: Sequence[int] | None, depth: int) -> tuple[int, ...]:
-    """DynamicViT's default placement when None; else strictly increasing block indices inside the depth."""
+    """`locations` checked for a ViT of `depth` blocks: DynamicViT's default placement when None
+    (`default_locations`); else strictly increasing block indices inside the depth."""
     locations = default_locations(depth) if locations is None else tuple(locations)
     if not locations:
         raise ValueError("locations must name at least one block")
@@ -152,7 +157,8 @@ def check_locations(locations: Sequence[int] | None, depth: int) -> tuple[int, .
 
 
 def keep_counts(patches: int, keep_ratio: float, locations: Sequence[int]) -> list[int]:
-    """Patch tokens kept after each stage, DynamicViT's int(N * rho^(s+1)); ValueError if one keeps none."""
+    """Patch tokens kept after the stage at each of `locations`, DynamicViT's int(N * rho^(s+1)) for N =
+    `patches` and rho = `keep_ratio`; ValueError if one keeps none."""
     counts = stage_keep_counts(patches, keep_ratio, len(locations))
     if counts and counts[-1] < 1:
         raise ValueError(
@@ -167,7 +173,8 @@ class StagePruningPolicy(TokenPolicy, nn.Module):
     int(N * keep_ratio ** (s + 1)) highest-scoring patch tokens. A method says how it scores.
 
     Inference (gather regime) gathers the kept tokens; training (mask regime) keeps every token and
-    masks attention, a token once dropped staying dropped.
+    masks attention, a token once dropped staying dropped. No defaults here: the method's constructor
+    (e.g. `dynamicvit`) checks and fills them.
     """
 
     def __init__(self, keep_ratio: float, locations: Sequence[int]):
@@ -218,8 +225,9 @@ DEFAULT_KEEP_RATIO = 0.7  # the papers' (DynamicViT's rho, EViT's keep rate)
 
 
 def ratio_or_budget(keep_ratio: float | None, target_gflops: float | None) -> float:
-    """The keep ratio a stage-pruning method is patched with: `keep_ratio` (default 0.7), or 1.0 where a
-    FLOP budget then solves it (`meet_budget`); ValueError if both are given."""
+    """The keep ratio a stage-pruning method is patched with: `keep_ratio` (default 0.7, DynamicViT's
+    headline ratio, Rao et al. 2021, and EViT's keep rate), or 1.0 where a FLOP budget `target_gflops`
+    (GMACs per image) then solves it (`meet_budget`); ValueError if both are given."""
     if target_gflops is None:
         return DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio
     if keep_ratio is not None:
@@ -251,7 +259,10 @@ def stage_policy_args(
 
 
 class DynamicViTPolicy(StagePruningPolicy, nn.ModuleList):
-    """The predictors of every stage (registered as `score_predictor.{i}`) and the pruning rule."""
+    """The predictors of every stage (registered as `score_predictor.{i}`) and the pruning rule.
+
+    dim: the ViT's embedding width; keep_ratio and locations as in `dynamicvit` (here without
+    defaults: `dynamicvit` checks and fills them)."""
 
     method = "dynamicvit"
 
@@ -272,7 +283,8 @@ class DynamicViTPolicy(StagePruningPolicy, nn.ModuleList):
             state.mask_top(count, log_probs[..., 0])
 
     def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
-        """Each stage's predictor runs on the patch tokens present before that stage prunes.
+        """Each stage's predictor runs on the patch tokens present before that stage prunes (`info`:
+        the forward; `num_patches`: N): (B,) multiply-adds (what the papers call FLOPs).
 
         Gather regime (eval): a stage that keeps every token skips its predictor. Mask regime (training):
         every token stays in the tensor and each predictor scores all of them.
@@ -295,14 +307,14 @@ def dynamicvit(
 ) -> VisionTransformer:
     """Make `model` a DynamicViT in place (and return it): predictors before blocks `locations`.
 
-    locations defaults to a quarter of the depth apart: (3, 6, 9) for a 12-block ViT, as the paper.
-    Stage s keeps int(N * keep_ratio ** (s + 1)) patch tokens (N = patches of the model; keep_ratio
-    defaults to the paper's 0.7); prefix tokens (class, distillation, registers) are never pruned.
-    `target_gflops` instead of keep_ratio: the largest keep ratio whose executed GMACs per image at the
-    model's input size (predictors included) are at most the target and within 2% of it
-    (`tokensparse.budget`); ValueError naming the reachable range otherwise. The predictors start from
-    random weights; load trained ones with `tokensparse.load_checkpoint` or train them with the
-    DynamicViT loss.
+    locations defaults to a quarter of the depth apart: (3, 6, 9) for a 12-block ViT, as the paper. Stage s
+    keeps int(N * keep_ratio ** (s + 1)) patch tokens (N = patches of the model; keep_ratio defaults to 0.7,
+    DynamicViT's headline ratio, Rao et al. 2021); prefix tokens (class, distillation, registers) are never
+    pruned. `target_gflops` (GMACs per image: multiply-adds, what the papers call FLOPs; default None) instead
+    of keep_ratio: the largest keep ratio whose executed GMACs per image at the model's input size (predictors
+    included) are at most the target and within 2% of it (`tokensparse.budget`); ValueError naming the
+    reachable range otherwise. The predictors start from random weights; load trained ones with
+    `tokensparse.load_checkpoint` or train them with the DynamicViT loss.
     """
     ratio = ratio_or_budget(keep_ratio, target_gflops)
     ratio, locations = stage_policy_args(model, ratio, locations)
@@ -311,7 +323,7 @@ def dynamicvit(
 
 
 def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
-    """`dynamicvit` with a run's settings (the registry's constructor)."""
+    """`dynamicvit` on `model` with the settings of the `TrainConfig` `cfg` (the registry's constructor)."""
     return dynamicvit(
         model, keep_ratio=cfg.keep_ratio, locations=cfg.locations, target_gflops=cfg.target_gflops
     )

@@ -35,7 +35,10 @@ from .dynspatial import (
 
 
 class DynamicConvNeXtBlock(ConvNeXtBlock):
-    """A timm ConvNeXtBlock with a fast path; `forward` (dense) is timm's, unchanged."""
+    """A timm ConvNeXtBlock with a fast path; `forward` (dense) is timm's, unchanged.
+
+    Not built directly: `dynamic_convnext` converts timm's in place, so the constructor (and its
+    parameters) is timm's ConvNeXtBlock's."""
 
     fast_path: nn.Sequential
     fast_path_gamma: nn.Parameter | None
@@ -52,7 +55,8 @@ class DynamicConvNeXtBlock(ConvNeXtBlock):
     def forward_two_stream(
         self, stream: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training: (full, fast) streams (B, C, H, W), mask (B, 1, H, W); both paths on every position."""
+        """Training: `stream`, the (full, fast) streams (B, C, H, W), `mask` (B, 1, H, W) the hard keep
+        decisions; both paths on every position."""
         full, fast = stream
         y = self.conv_dw(full * mask + fast * (1 - mask))
         a = (y * mask + full * (1 - mask)).permute(0, 2, 3, 1)
@@ -62,7 +66,8 @@ class DynamicConvNeXtBlock(ConvNeXtBlock):
         return full + self.drop_path(a), fast + self.drop_path(b)
 
     def forward_split(self, x: torch.Tensor, split: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Inference: MLP on the kept positions, fast path on the rest, scattered back."""
+        """Inference on `x` (B, C, H, W): MLP on the kept positions, fast path on the rest, scattered back;
+        `split` is (kept, rest) position indices from `rank_positions`."""
         kept, rest = split
         B, C, H, W = x.shape
         y = self.conv_dw(x).permute(0, 2, 3, 1).reshape(B, H * W, C)
@@ -73,6 +78,11 @@ class DynamicConvNeXtBlock(ConvNeXtBlock):
 
 
 class DynamicConvNeXtStage(DynamicStageMixin, ConvNeXtStage):
+    """A timm ConvNeXtStage whose blocks run through `DynamicStageMixin`'s loop (predictors, two streams).
+
+    Not built directly: `dynamic_convnext` converts timm's in place, so the constructor (and its
+    parameters) is timm's ConvNeXtStage's."""
+
     score_predictor: nn.ModuleList
     locations: tuple[int, ...]
     keep_ratios: tuple[float, ...]
@@ -88,13 +98,18 @@ class DynamicConvNeXtStage(DynamicStageMixin, ConvNeXtStage):
         return keep.view(x.shape[0], 1, x.shape[2], x.shape[3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` (B, C, H, W) through the downsampling layer and the dynamic block loop."""
         return self._run_blocks(self.downsample(x))
 
 
 class DynamicConvNeXt(ConvNeXt):
-    """A timm ConvNeXt whose third stage has predictors and fast paths; records the last forward."""
+    """A timm ConvNeXt whose third stage has predictors and fast paths; records the last forward.
+
+    Not built directly: `dynamic_convnext` converts timm's in place, so the constructor (and its
+    parameters) is timm's ConvNeXt's (`dynamic_convnext` documents the settings this adds)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of images `x` (B, 3, H, W); in training also records the final-norm features."""
         features = self.forward_features(x)
         info = self.stages[SPARSE_STAGE].last_info
         info.features = convnext_feature_map(self, features) if self.training else None
@@ -102,8 +117,8 @@ class DynamicConvNeXt(ConvNeXt):
 
 
 def convnext_feature_map(model: ConvNeXt, features: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) output of `forward_features` -> (B, H*W, C) per position after the final norm
-    (timm's head norm, applied before pooling here), the authors' `featmap`."""
+    """`features`, the (B, C, H, W) output of `model.forward_features`, -> (B, H*W, C) per position after the
+    final norm (timm's head norm, applied before pooling here), the authors' `featmap`."""
     if isinstance(model.norm_pre, nn.Identity):
         features = model.head.norm(features)
     return features.flatten(2).transpose(1, 2)
@@ -155,7 +170,8 @@ def dynamic_convnext(
     """Make a timm ConvNeXt a dynamic ConvNeXt in place (and return it).
 
     keep_ratio rho: the three predictors send rho, rho - 0.2 and rho - 0.4 of the third stage's
-    positions through the full block MLP. locations: the predictors' blocks in that stage (default as
+    positions through the full block MLP; default 0.7, the journal version's headline ratio (Rao et al.
+    2023). locations: the predictors' blocks in that stage (default as
     the authors: (1, 2, 3) for ConvNeXt-T's 9 blocks, (3, 6, 9) for 27). New modules start from random
     weights (fast-path layer scales at the blocks' initial layer-scale value, 1e-6), on the model's
     device and dtype; load trained ones with `tokensparse.load_checkpoint` or train them with
@@ -182,7 +198,8 @@ def dynamic_convnext(
 def authors_convnext_state_dict(
     state: Mapping[str, torch.Tensor], model: nn.Module
 ) -> dict[str, torch.Tensor]:
-    """A state dict of the authors' `AdaConvNeXt` (dyconvnext.py) renamed to a dynamic timm ConvNeXt's keys.
+    """`state`, a state dict of the authors' `AdaConvNeXt` (dyconvnext.py), renamed to the keys of `model`,
+    a dynamic timm ConvNeXt (or the dense one).
 
     Backbone keys go through timm's own ConvNeXt checkpoint filter; their predictors
     (`score_predictor.{i}`, 1x1 convs) become `stages.2.score_predictor.{i}` Linears, their fast paths
@@ -201,13 +218,16 @@ def authors_convnext_state_dict(
 
 
 def is_authors_convnext_state(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the state dict `state` has the key layout of the authors' ConvNeXt (`downsample_layers.*`,
+    `stages.{i}.{j}.*`) rather than timm's."""
     return any(k.startswith("downsample_layers.") for k in state) or any(
         re.match(r"stages\.\d+\.\d+\.", k) for k in state
     )
 
 
 def dynamic_convnext_flops(model: ConvNeXt, img_size: tuple[int, int]) -> int:
-    """Executed multiply-adds per image of a timm ConvNeXt, dense or dynamic, at `img_size` (H, W).
+    """Executed multiply-adds (MACs, what the papers call FLOPs) per image of `model`, a timm ConvNeXt, dense
+    or dynamic, at `img_size` (H, W); divide by 1e9 for GMACs.
 
     Counted as `tokensparse.flops` does (one multiply-add of every conv, linear and matmul; not norms,
     activations, layer scales, gathers): convolutions on their output positions, block MLPs on the

@@ -38,7 +38,8 @@ SPARSE_STAGE = 2
 
 
 def stage_keep_ratios(keep_ratio: float) -> tuple[float, ...]:
-    """(rho, rho - 0.2, rho - 0.4), computed as the authors do (so int(N * ratio) agrees bit for bit)."""
+    """(rho, rho - 0.2, rho - 0.4) for rho = `keep_ratio` in (0.4, 1], computed as the authors' main.py does
+    (so int(N * ratio) agrees bit for bit)."""
     keep_ratio = check_number(
         "keep_ratio",
         keep_ratio,
@@ -49,13 +50,16 @@ def stage_keep_ratios(keep_ratio: float) -> tuple[float, ...]:
 
 
 def default_locations(depth: int) -> tuple[int, int, int]:
-    """The authors' placement: (1, 2, 3) for a 9-block (ConvNeXt-T) or 6-block (Swin-T) stage,
-    (3, 6, 9) for ConvNeXt-S/B's 27 blocks, (2, 4, 6) for Swin-S/B's 18."""
+    """The authors' placement of the three predictors in a sparse stage of `depth` blocks: (1, 2, 3) for a
+    9-block (ConvNeXt-T) or 6-block (Swin-T) stage, (3, 6, 9) for ConvNeXt-S/B's 27 blocks, (2, 4, 6) for
+    Swin-S/B's 18."""
     step = max(1, depth // 9)
     return (step, 2 * step, 3 * step)
 
 
 def check_locations(locations: Sequence[int] | None, depth: int, what: str) -> tuple[int, ...]:
+    """`locations` (None: `default_locations(depth)`) checked as three strictly increasing block indices of
+    a sparse stage of `depth` blocks, or ValueError naming the model `what`."""
     locations = default_locations(depth) if locations is None else tuple(locations)
     if len(locations) != len(KEEP_RATIO_STEPS):
         raise ValueError(
@@ -77,6 +81,8 @@ class SpatialScorePredictor(nn.Module):
     LayerNorm -> Linear(C, C) -> GELU; the first half of the channels stays per position, the second is
     averaged over all positions of the image; then Linear(C, C/2) -> GELU -> Linear(C/2, C/4) -> GELU ->
     Linear(C/4, 2) -> LogSoftmax. (Their ConvNeXt version writes the Linears as 1x1 convolutions.)
+    `dim` is the stage's channel count C; `eps` the LayerNorm's epsilon (the backbone's: 1e-6 for timm's
+    ConvNeXt, 1e-5 for Swin).
     """
 
     def __init__(self, dim: int, eps: float):
@@ -92,7 +98,7 @@ class SpatialScorePredictor(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) -> (B, N, 2) log-probabilities."""
+        """`positions` (B, N, C) -> (B, N, 2) log-probabilities."""
         x = self.in_conv(positions)
         half = x.shape[-1] // 2
         local = x[..., :half]
@@ -101,7 +107,7 @@ class SpatialScorePredictor(nn.Module):
 
 
 def gumbel_keep(log_probs: torch.Tensor, channels_first: bool) -> torch.Tensor:
-    """(B, N, 2) -> (B, N) hard Gumbel-softmax keep decisions, straight-through.
+    """`log_probs` (B, N, 2) -> (B, N) hard Gumbel-softmax keep decisions, straight-through.
 
     channels_first draws the noise in the (B, 2, N) layout of the authors' ConvNeXt predictor (a 1x1
     conv output), so a seeded run reproduces their decisions; their Swin draws in (B, N, 2).
@@ -112,7 +118,8 @@ def gumbel_keep(log_probs: torch.Tensor, channels_first: bool) -> torch.Tensor:
 
 
 def rank_positions(keep_log_prob: torch.Tensor, keep_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N) keep scores -> (kept (B, k), rest (B, N - k)) position indices, k = int(N * keep_ratio)."""
+    """`keep_log_prob` (B, N) keep scores -> (kept (B, k), rest (B, N - k)) position indices, sorted by
+    descending score, k = int(N * keep_ratio)."""
     order = torch.argsort(keep_log_prob, dim=1, descending=True)
     count = int(keep_log_prob.shape[1] * keep_ratio)
     return order[:, :count], order[:, count:]
@@ -126,7 +133,8 @@ def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def scatter_positions(
     kept_out: torch.Tensor, rest_out: torch.Tensor, kept: torch.Tensor, rest: torch.Tensor
 ) -> torch.Tensor:
-    """The two paths' outputs put back on the grid: (B, N, C) with row kept[b, i] = kept_out[b, i] etc."""
+    """The two paths' outputs put back on the grid: (B, N, C) with row kept[b, i] = kept_out[b, i] and row
+    rest[b, i] = rest_out[b, i]."""
     values = torch.cat([kept_out, rest_out], dim=1)
     index = torch.cat([kept, rest], dim=1).unsqueeze(-1).expand(-1, -1, values.shape[-1])
     return torch.empty_like(values).scatter_(1, index, values)
@@ -195,7 +203,8 @@ class DynamicStageMixin:
 def mlp_position_counts(
     positions: int, depth: int, locations: Sequence[int] | None, keep_ratios: Sequence[float], training: bool
 ) -> list[tuple[int, int]]:
-    """(full-path, fast-path) positions per block of a stage with `positions` positions.
+    """(full-path, fast-path) positions per block of a stage of `depth` blocks with `positions` positions,
+    predictors at `locations` (None: none) keeping `keep_ratios`, in training mode or not (`training`).
 
     Dense blocks (before the first location, or no locations): all on the full path. Training: both
     paths on all positions. Eval: int(N * ratio) of the latest predictor on the full path.
@@ -216,7 +225,8 @@ def mlp_position_counts(
 
 
 def is_spatial_model(model: nn.Module) -> bool:
-    """A timm ConvNeXt or SwinTransformer, dense or dynamic (the backbones of --method dynamicspatial)."""
+    """Whether `model` is a timm ConvNeXt or SwinTransformer, dense or dynamic (the backbones of --method
+    dynamicspatial)."""
     from timm.models.convnext import ConvNeXt
     from timm.models.swin_transformer import SwinTransformer
 
@@ -235,7 +245,7 @@ def sparse_stage(model: nn.Module) -> DynamicStageMixin:
 
 
 def dynamic_spatial_info(model: nn.Module) -> SpatialInfo:
-    """What the last forward of a dynamic ConvNeXt / Swin decided (see `SpatialInfo`)."""
+    """What the last forward of `model`, a dynamic ConvNeXt / Swin, decided (see `SpatialInfo`)."""
     info = sparse_stage(model).last_info
     if info is None:
         raise ValueError("the model has not run a forward since it was made dynamic")
@@ -279,8 +289,8 @@ def spatial_flops(model: nn.Module, img_size: tuple[int, int]) -> int:
 
 
 def fast_path(norm: nn.Module, dim: int, factory: dict, *tail: nn.Module) -> nn.Sequential:
-    """A block's fast path: LayerNorm + Linear(dim, dim) (+ `tail`), the Linear initialised as the authors
-    do (trunc_normal std 0.02, zero bias), on the model's device and dtype (`factory`)."""
+    """A block's fast path: `norm` (its LayerNorm) + Linear(dim, dim) (+ `tail`), the Linear initialised as
+    the authors do (trunc_normal std 0.02, zero bias), on the model's device and dtype (`factory`)."""
     fast = nn.Sequential(norm, nn.Linear(dim, dim, **factory), *tail)
     nn.init.trunc_normal_(fast[1].weight, std=0.02)
     nn.init.zeros_(fast[1].bias)
@@ -297,7 +307,8 @@ def make_sparse_stage(
     factory: dict,
 ) -> None:
     """Make `stage` (whose blocks already have their fast paths) the sparse stage, of class
-    `stage_class`: one predictor per location, on the model's device and dtype (`factory`)."""
+    `stage_class`: one `SpatialScorePredictor(dim, eps)` per location of `locations`, the i-th ranking
+    keeps `keep_ratios[i]` of the positions; on the model's device and dtype (`factory`)."""
     stage.__class__ = stage_class
     stage.score_predictor = nn.ModuleList(SpatialScorePredictor(dim, eps=eps) for _ in locations).to(
         **factory
@@ -308,8 +319,8 @@ def make_sparse_stage(
 
 
 def new_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters dynamic spatial sparsification adds: the predictors, and each block's fast path
-    (with its layer scale), which train at the full lr from the start."""
+    """The parameters dynamic spatial sparsification added to `model`: the predictors, and each block's fast
+    path (with its layer scale), which train at the full lr from the start."""
     stage = sparse_stage(model)
     params = list(stage.score_predictor.parameters())
     for block in stage.blocks:
@@ -323,7 +334,9 @@ def new_parameters(model: nn.Module) -> list[nn.Parameter]:
 def dynamic_spatial(
     model: nn.Module, keep_ratio: float = 0.7, locations: Sequence[int] | None = None
 ) -> nn.Module:
-    """`dynamic_convnext` or `dynamic_swin`, as `model` is (in place)."""
+    """`dynamic_convnext` or `dynamic_swin`, as `model` is (in place), with the same `keep_ratio` (default
+    0.7, the journal version's headline ratio, Rao et al. 2023) and `locations` (None: the authors'
+    placement, `default_locations`)."""
     from timm.models.convnext import ConvNeXt
 
     from .dynconvnext import dynamic_convnext
@@ -334,7 +347,8 @@ def dynamic_spatial(
 
 
 def from_config(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """`dynamic_spatial` with a run's settings (the registry's constructor)."""
+    """`dynamic_spatial` on `model` with the settings of the run's TrainConfig `cfg` (the registry's
+    constructor)."""
     return dynamic_spatial(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations)
 
 

@@ -37,14 +37,18 @@ from .dynspatial import (
 
 
 class DynamicSwinBlock(SwinTransformerBlock):
-    """A timm SwinTransformerBlock with a fast path; `forward` (dense) is timm's, unchanged."""
+    """A timm SwinTransformerBlock with a fast path; `forward` (dense) is timm's, unchanged.
+
+    Not built directly: `dynamic_swin` converts timm's in place, so the constructor (and its
+    parameters) is timm's SwinTransformerBlock's."""
 
     fast_path: nn.Sequential
 
     def forward_two_stream(
         self, stream: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training: (full, fast) streams (B, H, W, C), mask (B, H, W, 1); both paths on every position."""
+        """Training: `stream`, the (full, fast) streams (B, H, W, C), `mask` (B, H, W, 1) the hard keep
+        decisions; both paths on every position."""
         full, fast = stream
         x = full * mask + fast * (1 - mask)
         x = x + self.drop_path1(self._attn(self.norm1(x)))
@@ -53,7 +57,8 @@ class DynamicSwinBlock(SwinTransformerBlock):
         return x + self.drop_path2(self.mlp(self.norm2(a))), x + self.drop_path2(self.fast_path(b))
 
     def forward_split(self, x: torch.Tensor, split: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Inference: attention everywhere, MLP on the kept positions, fast path on the rest."""
+        """Inference on `x` (B, H, W, C): attention everywhere, MLP on the kept positions, fast path on the
+        rest; `split` is (kept, rest) position indices from `rank_positions`."""
         kept, rest = split
         B, H, W, C = x.shape
         x = (x + self.drop_path1(self._attn(self.norm1(x)))).reshape(B, H * W, C)
@@ -63,6 +68,11 @@ class DynamicSwinBlock(SwinTransformerBlock):
 
 
 class DynamicSwinStage(DynamicStageMixin, SwinTransformerStage):
+    """A timm SwinTransformerStage whose blocks run through `DynamicStageMixin`'s loop.
+
+    Not built directly: `dynamic_swin` converts timm's in place, so the constructor (and its
+    parameters) is timm's SwinTransformerStage's."""
+
     score_predictor: nn.ModuleList
     locations: tuple[int, ...]
     keep_ratios: tuple[float, ...]
@@ -78,13 +88,18 @@ class DynamicSwinStage(DynamicStageMixin, SwinTransformerStage):
         return keep.view(x.shape[0], x.shape[1], x.shape[2], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` (B, H, W, C) through the patch merging and the dynamic block loop."""
         return self._run_blocks(self.downsample(x))
 
 
 class DynamicSwinTransformer(SwinTransformer):
-    """A timm SwinTransformer whose third stage has predictors and fast paths; records the last forward."""
+    """A timm SwinTransformer whose third stage has predictors and fast paths; records the last forward.
+
+    Not built directly: `dynamic_swin` converts timm's in place, so the constructor (and its
+    parameters) is timm's SwinTransformer's (`dynamic_swin` documents the settings this adds)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of images `x` (B, 3, H, W); in training also records the final-norm features."""
         features = self.forward_features(x)
         info = self.layers[SPARSE_STAGE].last_info
         info.features = swin_feature_map(self, features) if self.training else None
@@ -92,7 +107,8 @@ class DynamicSwinTransformer(SwinTransformer):
 
 
 def swin_feature_map(model: SwinTransformer, features: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, C) output of `forward_features` (already final-normed) -> (B, H*W, C)."""
+    """`features`, the (B, H, W, C) output of `model.forward_features` (already final-normed), as
+    (B, H*W, C)."""
     return features.flatten(1, 2)
 
 
@@ -133,7 +149,8 @@ def dynamic_swin(
     """Make a timm SwinTransformer a dynamic Swin in place (and return it).
 
     keep_ratio rho: the three predictors send rho, rho - 0.2 and rho - 0.4 of the third stage's
-    positions through the full block MLP (attention always runs on all of them). locations: the
+    positions through the full block MLP (attention always runs on all of them); default 0.7, the
+    journal version's headline ratio (Rao et al. 2023). locations: the
     predictors' blocks in that stage (default as the authors: (1, 2, 3) for Swin-T's 6 blocks,
     (2, 4, 6) for 18). New modules start from random weights, on the model's device and dtype.
     """
@@ -156,7 +173,8 @@ def dynamic_swin(
 
 
 def authors_swin_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A state dict of the authors' `AdaSwinTransformer` (dyswin.py) renamed to a dynamic timm Swin's keys.
+    """`state`, a state dict of the authors' `AdaSwinTransformer` (dyswin.py), renamed to the keys of
+    `model`, a dynamic timm Swin (or the dense one).
 
     Backbone keys go through timm's own Swin checkpoint filter (which moves each stage's patch merging
     to the start of the next stage and drops the attention-mask buffers); their predictors keep their
@@ -169,11 +187,14 @@ def authors_swin_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module)
 
 
 def is_authors_swin_state(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the state dict `state` has the key layout of the authors' Swin (patch merging at the end of
+    a stage, `fastmlp`) rather than timm's."""
     return "layers.0.downsample.reduction.weight" in state or any(".fastmlp." in k for k in state)
 
 
 def dynamic_swin_flops(model: SwinTransformer, img_size: tuple[int, int]) -> int:
-    """Executed multiply-adds per image of a timm SwinTransformer, dense or dynamic, at `img_size` (H, W).
+    """Executed multiply-adds (MACs, what the papers call FLOPs) per image of `model`, a timm
+    SwinTransformer, dense or dynamic, at `img_size` (H, W); divide by 1e9 for GMACs.
 
     Counted as `tokensparse.flops` does: the patch-embedding conv; per block qkv and proj on every
     (window-padded) position, attention logits and attention-times-values (window area^2 * attn dim

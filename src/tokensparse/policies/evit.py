@@ -55,7 +55,8 @@ COUNTS = ("authors", "dynamicvit")
 
 
 def authors_keep_counts(patches: int, keep_ratio: float, stages: int, fuse: bool) -> list[int]:
-    """Tokens the authors' EViT keeps at each location, from `patches` tokens after the prefix.
+    """Tokens the authors' EViT keeps at each of `stages` locations, from `patches` tokens after the prefix,
+    at keep rate `keep_ratio`; with `fuse` the previous location's fused token is ranked too.
 
     math.ceil(keep_rate * (N - 1)) on Python floats, N - 1 the non-class tokens present (the previous
     fused token included); a location that would keep them all changes nothing.
@@ -87,7 +88,10 @@ class EViTStats:
 
 
 class EViTPolicy(TokenPolicy, nn.Module):
-    """EViT's token reorganisation at `locations`. No parameters."""
+    """EViT's token reorganisation at `locations`. No parameters.
+
+    model: the ViT (its MLP and attention widths, for the FLOP count); keep_ratio, locations, fuse and
+    counts (default "authors") as in `evit`, which checks them and gives the paper's defaults."""
 
     method = "evit"
 
@@ -220,9 +224,10 @@ class EViTPolicy(TokenPolicy, nn.Module):
         state.stats = state.policy_state
 
     def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
-        """(B,) multiply-adds beyond `backbone_flops`: the class-token attention row each pruning location
-        computes beside its fused attention (tokens x heads x head_dim), minus the MLP work on the tokens
-        removed before that block's MLP."""
+        """(B,) multiply-adds (what the papers call FLOPs) of the forward `info` describes beyond
+        `backbone_flops`: the class-token attention row each pruning location computes beside its fused
+        attention (tokens x heads x head_dim), minus the MLP work on the tokens removed before that
+        block's MLP. `num_patches` (N) is not needed here."""
         rows = info.extra["class_row_tokens"]
         class_row = sum(float(t) * self.attn_dims[i] for t, i in zip(rows, self.locations, strict=True))
         return class_row + reduced_mlp_flops(self, info)
@@ -232,7 +237,8 @@ evit_flops = EViTPolicy.extra_flops  # (policy, info, num_patches) -> (B,): EViT
 
 
 def evit_stats(model: nn.Module) -> EViTStats:
-    """The fused token, class-attention rows and MLP token counts of EViT's last forward (`EViTStats`)."""
+    """The fused token, class-attention rows and MLP token counts of the last forward of `model`, made by
+    `evit` (`EViTStats`)."""
     return policy_stats(model, EViTPolicy, EViTStats, "evit_stats", "evit")
 
 
@@ -246,14 +252,16 @@ def evit(
 ) -> VisionTransformer:
     """Make `model` an EViT in place (and return it): token reorganisation in blocks `locations`.
 
-    locations defaults to (3, 6, 9) for 12 blocks (EViT's and DynamicViT's). With fuse, the tokens
-    not kept become one attention-weighted token. counts="authors" (default) is the authors' evit.py:
+    locations defaults to (3, 6, 9) for 12 blocks (EViT's and DynamicViT's). With fuse (default True,
+    EViT's inattentive-token fusion, Liang et al. 2022), the tokens not kept become one
+    attention-weighted token. counts="authors" (default) is the authors' evit.py:
     each location keeps ceil(keep_ratio * T) of the T tokens present, the previous fused token ranked
     with the patches (196 patches at 0.7: 138, 98, 70 kept with fusion; 138, 97, 68 without).
     counts="dynamicvit" keeps int(N * keep_ratio ** (s + 1)) patches at stage s (137, 96, 67),
     DynamicViT's counts, for equal-FLOP comparisons with DynamicViT. Needs a class token. keep_ratio
-    defaults to 0.7; `target_gflops` instead of it: the largest keep ratio executing at most that many
-    GMACs per image, within 2% (`tokensparse.budget`).
+    defaults to 0.7, EViT's DeiT-S keep rate (Liang et al. 2022); `target_gflops` (GMACs per image:
+    multiply-adds, what the papers call FLOPs; default None) instead of it: the largest keep ratio
+    executing at most that many GMACs per image, within 2% (`tokensparse.budget`).
     """
     check_vit(model)
     keep_ratio = check_keep_ratio(ratio_or_budget(keep_ratio, target_gflops))
@@ -270,7 +278,7 @@ def evit(
 
 
 def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
-    """`evit` with a run's settings (the registry's constructor)."""
+    """`evit` on `model` with the settings of the `TrainConfig` `cfg` (the registry's constructor)."""
     return evit(model, keep_ratio=cfg.keep_ratio, locations=cfg.locations, target_gflops=cfg.target_gflops)
 
 

@@ -68,7 +68,9 @@ class Setting:
     """One setting a method reads: its `TrainConfig` field (or `TrainConfig.method_settings` key), CLI
     flag, type, range and help.
 
-    kind:  float, int, bool, str, or list (a list of whole numbers, as `--locations 3 6 9`).
+    name:  the `TrainConfig` field or `method_settings` key; the flag is `--` + name with dashes.
+    kind:  float (the default), int, bool, str, or list (a list of whole numbers, as `--locations 3 6 9`).
+    help:  the `--help` text.
     low, high, low_in, high_in: the allowed range (None: unbounded) and whether each bound is allowed.
     choices: the allowed values of a str setting.
     source: where the recipe's default comes from (the authors' code or paper), for `--help`.
@@ -182,6 +184,8 @@ class Method:
                (the backbone's follow `backbone_lr_scale`); None: the parameters of the model's policy.
     architecture: "vit" (a timm VisionTransformer), "spatial" (timm ConvNeXt / Swin) or "any".
     module:    the module that registers it (filled in by `register_method`).
+    lazy:      True for an entry read from its module's source (`read_methods`) whose code is not
+               imported yet; `load_method` imports it. Default False.
     """
 
     name: str
@@ -221,6 +225,7 @@ class Method:
             raise ValueError(f"method {self.name!r}: architecture must be vit, spatial or any")
 
     def setting_names(self) -> tuple[str, ...]:
+        """The names of the settings the method reads, in order."""
         return tuple(s.name for s in self.settings)  # type: ignore[union-attr]
 
     def setting(self, name: str) -> Setting | None:
@@ -360,7 +365,7 @@ def _env_modules() -> list[str]:
 
 
 def import_methods(entry: str) -> None:
-    """Import a module that registers methods: a module name, or the path of a .py file."""
+    """Import a module that registers methods: `entry` is a module name, or the path of a .py file."""
     if entry.endswith(".py"):
         path = Path(entry)
         if not path.is_file():
@@ -392,7 +397,8 @@ _CODE_FIELDS = ("sparsify", "objective", "new_parameters", "untrained", "bench")
 
 
 def read_methods(path: Path, module: str) -> list[Method]:
-    """The methods `path` registers, from its source, without importing it (torch-free entries).
+    """The methods the file `path` (the source of the module named `module`) registers, from its source,
+    without importing it (torch-free entries).
 
     Module-level constants written with literals are available to the `Method(...)` call; the code
     fields (`sparsify`, `objective`, `new_parameters`) are left for `load_method` to import."""

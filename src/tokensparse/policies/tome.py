@@ -40,8 +40,9 @@ MergeRate = int | list[int] | tuple[int, float]
 
 
 def merge_schedule(r: MergeRate, depth: int) -> list[int]:
-    """Tokens to merge in each block, as ToMe's `parse_r`: r per block, a per-block list (missing blocks
-    merge none) or (r, inflection) with inflection in [-1, 1] (-1: ToMe's decreasing schedule)."""
+    """Tokens to merge in each of `depth` blocks, as ToMe's `parse_r`: r per block, a per-block list
+    (missing blocks merge none) or (r, inflection) with inflection in [-1, 1] (-1: ToMe's decreasing
+    schedule)."""
     if isinstance(r, tuple):
         rate, inflection = r if len(r) == 2 else (None, None)
         if not (
@@ -79,7 +80,8 @@ class Matching:
     order: torch.Tensor | None
 
     def merge(self, x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
-        """(B, t, C) -> (B, t - r, C): the unmerged A rows, then the B rows with their merged A rows reduced in."""
+        """`x` (B, t, C) -> (B, t - r, C): the unmerged A rows, then the B rows with their merged A rows
+        reduced in by `reduce` (a `torch.scatter_reduce` mode; default "sum", as ToMe's merge_wavg)."""
         a, b = x[:, ::2], x[:, 1::2]
         channels = x.shape[-1]
         unmerged = a.gather(1, self.unmerged.unsqueeze(-1).expand(-1, -1, channels))
@@ -89,7 +91,7 @@ class Matching:
         return out if self.order is None else out[:, self.order]
 
     def destination(self, tokens: int) -> torch.Tensor:
-        """(B, t) output row of each input row."""
+        """(B, t) output row of each of the `tokens` (t) input rows."""
         batch, kept = self.unmerged.shape
         device = self.unmerged.device
         to_a = torch.empty(batch, (tokens + 1) // 2, dtype=torch.long, device=device)
@@ -105,7 +107,8 @@ class Matching:
         return rows
 
     def anchors(self, tokens: int) -> torch.Tensor:
-        """(B, t - r) input row each output row is anchored at (itself, or the B token merged into)."""
+        """(B, t - r) input row each output row is anchored at (itself, or the B token merged into), for
+        `tokens` (t) input rows."""
         batch = self.unmerged.shape[0]
         b_rows = 2 * torch.arange(tokens // 2, device=self.unmerged.device) + 1
         rows = torch.cat([2 * self.unmerged, b_rows.expand(batch, -1)], dim=1)
@@ -114,7 +117,8 @@ class Matching:
 
 @torch.no_grad()
 def bipartite_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
-    """ToMe's bipartite soft matching of (B, t, d) `metric` merging r tokens; prefix tokens stay apart."""
+    """ToMe's bipartite soft matching of (B, t, d) `metric` merging `r` tokens; the first `num_prefix`
+    (prefix) tokens stay apart."""
     tokens = metric.shape[1]
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]
@@ -155,14 +159,18 @@ class ToMeStats:
 
 
 class ToMePolicy(TokenPolicy, nn.Module):
-    """ToMe's block: attention (proportional to token size), merge, MLP. No parameters."""
+    """ToMe's block: attention (proportional to token size), merge, MLP. No parameters.
+
+    model: the ViT (its MLP widths, for the FLOP count); prop_attn and trace_source as in `tome`, which
+    checks them and gives the defaults."""
 
     method = "tome"
 
     map_kind = "groups"
 
     def solved_setting(self, model: nn.Module, name: str) -> int:
-        """ToMe's r as a run trains it: one r for every block (a per-block schedule is refused)."""
+        """ToMe's r (the setting `name`) as a run of `model` trains it: one r for every block (a per-block
+        schedule is refused)."""
         if isinstance(model.r, list):
             raise ValueError(
                 f"the budget needs a per-block ToMe r ({model.r}), and a run trains one r for every block: "
@@ -230,8 +238,10 @@ class ToMePolicy(TokenPolicy, nn.Module):
         state.stats = run
 
     def extra_flops(self, info: SparseInfo, num_patches: int) -> torch.Tensor:
-        """(B,) multiply-adds beyond `backbone_flops` on the tokens each block started with: the similarity
-        matmul of each merging block (A x B x head_dim) minus the MLP work on the tokens merged before it."""
+        """(B,) multiply-adds (what the papers call FLOPs) of the forward `info` describes beyond
+        `backbone_flops` on the tokens each block started with: the similarity matmul of each merging block
+        (A x B x head_dim) minus the MLP work on the tokens merged before it. `num_patches` (N) is not
+        needed here."""
         tokens = info.tokens_per_block.detach().to("cpu", torch.float64)
         merged = tokens > info.mlp_tokens.detach().to("cpu", torch.float64)
         head_dim = torch.tensor(self.head_dims, dtype=torch.float64)
@@ -243,7 +253,8 @@ tome_flops = ToMePolicy.extra_flops  # (policy, info, num_patches) -> (B,): ToMe
 
 
 def tome_stats(model: nn.Module) -> ToMeStats:
-    """Token sizes, groups, the merge schedule and MLP token counts of the last forward (`ToMeStats`)."""
+    """Token sizes, groups, the merge schedule and MLP token counts of the last forward of `model`, made
+    by `tome` (`ToMeStats`)."""
     return policy_stats(model, ToMePolicy, ToMeStats, "tome_stats", "tome")
 
 
@@ -256,11 +267,14 @@ def tome(
 ) -> VisionTransformer:
     """Patch `model` with Token Merging in place (and return it), merging r tokens in every block.
 
-    Like `tome.patch.timm(model)` followed by `model.r = r`; change `model.r` at any time. prop_attn adds
-    log(token size) to the attention logits (for off-the-shelf models; ToMe trains with it off).
-    trace_source also records `source` (B, T, P + N), which input tokens each output token holds.
-    `target_gflops` instead of r: the r (one for every block, else a per-block list) executing at most
-    that many GMACs per image at the model's input size, within 2% (`tokensparse.budget`).
+    Like `tome.patch.timm(model)` followed by `model.r = r`; change `model.r` at any time. r defaults to 0 (no
+    merging, as ToMe's patch leaves it; `merge_schedule` lists the forms r takes); the registry's fine-tuning
+    recipe uses r=8. prop_attn (default True, as ToMe's patch) adds log(token size) to the attention logits
+    (for off-the-shelf models; ToMe trains with it off, Bolya et al. 2023). trace_source (default False) also
+    records `source` (B, T, P + N), which input tokens each output token holds. `target_gflops` (GMACs per
+    image: multiply-adds, what the papers call FLOPs; default None) instead of r: the r (one for every block,
+    else a per-block list) executing at most that many GMACs per image at the model's input size, within 2%
+    (`tokensparse.budget`).
     """
     check_vit(model)
     if target_gflops is not None and r != 0:
@@ -279,7 +293,7 @@ def tome(
 
 
 def from_config(model: VisionTransformer, cfg: TrainConfig) -> VisionTransformer:
-    """`tome` with a run's settings (the registry's constructor)."""
+    """`tome` on `model` with the settings of the `TrainConfig` `cfg` (the registry's constructor)."""
     return tome(model, r=cfg.tome_r or 0, target_gflops=cfg.target_gflops)
 
 
