@@ -86,7 +86,9 @@ DOC_MODULES = tokensparse tokensparse.budget tokensparse.runs tokensparse.engine
 	tokensparse.export tokensparse.bench tokensparse.evaluate tokensparse.data tokensparse.clutter tokensparse.losses \
 	tokensparse.checkpoints tokensparse.training tokensparse.viz tokensparse.policies.dynamicvit \
 	tokensparse.policies.avit tokensparse.policies.tome tokensparse.policies.evit tokensparse.policies.baselines \
-	tokensparse.policies.dynconvnext tokensparse.policies.dynswin tokensparse.policies.registry
+	tokensparse.policies.dynconvnext tokensparse.policies.dynswin tokensparse.policies.registry \
+	tokensparse.policies.diffrate tokensparse.policies.diffrate_search tokensparse.policies.diffrate_published \
+	tokensparse.policies.dynspatial
 docs: setup
 	rm -rf build/docs
 	$(PY) -W error -m pdoc $(DOC_MODULES) -o build/docs
