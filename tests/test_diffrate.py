@@ -167,3 +167,5 @@ def test_a_search_trains_only_the_rates_and_its_run_infers_at_the_searched_count
     prune, merge = searched.diffrate.counts()
     assert prune[0] == merge[0] == 65 and min(merge) < 65
     assert last["val_gflops"] == pytest.approx(tokensparse.gflops(searched), rel=1e-6)
+    with pytest.raises(ValueError, match="a diffrate run trained for its own budget"):  # not silently ignored
+        load_run(out, target_gflops=0.5 * target)

@@ -358,6 +358,13 @@ def load_trained(
         weights, classes, img_size = path, None, cfg.img_size
     if overrides:
         if overrides.get("target_gflops") is not None:  # a budget replaces the run's own knob
+            method = get_method(overrides.get("method") or cfg.method)
+            if method.budget_knob is None and method.setting("target_gflops") is not None:
+                raise ValueError(
+                    f"a {method.name} run trained for its own budget ({cfg.target_gflops} GMACs): no setting of it "
+                    "solves another; train again with --target-gflops, or build one without training (for DiffRate: "
+                    "tokensparse.diffrate(model, target_gflops=...))"
+                )
             for knob in BUDGET_KNOBS:
                 cfg = cfg.with_setting(knob, None)
         method = get_method(overrides.get("method") or cfg.method)
