@@ -5,9 +5,9 @@ A method lives in one module and registers itself there, at its end:
     register_method(Method("dynamicvit", sparsify=from_config, recipe=dict(keep_ratio=0.7, ...),
                            settings=(KEEP_RATIO, LOCATIONS, Setting("ratio_weight", float, ...)), ...))
 
-Training, evaluation, the benchmarks, the FLOP count, export, the study and the CLI (its `--method`
-choices and one flag per `Setting`, with the setting's help, type and range) read the registry; none
-of them names a method.
+Training, evaluation, the benchmarks, the FLOP count, export and the CLI (its `--method` choices and
+one flag per `Setting`, with the setting's help, type and range) read the registry; none of them
+names a method (the study names the methods it compares).
 
 Nothing here imports torch, so `tokensparse --help` lists the methods, their settings and recipes at
 once: the built-in method modules (every `tokensparse/policies/*.py`) are read, not imported, for
