@@ -94,9 +94,16 @@ class TrainConfig:
 
     def with_setting(self, name: str, value: Any, **fields: Any) -> TrainConfig:
         """A copy with the setting `name` (a field or a `method_settings` entry) at `value`."""
-        if name in _FIELDS:
-            return dataclasses.replace(self, **{name: value}, **fields)
-        return dataclasses.replace(self, method_settings={**self.method_settings, name: value}, **fields)
+        return self.with_settings(**{name: value}, **fields)
+
+    def with_settings(self, **values: Any) -> TrainConfig:
+        """A copy with `values` set: `TrainConfig` fields, and a method's own settings that are not fields
+        (into `method_settings`; `validate` refuses a name no method reads)."""
+        fields = {k: v for k, v in values.items() if k in _FIELDS}
+        extra = {k: v for k, v in values.items() if k not in _FIELDS}
+        if extra:
+            fields["method_settings"] = {**self.method_settings, **extra}
+        return dataclasses.replace(self, **fields)
 
     def validate(self) -> None:
         method = get_method(self.method)  # ValueError naming the registered methods

@@ -93,9 +93,7 @@ def make_policy(method: str, setting: float | None = None, **settings) -> Callab
     if spec.sparsify is None:
         raise ValueError(f"{method!r} sparsifies nothing; choose a token method")
     overrides = {} if setting is None or spec.bench_setting is None else {spec.bench_setting: setting}
-    fields = {k: v for k, v in {**overrides, **settings}.items() if k in TrainConfig.__dataclass_fields__}
-    extra = {k: v for k, v in {**overrides, **settings}.items() if k not in fields}
-    cfg = TrainConfig(method=method, method_settings=extra, **fields).resolved()
+    cfg = TrainConfig(method=method).with_settings(**overrides, **settings).resolved()
     build = spec.untrained or spec.sparsify
     return lambda m: build(m, cfg)
 

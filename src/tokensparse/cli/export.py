@@ -48,17 +48,6 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
 
-def _settings_of(method: str, given: dict) -> dict:
-    """The settings in `given` that `method` reads (ValueError naming one it does not read)."""
-    from ..policies.registry import get_method
-
-    spec = get_method(method)
-    for name, value in given.items():
-        if value is not None and spec.setting(name) is None:
-            raise ValueError(f"--{name.replace('_', '-')} does not apply to --method {method}")
-    return {k: v for k, v in given.items() if v is not None}
-
-
 def _export(args: argparse.Namespace) -> int:
     from ..bench import make_policy
     from ..checkpoints import load_checkpoint
@@ -85,7 +74,9 @@ def _export(args: argparse.Namespace) -> int:
         model = timm.create_model(args.model, pretrained=False, **kwargs)
         if method != "dense":  # the method's recipe, with the settings given here
             given = dict(keep_ratio=args.keep_ratio, tome_r=args.tome_r, target_gflops=args.target_gflops)
-            model = make_policy(method, seed=args.seed or 0, **_settings_of(method, given))(model)
+            model = make_policy(method, seed=args.seed or 0, **given)(
+                model
+            )  # a setting it reads not: refused
         elif args.target_gflops is not None:
             raise ValueError("--target-gflops solves a token method's setting; the dense model has none")
         if args.checkpoint is not None:

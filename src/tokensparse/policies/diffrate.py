@@ -35,10 +35,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from ..attention import _gate, _heads, _merge_heads, _output, add_attention, mlp_tail, softmax_with_keep
+from ..attention import (
+    _gate,
+    _heads,
+    _merge_heads,
+    _output,
+    add_attention,
+    attention_parts,
+    mlp_tail,
+    softmax_with_keep,
+)
 from ..checks import is_int
 from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, sparsify
 from .baselines import mlp_macs, reduced_mlp_flops
@@ -185,11 +193,10 @@ class DiffRatePolicy(TokenPolicy, nn.Module):
         prune = min(present, ps.prune[index])
         merge = min(prune, ps.merge[index])
         attn = block.attn
-        h = block.norm1(x)
-        q, k, v = _heads(attn, h)
-        bias = size[..., 0].log().to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :], scale=attn.scale)
-        x = add_attention(block, x, _output(attn, _merge_heads(out), _gate(attn, h)))
+        bias = size[..., 0].log()  # proportional attention: log size added to every key's logits
+        out, q, k = attention_parts(attn, block.norm1(x), bias)
+        bias = bias.to(q.dtype)
+        x = add_attention(block, x, out)
         if prune < present or merge < prune or self.trace:
             row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1) + bias[:, None, None, :]).softmax(dim=-1)
             score = row.mean(dim=1)[:, 0, 1:]
@@ -205,7 +212,7 @@ class DiffRatePolicy(TokenPolicy, nn.Module):
                 x, size = _take(x, order), _take(size, order)
                 state.patch_index = state.patch_index.gather(1, top)
             if merge < prune:
-                dst, node_max, node_idx = _matching(x, merge)
+                node_max, node_idx = _matching(x, merge)
                 x = _merge_mean(x, merge, node_idx)
                 size = _merge_sum(size, merge, node_idx, size[:, merge:] * node_max[..., None])
                 self._merge(state, merge, node_idx)
@@ -233,17 +240,13 @@ class DiffRatePolicy(TokenPolicy, nn.Module):
             ps.owner = torch.where(ps.owner >= kept, torch.full_like(ps.owner, -1), ps.owner)
 
     def _merge(self, state: TokenState, kept: int, node_idx: torch.Tensor) -> None:
-        self._cut_patch_index(state, kept)
+        state.patch_index = state.patch_index[:, : kept - 1]
         ps: _State = state.policy_state
         if ps.owner is not None:
             moved = torch.cat(
                 [torch.arange(kept, device=node_idx.device).expand(node_idx.shape[0], -1), node_idx], 1
             )
             ps.owner = torch.where(ps.owner >= 0, moved.gather(1, ps.owner.clamp(min=0)), ps.owner)
-
-    @staticmethod
-    def _cut_patch_index(state: TokenState, kept: int) -> None:
-        state.patch_index = state.patch_index[:, : kept - 1]
 
     # --- the search: every token stays, masked --------------------------------------------------
 
@@ -271,7 +274,7 @@ class DiffRatePolicy(TokenPolicy, nn.Module):
         if merge < mid:
             kept = int(merge)
             merge_mask = merge_rate.token_mask(kept, mid)
-            _, node_max, node_idx = _matching(x[:, :mid].detach(), kept)
+            node_max, node_idx = _matching(x[:, :mid].detach(), kept)
             head = torch.cat([_merge_mean(x[:, :mid], kept, node_idx), x[:, kept:mid]], dim=1)
             x = torch.cat([head, x[:, mid:]], dim=1)
             clamped = torch.cat([size[:, :kept], size[:, kept:mid] * node_max[..., None]], dim=1).clamp(min=1)
@@ -322,14 +325,14 @@ def _take(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def _matching(x: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _matching(x: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token after the first `kept` joins its most similar one among them (cosine of `x`, never the
-    class token): (destinations, similarity (B, s), index (B, s))."""
+    class token): (similarity (B, s), index (B, s))."""
     metric = x / x.norm(dim=-1, keepdim=True)
     similarity = metric[:, kept:] @ metric[:, :kept].transpose(-2, -1)
     similarity[..., 0] = -math.inf
     node_max, node_idx = similarity.max(dim=-1)
-    return metric[:, :kept], node_max, node_idx
+    return node_max, node_idx
 
 
 def _merge_mean(x: torch.Tensor, kept: int, node_idx: torch.Tensor) -> torch.Tensor:

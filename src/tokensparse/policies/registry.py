@@ -22,6 +22,7 @@ separator) names modules the CLI imports, so a method in its own file is a metho
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -29,7 +30,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -261,16 +262,12 @@ def register_method(method: Method, replace: bool = False) -> Method:
         raise ValueError(f"register_method needs a tokensparse Method, got {type(method).__name__}")
     if method.module is None and not method.lazy:
         caller = sys._getframe(1).f_globals.get("__name__")
-        method = _replace(method, module=caller)
+        method = dataclasses.replace(method, module=caller)
     old = _METHODS.get(method.name)
     if old is not None and not replace and not (old.lazy and old.module == method.module):
         raise ValueError(f"a method named {method.name!r} is registered already; pass replace=True")
     _METHODS[method.name] = method
     return method
-
-
-def _replace(method: Method, **changes: Any) -> Method:
-    return replace(method, **changes)
 
 
 def unregister_method(name: str) -> None:
@@ -297,7 +294,7 @@ def load_method(name: str) -> Method:
         if method.lazy:
             raise ValueError(f"{method.module} did not register the method {name!r} its source names")
     code = {f: resolve(getattr(method, f)) for f in _CODE_FIELDS}
-    return _replace(method, **code)
+    return dataclasses.replace(method, **code)
 
 
 def budget_knobs() -> tuple[str, ...]:
@@ -427,7 +424,7 @@ def read_methods(path: Path, module: str) -> list[Method]:
         )
         ast.fix_missing_locations(inner)
         method = eval(compile(ast.Expression(inner), str(path), "eval"), names)  # noqa: S307
-        found.append(_replace(method, module=module, lazy=True))
+        found.append(dataclasses.replace(method, module=module, lazy=True))
     return found
 
 

@@ -357,8 +357,8 @@ def load_trained(
             raise ValueError("loading a bare checkpoint needs a TrainConfig naming the model and method")
         weights, classes, img_size = path, None, cfg.img_size
     if overrides:
+        method = get_method(overrides.get("method") or cfg.method)
         if overrides.get("target_gflops") is not None:  # a budget replaces the run's own knob
-            method = get_method(overrides.get("method") or cfg.method)
             if method.budget_knob is None and method.setting("target_gflops") is not None:
                 raise ValueError(
                     f"a {method.name} run trained for its own budget ({cfg.target_gflops} GMACs): no setting of it "
@@ -367,14 +367,7 @@ def load_trained(
                 )
             for knob in BUDGET_KNOBS:
                 cfg = cfg.with_setting(knob, None)
-        method = get_method(overrides.get("method") or cfg.method)
-        fields = {k: v for k, v in overrides.items() if k in TrainConfig.__dataclass_fields__}
-        cfg = dataclasses.replace(cfg, **fields)
-        for name, value in overrides.items():  # a method's own setting that is not a field
-            if name not in fields:
-                if method.setting(name) is None:
-                    raise ValueError(f"--method {method.name} reads no setting {name!r}")
-                cfg = cfg.with_setting(name, value)
+        cfg = cfg.with_settings(**overrides)
     cfg = cfg.resolved()
     dense_cfg = dataclasses.replace(cfg, checkpoint=None, pretrained=False, drop_path=0.0)
     if classes is None:
