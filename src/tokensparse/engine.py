@@ -217,6 +217,12 @@ class TokenPolicy:
         trains): the policy's attribute of that name unless a policy says otherwise."""
         return getattr(self, name)
 
+    def pool_weights(self, info: SparseInfo) -> torch.Tensor | None:
+        """(B, M) weight of each final patch token in the model's pooling (average pool: a weighted mean;
+        attention pool: log-weight added to its logits), for a method whose tokens stand for several
+        patches (ToMe's and DiffRate's sizes); None: every token counts once."""
+        return None
+
     def export_refusal(self) -> str | None:
         """Why this policy cannot become a static graph (ONNX export, torch.compile fullgraph), or None."""
         return None
@@ -362,6 +368,14 @@ class _SparseViT:
             if getattr(self, "pool_include_prefix", False):
                 total, count = total + x[:, :prefix].sum(1), count + prefix
             return total / count.clamp_min(1.0)
+        weights = None if info is None else get_policy(self).pool_weights(info)
+        if pool_type == "avg" and weights is not None:
+            prefix = self.num_prefix_tokens
+            weight = weights.to(x.dtype).unsqueeze(-1)
+            total, count = (x[:, prefix:] * weight).sum(1), weight.sum(1)
+            if getattr(self, "pool_include_prefix", False):
+                total, count = total + x[:, :prefix].sum(1), count + prefix
+            return total / count
         return super().pool(x, pool_type)
 
     def __getstate__(self):
