@@ -1,10 +1,12 @@
-"""DiffRate against the authors' code (tests/golden/diffrate_official.safetensors, made by
-tests/golden_tools/make_diffrate_golden.py from OpenGVLab/DiffRate): the inference forward at their
-published counts (logits, which input tokens each token holds, sizes) and the search (loss, FLOPs,
-counts and the gradients of every rate logit)."""
+"""DiffRate against the authors' code (tests/golden/diffrate_official.safetensors and
+diffrate_mae_official.safetensors, made by tests/golden_tools/make_diffrate_golden.py from
+OpenGVLab/DiffRate): the inference forward at their published counts (logits, which input tokens each
+token holds, sizes), the search (loss, FLOPs, counts and the gradients of every rate logit), and their
+MAE model's inference with its size-weighted average pool."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 import tokensparse
-from tokensparse.policies.diffrate import authors_flops, diffrate, diffrate_stats
+from tokensparse.engine import num_patches
+from tokensparse.policies.diffrate import DiffRatePolicy, authors_flops, diffrate, diffrate_stats
+from tokensparse.policies.diffrate_published import MAE_FINETUNED, PUBLISHED
 
 GOLDEN = load_file(Path(__file__).resolve().parent / "golden" / "diffrate_official.safetensors")
+GOLDEN_MAE = load_file(Path(__file__).resolve().parent / "golden" / "diffrate_mae_official.safetensors")
 
 
 def golden_model() -> torch.nn.Module:
@@ -169,3 +174,129 @@ def test_a_search_trains_only_the_rates_and_its_run_infers_at_the_searched_count
     assert last["val_gflops"] == pytest.approx(tokensparse.gflops(searched), rel=1e-6)
     with pytest.raises(ValueError, match="a diffrate run trained for its own budget"):  # not silently ignored
         load_run(out, target_gflops=0.5 * target)
+
+
+# ---- MAE: the counts for MAE's fine-tuned ViT-B/L/H and their size-weighted average pool ----------
+
+MAE_SHAPES = {
+    "vit_base_patch16_224": (12, 197),
+    "vit_large_patch16_224": (24, 197),
+    "vit_huge_patch14_224": (32, 257),
+}
+# the FLOPs their README prints for one budget each (`main.py --eval --load_compression_rate`)
+MAE_README_GFLOPS = {
+    ("vit_base_patch16_224", 11.5): 11.517,
+    ("vit_large_patch16_224", 42.3): 42.290,
+    ("vit_huge_patch14_224", 103.4): 103.337,
+}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread, so a busy second core does not stall every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def golden_mae_model() -> torch.nn.Module:
+    model = timm.create_model(
+        "vit_small_patch16_224",
+        img_size=112,
+        patch_size=8,
+        embed_dim=48,
+        depth=12,
+        num_heads=3,
+        num_classes=10,
+        global_pool="avg",
+    )
+    model.load_state_dict(
+        {k[len("model.") :]: v.float() for k, v in GOLDEN_MAE.items() if k.startswith("model.")}
+    )
+    return model.eval()
+
+
+def test_mae_inference_pools_by_token_size_as_the_authors(one_thread):
+    mae_images = (GOLDEN_MAE["pixels"].float() / 255 - 0.5) / 0.25
+    with torch.no_grad():  # timm's avg-pool ViT (fc_norm, no final norm) is their models_mae classifier
+        torch.testing.assert_close(
+            golden_mae_model()(mae_images), GOLDEN_MAE["eval_logits.dense"], atol=1e-4, rtol=0
+        )
+    for budget in (8.7, 10.0, 10.4, 11.5):  # their ViT-B-MAE counts: 12 blocks, 197 tokens, this model's
+        key = f"mae{budget}"
+        prune, merge = PUBLISHED["vit_base_patch16_224"][budget]
+        assert (list(prune), list(merge)) == (
+            GOLDEN_MAE[f"{key}.prune_kept"].tolist(),
+            GOLDEN_MAE[f"{key}.merge_kept"].tolist(),
+        )
+        model = diffrate(golden_mae_model(), prune, merge)
+        with torch.no_grad():
+            tokens = model.forward_features(mae_images)
+            pooled = model.pool(tokens)
+            logits = model.forward_head(tokens)
+        assert (
+            tokensparse.sparsity_info(model).mlp_tokens[0].tolist()
+            == GOLDEN_MAE[f"{key}.tokens_after"].tolist()
+        )
+        size = diffrate_stats(model).size
+        torch.testing.assert_close(
+            size[:, 1:].sum(1), GOLDEN_MAE[f"{key}.final_size_sum"], atol=1e-3, rtol=1e-5
+        )
+        torch.testing.assert_close(pooled, GOLDEN_MAE[f"{key}.pooled"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits, GOLDEN_MAE[f"{key}.logits"], atol=1e-4, rtol=0)
+        # their formula by hand: sum(size x) / sum(size) over the patch tokens, class token left out
+        by_hand = (tokens[:, 1:] * size[:, 1:, None]).sum(1) / size[:, 1:].sum(1, keepdim=True)
+        torch.testing.assert_close(pooled, by_hand, atol=1e-5, rtol=0)
+        # the weighting matters here: the plain mean of the same tokens is far from theirs
+        assert float((tokens[:, 1:].mean(1) - GOLDEN_MAE[f"{key}.pooled"]).abs().max()) > 0.05
+        assert float(authors_flops(model.diffrate, prune, merge)) == pytest.approx(
+            float(GOLDEN_MAE[f"{key}.flops"]), rel=1e-6
+        )
+    # a class-token head (DeiT) pools as before: its class token, no weights
+    deit = diffrate(golden_model(), *PUBLISHED["deit_small_patch16_224"][2.9])
+    with torch.no_grad():
+        tokens = deit.forward_features(images())
+        torch.testing.assert_close(deit.forward_head(tokens), deit.head(tokens[:, 0]), atol=0, rtol=0)
+
+
+def test_mae_published_counts_fit_their_models_and_budgets(one_thread):
+    torch.manual_seed(0)
+    for name, (depth, tokens) in MAE_SHAPES.items():
+        with torch.device("meta"):  # the real widths without weights: only shapes are read
+            full = timm.create_model(name, num_classes=1000, global_pool="avg")
+        assert (len(full.blocks), num_patches(full) + 1) == (depth, tokens)  # ViT-H/14 at 224: 16 x 16 + 1
+        standin = timm.create_model(name, embed_dim=16, num_heads=2, num_classes=10, global_pool="avg").eval()
+        image = torch.randn(1, 3, 224, 224)
+        for budget, (prune, merge) in PUBLISHED[name].items():
+            assert len(prune) == len(merge) == depth and prune[0] == merge[0] == tokens
+            after, present = [], tokens
+            for p, m in zip(prune, merge, strict=True):
+                assert 2 <= p <= tokens and 2 <= m <= tokens
+                # merge_kept > prune_kept (some ViT-L/H blocks) leaves nothing to merge, as in their code
+                present = min(present, p, m)
+                after.append(present)
+            assert after[-1] == after[-2]  # their MAE patch keeps the last block whole
+            reached = float(authors_flops(DiffRatePolicy(full, prune, merge), prune, merge)) / 1e9
+            # every label within 0.2% by their formula but ViT-H 93.2 (92.11: 1.2% under its label)
+            assert reached == pytest.approx(
+                budget, rel=0.012 if (name, budget) == ("vit_huge_patch14_224", 93.2) else 0.002
+            )
+            if (name, budget) in MAE_README_GFLOPS:
+                assert reached == pytest.approx(MAE_README_GFLOPS[name, budget], abs=1e-3)
+            model = tokensparse.diffrate(copy.deepcopy(standin), published=budget)
+            assert model.diffrate.counts() == (list(prune), list(merge))
+            with torch.no_grad():
+                model(image)
+            assert tokensparse.sparsity_info(model).mlp_tokens[0].tolist() == after
+        with pytest.raises(
+            ValueError, match=rf"published {name} at \[{', '.join(map(str, PUBLISHED[name]))}\]"
+        ):
+            tokensparse.diffrate(copy.deepcopy(standin), published=1.0)
+    # the counts are for MAE's avg-pool classifier: a class-token head is refused, naming what fits
+    token_head = timm.create_model("vit_base_patch16_224", embed_dim=16, num_heads=2, num_classes=10)
+    with pytest.raises(
+        ValueError, match=r"global_pool='avg'\) with the weights of https://.*mae_finetuned_vit_base.pth"
+    ):
+        tokensparse.diffrate(token_head, published=11.5)
+    assert set(MAE_FINETUNED) == set(MAE_SHAPES)

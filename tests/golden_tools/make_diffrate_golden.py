@@ -52,6 +52,30 @@ figure: ViT-S-DeiT is 4.6 G by their formula) scaled by (this model's dense FLOP
 dense FLOPs), both by their `calculate_flop_inference`.
 
 See tests/golden/README.md for every key.
+
+MAE (`--mae`, writes tests/golden/diffrate_mae_official.safetensors; about 10 s):
+
+    PYTHONPATH=/tmp/timm045 python tests/golden_tools/make_diffrate_golden.py --mae /tmp/diffrate_ref \
+        tests/golden/diffrate_mae_official.safetensors
+
+The same golden-ViT shape built as their `models_mae.VisionTransformer(global_pool=True, ...)` (timm
+0.4.5's class with the final norm removed and `fc_norm` after the pool: MAE's fine-tuned classifier,
+what their `vit_base_patch16_mae` builds at ViT-B size), patched with their
+`DiffRate.patch.mae.apply_patch(model, prune_granularity=4, merge_granularity=4)`, random weights
+(seed 3 as above, `fc_norm.weight` drawn as the other norm weights), the same kind of pixels. Their
+inference pool (`DiffRate/patch/mae.py` forward_features, lines 64-66) is the size-weighted mean of
+the patch tokens, class token left out: sum_i size_i x_i / sum_i size_i over the final patch tokens.
+Eval forwards at every count 197 and at their four "ViT-B-MAE" counts of `compression_rate.json`
+(ViT-B-MAE has 12 blocks and 197 tokens, this model's shape), with the gap checks above. Keys:
+
+- `model.*`, `pixels`: as above (plus `fc_norm.*`, without `norm.*`); they load into
+  `timm.create_model("vit_small_patch16_224", img_size=112, patch_size=8, embed_dim=48, depth=12,
+  num_heads=3, num_classes=10, global_pool="avg")`.
+- `eval_logits.dense` (4, 10): their forward with every count 197 (equals timm's avg-pool ViT).
+- for each budget `{g}` in 8.7, 10.0, 10.4, 11.5: `mae{g}.prune_kept`, `mae{g}.merge_kept` (12,)
+  int64, `mae{g}.tokens_after` (12,) int64, `mae{g}.logits` (4, 10), `mae{g}.pooled` (4, 48): the
+  pool's output before `fc_norm`, `mae{g}.final_size_sum` (4,): the sum of the final patch tokens'
+  sizes (their pool's denominator), `mae{g}.flops` (1,) float64 (their `calculate_flop_inference`).
 """
 
 from __future__ import annotations
@@ -121,6 +145,17 @@ def import_authors(repo: Path):
     return deit_patch
 
 
+def import_mae(repo: Path):
+    """Their DiffRate.patch.mae and models_mae (after `import_authors`, which stubs the packages)."""
+    import DiffRate.patch.mae as mae_patch  # noqa: PLC0415  (the authors' module)
+    import models_mae  # noqa: PLC0415  (the authors' MAE ViT, from their repository root)
+
+    for module in (mae_patch, models_mae):
+        if not module.__file__.startswith(str(repo.resolve())):
+            raise RuntimeError(f"imported {module.__file__}, not the authors' tree at {repo}")
+    return mae_patch, models_mae
+
+
 def build(deit_patch) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer  # noqa: PLC0415
 
@@ -146,7 +181,11 @@ def random_state(model: nn.Module, generator: torch.Generator) -> dict[str, torc
     """Variance-preserving random weights for every parameter, rounded to float16."""
     state = {}
     for name, value in model.state_dict().items():
-        if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
+        if (
+            name.endswith("norm1.weight")
+            or name.endswith("norm2.weight")
+            or name in ("norm.weight", "fc_norm.weight")
+        ):
             new = 1.0 + 0.2 * torch.randn(value.shape, generator=generator)
         elif value.ndim == 1:  # biases and norm shifts
             new = 0.1 * torch.randn(value.shape, generator=generator)
@@ -431,17 +470,117 @@ def generate(deit_patch, seed: int) -> tuple[dict[str, torch.Tensor], list[str]]
     return out, problems
 
 
+MAE_SETTINGS = {  # compression_rate.json "ViT-B-MAE"
+    "8.7": (
+        [197, 192, 166, 143, 119, 103, 86, 72, 54, 43, 37, 23],
+        [197, 176, 150, 127, 107, 92, 76, 58, 47, 41, 23, 23],
+    ),
+    "10.0": (
+        [197, 194, 173, 154, 135, 120, 108, 92, 76, 64, 52, 40],
+        [197, 181, 160, 141, 122, 116, 95, 80, 67, 60, 40, 40],
+    ),
+    "10.4": (
+        [197, 195, 179, 159, 140, 122, 105, 100, 89, 71, 56, 45],
+        [197, 187, 166, 145, 125, 109, 102, 97, 75, 64, 45, 45],
+    ),
+    "11.5": (
+        [197, 196, 182, 172, 162, 147, 131, 109, 101, 94, 70, 49],
+        [197, 192, 178, 164, 150, 133, 115, 101, 96, 82, 49, 49],
+    ),
+}
+
+
+def generate_mae(deit_patch, mae_patch, models_mae, seed: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The MAE golden tensors (their `models_mae.VisionTransformer` with the global pool, patched by
+    `DiffRate.patch.mae`) for one seed, and the list of failed checks."""
+    problems: list[str] = []
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = models_mae.VisionTransformer(
+        global_pool=True,
+        img_size=112,
+        patch_size=8,
+        embed_dim=DIM,
+        depth=DEPTH,
+        num_heads=HEADS,
+        mlp_ratio=4,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_classes=10,
+        drop_path_rate=0.0,
+    )
+    for block in model.blocks:  # as `build`: timm >= 0.9 has drop_path1/drop_path2
+        if not hasattr(block, "drop_path"):
+            block.drop_path = nn.Identity()
+    state = random_state(model, generator)
+    pixels = torch.randint(0, 256, (4, 3, 112, 112), generator=generator, dtype=torch.uint8)
+    images = (pixels.float() / 255 - 0.5) / 0.25
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    mae_patch.apply_patch(model, prune_granularity=GRANULARITY, merge_granularity=GRANULARITY)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rec = Recorder(model, deit_patch)  # their MAE blocks are deit.py's DiffRateBlock
+    pooled: list[torch.Tensor] = []
+    model.fc_norm.register_forward_pre_hook(lambda module, inputs: pooled.append(inputs[0].detach().clone()))
+
+    out = {f"model.{k}": v for k, v in state.items()}
+    out["pixels"] = pixels
+    model.eval()
+    model.set_kept_num([TOKENS] * DEPTH, [TOKENS] * DEPTH)
+    with torch.no_grad():
+        logits, _ = model(images)
+    out["eval_logits.dense"] = logits.contiguous()
+    for g, (prune, merge) in MAE_SETTINGS.items():
+        model.set_kept_num(prune, merge)
+        rec.reset()
+        pooled.clear()
+        with torch.no_grad():
+            logits, flops = model(images)
+        gaps, n = [], TOKENS
+        for b in range(DEPTH):
+            if prune[b] < n:
+                gaps.append(cut_gap(rec.cls_sorted[b], prune[b]))
+            if merge[b] < min(n, prune[b]):
+                gaps.append(cut_gap(rec.cls_sorted[b], merge[b]))
+            n = rec.counts[b]
+        merge_gap = min(rec.merge_gaps)
+        final_size = rec.sizes[-1][:, 1:, 0].sum(dim=1)
+        print(
+            f"mae {g}: tokens after each block {rec.counts}, flops {float(flops) / 1e9:.6f} G, smallest cut gap "
+            f"{min(gaps):.3e} merge gap {merge_gap:.3e}, final size sums {final_size.tolist()}"
+        )
+        if min(gaps) <= CUT_GAP or merge_gap <= MERGE_GAP:
+            problems.append(f"mae {g}: cut gap {min(gaps):.2e} or merge gap {merge_gap:.2e} too small")
+        if not all(bool((s > 0).all()) for s in rec.sizes):
+            problems.append(f"mae {g}: a token size <= 0 (their eval sizes are not clamped)")
+        out[f"mae{g}.prune_kept"] = torch.tensor(prune, dtype=torch.int64)
+        out[f"mae{g}.merge_kept"] = torch.tensor(merge, dtype=torch.int64)
+        out[f"mae{g}.tokens_after"] = torch.tensor(rec.counts, dtype=torch.int64)
+        out[f"mae{g}.logits"] = logits.contiguous()
+        out[f"mae{g}.pooled"] = pooled[-1].contiguous()
+        out[f"mae{g}.final_size_sum"] = final_size.contiguous()
+        out[f"mae{g}.flops"] = torch.as_tensor(float(flops), dtype=torch.float64).reshape(1)
+    rec.close()
+    return out, problems
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("diffrate_repo", type=Path, help="exported OpenGVLab/DiffRate tree")
     parser.add_argument("out", type=Path, help="safetensors file to write")
     parser.add_argument("--seed", type=int, default=SEED, help=f"weight and input seed (default {SEED})")
+    parser.add_argument(
+        "--mae", action="store_true", help="their MAE model and patch (global pool), not DeiT"
+    )
     args = parser.parse_args()
     deit_patch = import_authors(args.diffrate_repo)
     import timm  # noqa: PLC0415
 
     print("timm", timm.__version__, timm.__file__, "torch", torch.__version__)
-    out, problems = generate(deit_patch, args.seed)
+    if args.mae:
+        out, problems = generate_mae(deit_patch, *import_mae(args.diffrate_repo), args.seed)
+    else:
+        out, problems = generate(deit_patch, args.seed)
     if problems:
         raise SystemExit("; ".join(problems) + "; pick another --seed")
     args.out.parent.mkdir(parents=True, exist_ok=True)

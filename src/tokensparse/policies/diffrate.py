@@ -8,7 +8,10 @@ included), and merges the ones after the first `merge_kept[b]` into the first `m
 joins the one it is most similar to (cosine of the hidden states; never the class token), features
 averaged unweighted, sizes adding the joiner's size times its similarity. The MLP then runs on what is
 left. Counts are as the authors' `compression_rate.json` writes them: tokens left, class token
-included, so block b leaves min(tokens before, prune_kept[b], merge_kept[b]).
+included, so block b leaves min(tokens before, prune_kept[b], merge_kept[b]). An average-pool head
+(MAE's fine-tuned classifiers, timm's `global_pool="avg"`) takes the size-weighted mean of the final
+patch tokens, class token left out, as their `DiffRate/patch/mae.py` (forward_features, inference:
+sum(size x) / sum(size)); a class-token head is unchanged.
 
 The search (`tokensparse train --method diffrate --target-gflops X`, or a model in train mode) keeps
 every token and masks attention instead (DynamicViT's masked softmax). Each block's two counts are
@@ -23,7 +26,11 @@ and its gradients against outputs of their code. Kept as they are, on purpose: t
 merged features, sizes clamped to >= 1 in the search but not at inference, the FLOP gradient reaching
 both counts of a block through their `ste_min`. One deviation: a searched model's counts are read from
 its final logits (their code evaluates with the counts of the last training forward, one optimiser
-step earlier).
+step earlier). The MAE inference (pool included) is checked against their `patch/mae.py` and
+`models_mae.py` on the MAE counts (`tests/golden/diffrate_mae_official.safetensors`); a search on an
+average-pool model is not: it pools as the engine's masked average does (each patch token once, the
+masked ones too) where theirs weights by size x mask, and it searches the last block too, which their
+MAE patch keeps whole.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from ..attention import (
 from ..checks import is_int
 from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, sparsify
 from .baselines import mlp_macs, reduced_mlp_flops
-from .diffrate_published import PUBLISHED, published_counts
+from .diffrate_published import MAE_FINETUNED, PUBLISHED, published_counts
 from .diffrate_search import (
     CompressionRate,
     DiffRateLoss,
@@ -167,6 +174,18 @@ class DiffRatePolicy(TokenPolicy, nn.Module):
         """The search's progress bar: its FLOPs (the authors' count) at the current counts."""
         flops = info.extra.get("search_flops")
         return {} if flops is None else {"gflops": f"{float(flops.detach()) / 1e9:.4g}"}
+
+    def pool_weights(self, info: SparseInfo) -> torch.Tensor | None:
+        """(B, M) the final sizes of the patch tokens of the forward `info` describes (class token left out):
+        an average-pool head takes their size-weighted mean, as the authors' MAE inference
+        (`DiffRate/patch/mae.py` forward_features: sum(size x) / sum(size)). None in the search, whose
+        tokens all stay in the tensor."""
+        size = info.extra.get("size")
+        if size is None or info.extra.get("search_flops") is not None:
+            return None
+        if size.shape[1] - 1 != info.patch_tokens.shape[1]:
+            return None
+        return size[:, 1:]
 
     def begin(self, model: VisionTransformer, state: TokenState) -> None:
         batch = state.batch_size
@@ -350,6 +369,19 @@ def _merge_sum(size: torch.Tensor, kept: int, node_idx: torch.Tensor, joining: t
     return size[:, :kept].scatter_add(1, node_idx[..., None], joining)
 
 
+def _published_head(model: VisionTransformer, name: str) -> str | None:
+    """Why the authors' counts for `name` do not fit the head of `model`, or None: the MAE counts are
+    for MAE's fine-tuned classifier (average pool, `fc_norm`)."""
+    if name in MAE_FINETUNED and (model.global_pool != "avg" or isinstance(model.fc_norm, nn.Identity)):
+        return (
+            f"the authors' {name} counts are for MAE's fine-tuned classifier, whose head averages the patch "
+            f"tokens: timm.create_model({name!r}, global_pool='avg') with the weights of {MAE_FINETUNED[name]} "
+            f"(their 'model' entry); this model has global_pool={model.global_pool!r}"
+            + ("" if model.global_pool != "avg" else " without fc_norm")
+        )
+    return None
+
+
 def _check_counts(model: VisionTransformer, prune_kept: Sequence[int], merge_kept: Sequence[int]) -> None:
     depth, tokens = len(model.blocks), num_patches(model) + 1
     for name, counts in (("prune_kept", prune_kept), ("merge_kept", merge_kept)):
@@ -374,9 +406,11 @@ def diffrate(
     Give the counts one way:
     - `prune_kept`, `merge_kept`: per block, tokens left after pruning and after merging (class token
       included), as the authors' `compression_rate.json`;
-    - `published`: their searched counts for this DeiT (`deit_{tiny,small,base}_patch16_224`) at that
-      budget in GFLOPs (their formula: GMACs, multiply-adds), e.g. `published=2.9` for DeiT-S (79.54%
-      top-1 in their paper);
+    - `published`: their searched counts for this model at that budget in GFLOPs (their formula: GMACs,
+      multiply-adds), e.g. `published=2.9` for DeiT-S (79.54% top-1 in their paper): DeiT
+      (`deit_{tiny,small,base}_patch16_224`) or MAE's fine-tuned ViT-B/L/H (`vit_base_patch16_224`,
+      `vit_large_patch16_224`, `vit_huge_patch14_224` with `global_pool="avg"`, MAE's weights;
+      `diffrate_published.MAE_FINETUNED`), pooled by token size as theirs;
     - `target_gflops`: counts whose executed GMACs per image (multiply-adds, what the papers call FLOPs;
       tokensparse's count) are at most the target and within 2% of it, without a search: the authors'
       DeiT-S profile (their 2.3 GFLOPs counts as shares of the tokens) scaled between none and that
@@ -404,6 +438,8 @@ def diffrate(
     if published is not None:
         name = getattr(model, "pretrained_cfg", {}).get("architecture") or ""
         prune_kept, merge_kept = published_counts(name, published)
+        if (problem := _published_head(model, name)) is not None:
+            raise ValueError(problem)
     if prune_kept is not None:
         _check_counts(model, prune_kept, merge_kept)  # type: ignore[arg-type]
     if not is_int(granularity) or granularity < 1:
@@ -464,7 +500,8 @@ def _objective(cfg: TrainConfig, depth: int) -> nn.Module:
 
 def _bench(model, budgets, settings, **options):
     """`tokensparse bench` for DiffRate: each budget's counts (`diffrate(target_gflops=)`; None: the
-    authors' published budget nearest 63% of the dense model's GMACs for a DeiT they searched, else 63%,
+    authors' published budget nearest 63% of the dense model's GMACs for a model they searched (DeiT; MAE's
+    ViT-B/L/H with the avg-pool head), else 63%,
     DeiT-S's 2.9 of 4.6), or a run's searched counts; the bound slices tokens between attention and MLP
     as DiffRate does."""
     from ..bench import bench_method
@@ -479,6 +516,7 @@ def _bench(model, budgets, settings, **options):
             name = getattr(dense, "pretrained_cfg", {}).get("architecture")
             dense_gflops = gflops(dense.eval())
             published = [b for b in PUBLISHED.get(name, {}) if b < dense_gflops]
+            published = published if _published_head(dense, name) is None else []
             if published:
                 return diffrate(dense, published=min(published, key=lambda b: abs(b / dense_gflops - 0.63)))
             budget = 0.63 * dense_gflops
