@@ -26,6 +26,9 @@ MODULES = (
     "tokensparse.evaluate",
     "tokensparse.checkpoints",
     "tokensparse.models",
+    "tokensparse.adapters",
+    "tokensparse.adapters.timm_families",
+    "tokensparse.adapters.hf",
     *(
         f"tokensparse.policies.{name}"
         for name in (

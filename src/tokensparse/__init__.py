@@ -28,6 +28,7 @@ _EXPORTS = {
     "save_checkpoint": ".checkpoints",
     "SparseInfo": ".engine",
     "sparsity_info": ".engine",
+    "dense_features": ".engine",
     "get_policy": ".engine",
     "gflops": ".flops",
     "model_flops": ".flops",
@@ -90,6 +91,7 @@ __all__ = [
     "model_flops",
     "save_checkpoint",
     "sparsity_info",
+    "dense_features",
     "get_policy",
     "teacher_outputs",
 ]
@@ -110,7 +112,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-    from .engine import SparseInfo, sparsity_info
+    from .engine import SparseInfo, dense_features, sparsity_info
     from .export import export_onnx
     from .flops import gflops, model_flops
     from .losses import AViTLoss, DynamicViTLoss, teacher_outputs

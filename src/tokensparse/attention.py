@@ -35,8 +35,17 @@ def _gate(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
 
 
+def _is_view(attn: object) -> bool:
+    """Whether `attn` is a backbone family's `AttentionView` (tokensparse.adapters) rather than timm's own
+    `Attention`."""
+    return callable(getattr(attn, "heads", None))
+
+
 def _heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (B, heads, N, head_dim) of a timm `Attention` on x (B, N, C), after q_norm / k_norm."""
+    """q, k, v (B, heads, N, head_dim) of a timm `Attention` (or a family's view) on x (B, N, C), after
+    q_norm / k_norm (and the view's positions)."""
+    if _is_view(attn):
+        return attn.heads(x)
     batch, n, _ = x.shape
     q, k, v = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     return attn.q_norm(q), attn.k_norm(k), v
@@ -50,6 +59,19 @@ def _output(attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None) -> to
     return attn.proj_drop(attn.proj(out))
 
 
+def _project(attn: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The output (B, N, C) of `attn` (timm's `Attention` or a family's view) from merged heads `out`; `x` is
+    the attention's input (for a gate)."""
+    if _is_view(attn):
+        return attn.finish(out, x)
+    return _output(attn, out, _gate(attn, x))
+
+
+def position_bias(attn: nn.Module) -> torch.Tensor | None:
+    """The (B or 1, heads, N, N) logit bias a family's view adds for the tokens' positions, or None."""
+    return attn.position_bias() if _is_view(attn) else None
+
+
 def _merge_heads(out: torch.Tensor) -> torch.Tensor:
     batch, heads, n, dim = out.shape
     return out.transpose(1, 2).reshape(batch, n, heads * dim)
@@ -58,8 +80,12 @@ def _merge_heads(out: torch.Tensor) -> torch.Tensor:
 def masked_attention(attn: nn.Module, x: torch.Tensor, keep: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Run a timm `Attention` module with `softmax_with_keep` in place of its softmax."""
     q, k, v = _heads(attn, x)
-    probs = softmax_with_keep((q * attn.scale) @ k.transpose(-2, -1), keep, eps)
-    return _output(attn, _merge_heads(attn.attn_drop(probs) @ v), _gate(attn, x))
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    position = position_bias(attn)
+    if position is not None:
+        logits = logits + position
+    probs = softmax_with_keep(logits, keep, eps)
+    return _project(attn, _merge_heads(attn.attn_drop(probs) @ v), x)
 
 
 def attention_parts(
@@ -73,9 +99,12 @@ def attention_parts(
     batch, n, _ = x.shape
     q, k, v = _heads(attn, x)
     mask = None if key_bias is None else key_bias.to(q.dtype).view(batch, 1, 1, n)
+    position = position_bias(attn)
+    if position is not None:
+        mask = position.to(q.dtype) if mask is None else mask + position.to(q.dtype)
     dropout = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=attn.scale)
-    return _output(attn, _merge_heads(out), _gate(attn, x)), q, k
+    return _project(attn, _merge_heads(out), x), q, k
 
 
 def add_attention(block: nn.Module, x: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:

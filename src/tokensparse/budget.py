@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from .adapters import backbone_of
 from .engine import get_policy
 from .flops import gflops
 
@@ -122,7 +123,7 @@ def solve_merge_schedule(model: nn.Module, target_gflops: float) -> int | list[i
     after; merging earlier saves more). `model.r` is left as it was."""
     target = check_target(target_gflops)
     original = model.r
-    depth = len(model.blocks)
+    depth = len(backbone_of(model).blocks)
 
     def cost(r: int | list[int]) -> float:
         model.r = r
@@ -133,7 +134,7 @@ def solve_merge_schedule(model: nn.Module, target_gflops: float) -> int | list[i
             dense = cost(0)
             if target >= dense:
                 raise _above_dense(target, dense)
-            tokens = model.patch_embed.num_patches
+            tokens = backbone_of(model).num_patches()
             lowest = cost(tokens)  # ToMe merges at most half the tokens present in each block
             if target < lowest:
                 raise _below_reach(target, lowest, dense, "tome")

@@ -20,18 +20,19 @@ import torch
 import torch.nn as nn
 
 try:
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
+    from timm.layers import Attention  # noqa: F401  (what the engine runs on: checked here at import)
+    from timm.models.vision_transformer import Block, VisionTransformer  # noqa: F401
 except ImportError as err:  # the timm internals the engine runs on moved
     raise ImportError(
         f"tokensparse needs timm >= 1.0.16 (tested with 1.0.16 and newer); this timm {timm.__version__} lacks "
         f"what the engine imports ({str(err).split(' (')[0]})"
     ) from err
 
+from .adapters import Backbone, backbone_of
 from .attention import masked_block
 
 Regime = Literal["mask", "gather"]
-SUPPORTED_POOLS = ("token", "avg")
+SUPPORTED_POOLS = ("token", "avg", "map")
 _POLICY_ATTR = "_tokensparse_policy_name"
 _INFO_ATTR = "_tokensparse_info"
 
@@ -59,6 +60,8 @@ class TokenState:
                      reduces tokens between attention and MLP (ToMe, EViT); empty = all of them.
     policy_state:    the policy's own bookkeeping during the forward (its dataclass; the engine does
                      not read it).
+    dense:           with `dense_features`: (B, N + 1, C) the last features each patch had while it was a
+                     token (column N: a token that is no patch); None otherwise.
     stats:           the policy's statistics of this forward (its dataclass, set by `end`), published
                      field by field as `SparseInfo.extra` and read through its typed accessor.
     """
@@ -76,6 +79,7 @@ class TokenState:
     mlp_tokens: list[torch.Tensor] = field(default_factory=list)
     policy_state: Any = None
     stats: Any = None
+    dense: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -110,6 +114,12 @@ class TokenState:
         decision = torch.zeros(self.batch_size, self.num_patches, device=self.x.device)
         self.keep_decisions.append(decision.scatter_(1, self.patch_index, 1.0))
         return kept
+
+    def record_dense(self) -> None:
+        """With `dense_features`: note the current features of every patch token present at its patch."""
+        if self.dense is not None and self.x.shape[1] - self.num_prefix == self.patch_index.shape[1]:
+            rows = self.patch_index.unsqueeze(-1).expand(-1, -1, self.x.shape[-1])
+            self.dense = self.dense.scatter(1, rows, self.patch_tokens.to(self.dense.dtype))
 
     def record_mlp_tokens(self, tokens: int) -> None:
         """Note how many tokens the current block's MLP runs on (fewer than its attention when it merged)."""
@@ -148,6 +158,7 @@ class SparseInfo:
                     where ToMe merged or EViT reorganised between attention and MLP).
     extra:          the policy's statistics by name (`TokenState.stats`; typed: `avit_stats`,
                     `tome_stats`, `evit_stats`).
+    dense_patch_tokens: with `dense_features`: (B, N, C) final patch features on the full grid; else None.
     """
 
     keep_decisions: list[torch.Tensor]
@@ -159,6 +170,7 @@ class SparseInfo:
     num_prefix: int
     extra: dict[str, Any]
     mlp_tokens: torch.Tensor | None = None
+    dense_patch_tokens: torch.Tensor | None = None
 
 
 class TokenPolicy:
@@ -218,9 +230,21 @@ class TokenPolicy:
         return getattr(self, name)
 
     def pool_weights(self, info: SparseInfo) -> torch.Tensor | None:
-        """(B, M) weight of each final patch token in the model's pooling (average pool: a weighted mean;
-        attention pool: log-weight added to its logits), for a method whose tokens stand for several
-        patches (ToMe's and DiffRate's sizes); None: every token counts once."""
+        """(B, M) weight of each final patch token of the forward `info` describes in the model's average
+        pool (a weighted mean), for a method whose tokens stand for several patches (DiffRate's sizes on
+        MAE's heads); None: every token counts once."""
+        return None
+
+    def token_of_patch(self, info: SparseInfo) -> torch.Tensor | None:
+        """(B, N) the final patch token (0-based, after the prefix) each patch ended in, in the forward `info`
+        describes, for a method that merges (ToMe's source map): `dense_features` un-merges through it.
+        None: a patch's last features while it was a token stand for it."""
+        return None
+
+    def token_size(self, info: SparseInfo) -> torch.Tensor | None:
+        """(B, M) patches each final patch token of the forward `info` describes stands for, for a method that
+        merges (ToMe): an attention-pool head adds its log to the pool's logits, as proportional attention
+        does; None: one patch each."""
         return None
 
     def export_refusal(self) -> str | None:
@@ -278,39 +302,38 @@ def check_timm_parts(block: nn.Module) -> None:
         )
 
 
-def check_vit(model: nn.Module) -> VisionTransformer:
-    """Raise ValueError naming what is unsupported unless `model` is a timm ViT the engine can run."""
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(
-            f"tokensparse needs a timm VisionTransformer (e.g. timm.create_model('deit_small_patch16_224')); "
-            f"got {type(model).__name__}"
-        )
+def check_model(model: nn.Module) -> Backbone:
+    """The `Backbone` of `model` if tokensparse can run it (a timm ViT, Eva or BEiT, a Hugging Face ViT,
+    DINOv2, CLIP or SigLIP vision model), else ValueError naming what is unsupported."""
+    backbone = backbone_of(model)
     if get_policy(model) is not None:
         raise ValueError(
             f"this model is already sparsified with {get_policy(model).method}; apply tokensparse to the dense model"
         )
-    for i, block in enumerate(model.blocks):
-        if type(block) is not Block:
-            raise ValueError(
-                f"block {i} is a {type(block).__name__}; tokensparse supports timm's pre-norm Block only"
-            )
-        if type(block.attn) is not Attention:
-            raise ValueError(
-                f"block {i} uses attention class {type(block.attn).__name__}; tokensparse can mask only "
-                "timm's Attention"
-            )
-        check_timm_parts(block)
-    if model.global_pool not in SUPPORTED_POOLS:
-        raise ValueError(f"global_pool={model.global_pool!r} is not supported; use one of {SUPPORTED_POOLS}")
-    if getattr(model, "attn_pool", None) is not None:
-        raise ValueError("attention pooling heads (global_pool='map') are not supported")
+    backbone.check()
+    pool = getattr(model, "global_pool", None)
+    if backbone.family.startswith("timm") and pool not in SUPPORTED_POOLS:
+        raise ValueError(f"global_pool={pool!r} is not supported; use one of {SUPPORTED_POOLS}")
+    return backbone
+
+
+def check_vit(model: nn.Module, method: str = "this method") -> VisionTransformer:
+    """Raise ValueError naming what is unsupported unless `model` is a timm `VisionTransformer` of timm's own
+    `Block` and `Attention`, which `method` (named in the message) needs: DynamicViT's masked training,
+    A-ViT's packed inference and DiffRate's search run on exactly those."""
+    backbone = check_model(model)
+    if not backbone.timm_blocks:
+        raise ValueError(
+            f"{method} needs a timm VisionTransformer (e.g. timm.create_model('deit_small_patch16_224')): its "
+            f"training masks timm's Attention; got {type(model).__name__} ({backbone.family}). ToMe, EViT, "
+            "random and static pruning run on it"
+        )
     return model
 
 
-def num_patches(model: VisionTransformer) -> int:
+def num_patches(model: nn.Module) -> int:
     """Patch tokens of the model at its configured image size (196 for 224/16)."""
-    grid = model.patch_embed.grid_size
-    return int(grid[0] * grid[1])
+    return backbone_of(model).num_patches()
 
 
 def check_images(model: VisionTransformer, images: torch.Tensor) -> None:
@@ -368,6 +391,8 @@ class _SparseViT:
             if getattr(self, "pool_include_prefix", False):
                 total, count = total + x[:, :prefix].sum(1), count + prefix
             return total / count.clamp_min(1.0)
+        if getattr(self, "attn_pool", None) is not None and info is not None:
+            return self._attention_pool(x, info)
         weights = None if info is None else get_policy(self).pool_weights(info)
         if pool_type == "avg" and weights is not None:
             prefix = self.num_prefix_tokens
@@ -378,6 +403,23 @@ class _SparseViT:
             return total / count
         return super().pool(x, pool_type)
 
+    def _attention_pool(self, x: torch.Tensor, info: SparseInfo) -> torch.Tensor:
+        """timm's attention-pool head (SigLIP's MAP) over the final tokens: a merged token weighted by its size
+        (log size added to the pool's logits), a masked one (training) left out."""
+        prefix = self.num_prefix_tokens
+        bias = None
+        if info.patch_tokens.shape[1] == info.keep_mask.shape[1]:  # every token still in the tensor
+            bias = info.keep_mask.to(x.dtype).log()
+        size = get_policy(self).token_size(info)
+        if size is not None:
+            bias = size.to(x.dtype).log() if bias is None else bias + size.to(x.dtype).log()
+        if self.pool_include_prefix:
+            if bias is not None:
+                bias = torch.cat([bias.new_zeros(bias.shape[0], prefix), bias], dim=1)
+        else:
+            x = x[:, prefix:]
+        return self.attn_pool(x, attn_mask=None if bias is None else bias[:, None, None, :])
+
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
@@ -387,25 +429,52 @@ class _SparseViT:
     def __reduce_ex__(self, protocol):
         # The class made by `sparsify` has no importable name: pickle (torch.save(model)) rebuilds it
         # from the model's own timm class instead.
-        return _rebuild_sparse, (type(self).__bases__[1],), self.__getstate__()
+        return _rebuild_sparse, (type(self).__bases__[1], type(self).__bases__[0]), self.__getstate__()
+
+
+class _SparseHF(_SparseViT):
+    """Mixin placed in front of a Hugging Face `transformers` vision model's class by `sparsify`: its forward
+    runs the engine and returns the model's own output object (`tokensparse.adapters.hf.hf_forward`)."""
+
+    def forward(self, pixel_values: torch.Tensor | None = None, **kwargs: Any):
+        from .adapters.hf import hf_forward, hf_parts
+
+        given = sorted(k for k, v in kwargs.items() if v not in (None, False) and k != "return_dict")
+        if pixel_values is None or given:
+            raise ValueError(
+                "a tokensparse Hugging Face model takes pixel_values only"
+                + (f"; {', '.join(given)} are not supported" if given else "")
+            )
+        x = run(self, pixel_values)
+        info: SparseInfo = self.__dict__[_INFO_ATTR]
+        policy = get_policy(self)
+        if info.patch_tokens.shape[1] == info.keep_mask.shape[1]:
+            weights = info.keep_mask  # mask regime (training): a masked token is left out of any pooling
+        elif hf_parts(self).family == "hf-siglip" and not hasattr(self, "classifier"):
+            weights = policy.token_size(info)  # the attention-pool head: a merged token by its size
+        else:
+            weights = policy.pool_weights(info)
+        if weights is not None and bool((weights == 1).all()):
+            weights = None
+        return hf_forward(self, pixel_values, weights, x)
 
 
 @functools.cache
-def _sparse_class(base: type) -> type:
-    return type(f"Sparse{base.__name__}", (_SparseViT, base), {})
+def _sparse_class(base: type, mixin: type = _SparseViT) -> type:
+    return type(f"Sparse{base.__name__}", (mixin, base), {})
 
 
-def _rebuild_sparse(base: type) -> nn.Module:
+def _rebuild_sparse(base: type, mixin: type = _SparseViT) -> nn.Module:
     model = base.__new__(base)
-    model.__class__ = _sparse_class(base)
+    model.__class__ = _sparse_class(base, mixin)
     return model
 
 
 def sparsify(model: VisionTransformer, policy: TokenPolicy, attr: str) -> VisionTransformer:
     """Attach `policy` to `model` under `attr` and route the forward through the engine (in place)."""
-    check_vit(model)
+    backbone = check_model(model)
     base = type(model)
-    model.__class__ = _sparse_class(base)
+    model.__class__ = _sparse_class(base, _SparseHF if backbone.family.startswith("hf") else _SparseViT)
     model.add_module(attr, policy)
     policy.train(model.training)  # a new module starts in training mode; it follows the model's
     setattr(model, _POLICY_ATTR, attr)
@@ -422,29 +491,33 @@ def sparsity_info(model: nn.Module) -> SparseInfo:
     return info
 
 
-def embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-    """The tokens block 0 of `model` reads from `images` (B, C, H, W): timm's patch embedding, position
-    embedding (and prefix tokens), patch dropout and pre-norm, as `VisionTransformer.forward_features` runs
-    them."""
-    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The tokens block 0 of `model` reads from `images` (B, C, H, W): its family's patch embedding, position
+    embedding (and prefix tokens), patch dropout and pre-norm, as its own `forward_features` runs them."""
+    return backbone_of(model).embed(images)[0]
 
 
-def run(model: VisionTransformer, images: torch.Tensor, regime: Regime | None = None) -> torch.Tensor:
+def run(
+    model: nn.Module, images: torch.Tensor, regime: Regime | None = None, dense: bool = False
+) -> torch.Tensor:
     """Forward features of `images` (B, C, H, W) through the engine on `model`, a sparsified ViT:
     embeddings, policy-driven blocks, final norm.
 
     regime: 'mask' keeps every token and masks attention (the training form), 'gather' removes
     tokens and runs timm's ordinary blocks on the shorter sequences (the inference form). By default
-    'mask' in train mode and 'gather' in eval mode.
+    'mask' in train mode and 'gather' in eval mode. dense (default False): also keep every patch's
+    features on the full grid (`SparseInfo.dense_patch_tokens`; see `dense_features`).
     """
     policy = get_policy(model)
     if policy is None:
         raise ValueError("model is not sparsified; call tokensparse.dynamicvit(model, ...) first")
-    check_images(model, images)
+    if hasattr(model, "patch_embed"):  # timm's families (a Hugging Face model's embedding checks its own)
+        check_images(model, images)
     regime = regime or ("mask" if model.training else "gather")
-    x = embed(model, images)
+    backbone = backbone_of(model)
+    x, context = backbone.embed(images)
     batch = x.shape[0]
-    prefix = model.num_prefix_tokens
+    prefix = backbone.num_prefix
     patches = x.shape[1] - prefix
     state = TokenState(
         x=x,
@@ -452,16 +525,19 @@ def run(model: VisionTransformer, images: torch.Tensor, regime: Regime | None = 
         num_patches=patches,
         regime=regime,
         patch_index=torch.arange(patches, device=x.device).expand(batch, patches),
+        dense=torch.cat([x[:, prefix:], x[:, :1, :] * 0], dim=1) if dense else None,
     )
     policy.begin(model, state)
-    for index, block in enumerate(model.blocks):
+    for index, block in enumerate(backbone.views(state, context)):
         policy.before_block(index, state)
         active = state.active_tokens
         state.tokens_per_block.append(active if active is not None else state.x.shape[1])
         policy.run_block(index, block, state)
         policy.after_block(index, state)
+        state.record_dense()
     policy.end(state)
-    x = model.norm(state.x)
+    state.record_dense()
+    x = backbone.final_norm(state.x)
     if state.keep is not None:
         keep_mask = state.keep.detach()
     else:
@@ -480,7 +556,32 @@ def run(model: VisionTransformer, images: torch.Tensor, regime: Regime | None = 
         extra={} if state.stats is None else _fields(state.stats),
         mlp_tokens=torch.stack(state.mlp_tokens, dim=1) if state.mlp_tokens else tokens_per_block,
     )
+    if dense:
+        info = model.__dict__[_INFO_ATTR]
+        group = policy.token_of_patch(info)
+        if group is not None:
+            rows = group.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+            info.dense_patch_tokens = info.patch_tokens.gather(1, rows)
+        else:
+            info.dense_patch_tokens = backbone.final_norm(state.dense[:, :patches])
     return x
+
+
+def dense_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) final patch features of `images` (B, C, H, W) on the full patch grid (row-major; reshape to
+    (B, rows, columns, C)), for dense prediction from a sparsified model (DINOv2- and SAM-style uses), after
+    the model's final norm, in the model's current mode.
+
+    A merged patch (ToMe) takes the features of the token it was merged into (un-merged through ToMe's
+    source map). A pruned patch keeps the features it had when it was dropped, as DynamicViT's
+    dense-prediction variant (its ConvNeXt / Swin form) carries pruned tokens past the blocks; with no
+    fast path on a ViT, they pass unchanged. A-ViT's halted tokens already hold their outputs there.
+    """
+    model = getattr(model, "module", model)
+    if get_policy(model) is None:
+        raise ValueError("model is not sparsified; a dense model's forward_features already has every patch")
+    run(model, images, dense=True)
+    return sparsity_info(model).dense_patch_tokens
 
 
 def _fields(stats: Any) -> dict[str, Any]:

@@ -15,52 +15,51 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
+from .adapters import Backbone, backbone_of
 from .engine import SparseInfo, check_images, get_policy, sparsity_info
 from .macs import linear_macs  # noqa: F401  (re-exported: tokensparse.flops.linear_macs)
 
 
-def _check_countable(model: nn.Module) -> VisionTransformer:
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"FLOPs are counted for timm VisionTransformers only, got {type(model).__name__}")
-    if getattr(model, "attn_pool", None) is not None:
-        raise ValueError("attention pooling heads (global_pool='map') are not counted")
-    if not isinstance(getattr(model.patch_embed, "proj", None), nn.Conv2d):
-        raise ValueError(f"patch embedding {type(model.patch_embed.proj).__name__} is not counted")
-    for i, block in enumerate(model.blocks):
-        if not isinstance(getattr(block, "attn", None), Attention):
-            raise ValueError(f"block {i} has no timm Attention; its FLOPs are not counted")
+def _check_countable(model: nn.Module) -> Backbone:
+    """The `Backbone` of `model` if its multiply-adds are counted here (ValueError naming the part that is
+    not: a patch embedding that is no convolution, a convolution inside a block)."""
+    backbone = backbone_of(model)
+    embed = getattr(model, "patch_embed", None)
+    if embed is not None and not isinstance(getattr(embed, "proj", None), nn.Conv2d):
+        raise ValueError(f"patch embedding {type(embed.proj).__name__} is not counted")
+    for i, block in enumerate(backbone.blocks):
         if any(isinstance(m, nn.modules.conv._ConvNd) for m in block.modules()):
             raise ValueError(f"block {i} contains a convolution; its FLOPs are not counted")
-    return model
+    return backbone
 
 
 def backbone_flops(
-    model: VisionTransformer, tokens_per_block: torch.Tensor, num_patches: int
+    model: nn.Module,
+    tokens_per_block: torch.Tensor,
+    num_patches: int,
+    final_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Multiply-adds (MACs, what the papers call FLOPs) per image of `model`, a timm ViT, itself: patch
-    embedding, blocks, head (no policy work).
+    """Multiply-adds (MACs, what the papers call FLOPs) per image of `model` itself (a timm ViT, Eva, BEiT or a
+    Hugging Face vision model): patch embedding, blocks, head (no policy work).
 
     tokens_per_block: (B, depth) tokens (prefix included) each block computed on, per image.
     num_patches: patches the patch embedding produced (its conv runs on all of them).
+    final_tokens: (B,) tokens the last block output (prefix included), what an attention-pool head reads;
+    default: the last block's input.
     Returns (B,) float64.
     """
-    _check_countable(model)
+    backbone = _check_countable(model)
     tokens = tokens_per_block.detach().to("cpu", torch.float64)
-    if tokens.ndim != 2 or tokens.shape[1] != len(model.blocks):
-        raise ValueError(
-            f"tokens_per_block must be (B, depth={len(model.blocks)}), got {tuple(tokens_per_block.shape)}"
-        )
-    per_token = torch.tensor([float(linear_macs(b)) for b in model.blocks], dtype=torch.float64)
-    per_pair = torch.tensor(
-        [2.0 * b.attn.num_heads * b.attn.head_dim for b in model.blocks], dtype=torch.float64
-    )
+    depth = len(backbone.blocks)
+    if tokens.ndim != 2 or tokens.shape[1] != depth:
+        raise ValueError(f"tokens_per_block must be (B, depth={depth}), got {tuple(tokens_per_block.shape)}")
+    per_token = torch.tensor([backbone.token_macs(i) for i in range(depth)], dtype=torch.float64)
+    per_pair = torch.tensor([backbone.pair_macs(i) for i in range(depth)], dtype=torch.float64)
     blocks = (tokens * per_token + tokens.square() * per_pair).sum(dim=1)
-    patch_embed = num_patches * model.patch_embed.proj.weight.numel()  # per patch: C_in * kh * kw * dim
-    head = linear_macs(model.head) + linear_macs(getattr(model, "head_dist", None))
-    return blocks + float(patch_embed + head)
+    final = tokens[:, -1] if final_tokens is None else final_tokens.detach().to("cpu", torch.float64)
+    return blocks + backbone.fixed_macs(num_patches, final)
 
 
 def flops_from_info(model: VisionTransformer, info: SparseInfo | None = None) -> torch.Tensor:
@@ -75,7 +74,9 @@ def flops_from_info(model: VisionTransformer, info: SparseInfo | None = None) ->
         raise ValueError("model is not sparsified; use model_flops(model, images) for a dense model")
     info = sparsity_info(model) if info is None else info
     num_patches = info.keep_mask.shape[1]
-    return backbone_flops(model, info.tokens_per_block, num_patches) + policy.extra_flops(info, num_patches)
+    final = torch.full((info.patch_tokens.shape[0],), float(info.num_prefix + info.patch_tokens.shape[1]))
+    backbone = backbone_flops(model, info.tokens_per_block, num_patches, final)
+    return backbone + policy.extra_flops(info, num_patches)
 
 
 def model_flops(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
@@ -92,13 +93,20 @@ def model_flops(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     if is_spatial_model(model):  # timm ConvNeXt / Swin, dense or dynamic: counts fixed by the image size
         macs = spatial_flops(model, tuple(images.shape[-2:]))
         return torch.full((images.shape[0],), float(macs), dtype=torch.float64)
+    if get_policy(model) is None and backbone_of(model).family.startswith("hf"):
+        backbone = _check_countable(model)
+        backbone.embed(images)  # checks the images' shape against the model's
+        tokens = backbone.num_patches() + backbone.num_prefix
+        return backbone_flops(
+            model, torch.full((images.shape[0], len(backbone.blocks)), tokens), backbone.num_patches()
+        )
     if get_policy(model) is None:
-        _check_countable(model)
+        backbone = _check_countable(model)
         check_images(model, images)
         grid = model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
         patches = grid[0] * grid[1]
-        tokens = patches + model.num_prefix_tokens
-        return backbone_flops(model, torch.full((images.shape[0], len(model.blocks)), tokens), patches)
+        tokens = patches + backbone.num_prefix
+        return backbone_flops(model, torch.full((images.shape[0], len(backbone.blocks)), tokens), patches)
     with torch.no_grad():
         model(images)
     return flops_from_info(model)
@@ -109,6 +117,13 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     else its timm `pretrained_cfg["input_size"]` (a ConvNeXt runs at any size; a loaded run records its
     own there)."""
     model = getattr(model, "module", model)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "image_size") and getattr(model, "patch_embed", None) is None:
+        from .adapters.hf import hf_parts  # a Hugging Face vision model: its config's size
+
+        height, width = hf_parts(model).base.config.image_size, None
+        height, width = (height, height) if isinstance(height, int) else tuple(height)
+        return int(hf_parts(model).patch_conv.in_channels), int(height), int(width)
     embed = getattr(model, "patch_embed", None)
     if embed is not None and getattr(embed, "img_size", None) is not None:
         height, width = embed.img_size

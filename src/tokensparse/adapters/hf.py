@@ -481,6 +481,9 @@ def dense_macs(model: nn.Module, tokens: int | None = None) -> int:
 
 __all__ = [
     "SUPPORTED_CLASSES",
+    "HFBackbone",
+    "hf_forward",
+    "last_hidden_state",
     "HFAttentionView",
     "HFBlockView",
     "HFEmbeddings",
@@ -494,3 +497,117 @@ __all__ = [
     "pair_macs",
     "token_macs",
 ]
+
+
+# --- the family the engine runs ------------------------------------------------------------------------
+
+
+class HFBackbone:
+    """A `transformers` vision model as the engine's `Backbone`: its own embeddings and layers (their
+    eager or SDPA attention where a block runs whole), the parts a method reads from `HFBlockView`, and
+    the final norm, pooling and head applied by the sparsified model's forward (`hf_forward`)."""
+
+    family = "hf"
+    timm_blocks = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.parts = hf_parts(model)
+        self.family = self.parts.family
+
+    def check(self) -> None:
+        """Nothing beyond `hf_parts`' checks."""
+
+    @property
+    def blocks(self):
+        return self.parts.layers
+
+    @property
+    def num_prefix(self) -> int:
+        return self.parts.num_prefix
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.parts.grid
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.parts.family != "hf-siglip"
+
+    def num_patches(self) -> int:
+        return self.parts.grid[0] * self.parts.grid[1]
+
+    def embed(self, images: torch.Tensor):
+        config = self.parts.base.config
+        expected = _pair(config.image_size)
+        channels = self.parts.patch_conv.in_channels
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != channels:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"expected pixel_values as a (B, {channels}, H, W) tensor, got {shape}")
+        if tuple(images.shape[-2:]) != expected:
+            raise ValueError(
+                f"image size {images.shape[-2]}x{images.shape[-1]} does not match the model's "
+                f"{expected[0]}x{expected[1]} (config.image_size)"
+            )
+        return self.parts.embeddings(images), None
+
+    def views(self, state, context):
+        return [HFBlockView(layer) for layer in self.parts.layers]
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # the final norm is part of the head (`hf_forward`): CLIP normalises only its class token
+
+    def token_macs(self, index: int) -> float:
+        return float(token_macs(self.parts.layers[index]))
+
+    def pair_macs(self, index: int) -> float:
+        return pair_macs(self.parts.layers[index])
+
+    def mlp_macs(self, index: int) -> int:
+        return mlp_macs(self.parts.layers[index])
+
+    def head_dim(self, index: int) -> int:
+        return HFAttentionView(self.parts.layers[index]).head_dim
+
+    def fixed_macs(self, num_patches: int, final_tokens: torch.Tensor) -> torch.Tensor:
+        return fixed_macs(self.model, num_patches, final_tokens)
+
+
+def last_hidden_state(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's `last_hidden_state` from the tokens `x` the last layer left: ViT and DINOv2 apply their
+    final layernorm, SigLIP its post-layernorm; CLIP returns the encoder's output as it is."""
+    parts = hf_parts(model)
+    if parts.family in ("hf-vit", "hf-dinov2"):
+        return parts.base.layernorm(x)
+    if parts.family == "hf-siglip":
+        return parts.base.post_layernorm(x)
+    return x
+
+
+def hf_forward(
+    model: nn.Module, pixel_values: torch.Tensor, pool_weights: torch.Tensor | None, x: torch.Tensor
+):
+    """The output object the model's own forward returns, from the tokens `x` the engine's last layer left
+    for `pixel_values`: `ImageClassifierOutput` (logits), `CLIPVisionModelOutput` (image_embeds,
+    last_hidden_state) or `BaseModelOutputWithPooling` (last_hidden_state, pooler_output); `pool_weights`
+    (B, patch tokens) weights merged tokens where the model pools patch tokens (see `hf_head`)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+
+    main = hf_head(model, x, pool_weights)
+    if hasattr(model, "classifier"):
+        return ImageClassifierOutput(logits=main)
+    hidden = last_hidden_state(model, x)
+    if hasattr(model, "visual_projection"):
+        from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
+
+        return CLIPVisionModelOutput(image_embeds=main, last_hidden_state=hidden)
+    return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=main)
+
+
+def _register() -> None:
+    from . import register_family
+
+    register_family(is_hf_model, HFBackbone)
+
+
+_register()

@@ -72,9 +72,21 @@ def interleaved(
     return timings
 
 
+class _Prefix:
+    """The token positions of a truncated sequence: its first patches, as a family's block views read them."""
+
+    def __init__(self, batch: int, num_prefix: int, num_patches: int, device: torch.device):
+        self.num_prefix, self.num_patches = num_prefix, num_patches
+        self.all = torch.arange(num_patches, device=device).expand(batch, -1)
+        self.patch_index = self.all
+
+    def keep(self, tokens: int) -> None:
+        self.patch_index = self.all[:, : tokens - self.num_prefix]
+
+
 @torch.no_grad()
 def truncated_forward(
-    model: VisionTransformer,
+    model: nn.Module,
     images: torch.Tensor,
     tokens_per_block: Sequence[int],
     mlp_tokens: Sequence[int] | None = None,
@@ -84,22 +96,31 @@ def truncated_forward(
 
     No scoring, no gather: the speed of pruning with zero overhead, the bound a pruning method can reach.
     A count of 0 stops there (the image exited early, as A-ViT's does): the head reads the tokens as
-    the last block that ran left them.
+    the last block that ran left them. Runs any backbone family (`tokensparse.adapters`): a kept token
+    keeps its position (rotary rows, relative-position bias).
     """
-    from ..attention import add_attention, mlp_tail
+    from ..adapters import backbone_of
+    from ..attention import add_attention, attention_parts, mlp_tail
 
-    x = embed(model, images)
-    for i, (block, tokens) in enumerate(zip(model.blocks, tokens_per_block)):
+    backbone = backbone_of(model)
+    x, context = backbone.embed(images)
+    positions = _Prefix(x.shape[0], backbone.num_prefix, x.shape[1] - backbone.num_prefix, x.device)
+    blocks = backbone.views(positions, context)
+    for i, (block, tokens) in enumerate(zip(blocks, tokens_per_block)):
         if tokens == 0:
             break
         if tokens < x.shape[1]:
             x = x[:, :tokens]
+            positions.keep(tokens)
         if mlp_tokens is None or mlp_tokens[i] >= x.shape[1]:
             x = block(x)
         else:
-            x = add_attention(block, x, block.attn(block.norm1(x)))
+            h = block.norm1(x)
+            out = block.attn(h) if isinstance(block.attn, nn.Module) else attention_parts(block.attn, h)[0]
+            x = add_attention(block, x, out)
             x = mlp_tail(block, x[:, : mlp_tokens[i]])
-    return model.forward_head(model.norm(x))
+            positions.keep(mlp_tokens[i])
+    return model.forward_head(backbone.final_norm(x))
 
 
 @torch.no_grad()

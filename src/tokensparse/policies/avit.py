@@ -203,12 +203,14 @@ class AViTPolicy(TokenPolicy, nn.Module):
                 block, state.x, run.running, MASKED_KEY_BIAS, self.straight_through_zeroing
             )
         elif run.tokens.shape[0]:
-            run.tokens = packed_block(block, run.tokens, run.layout)
+            with torch.no_grad():  # the packed inference form is not differentiable (train mode is)
+                run.tokens = packed_block(block, run.tokens, run.layout)
 
     def after_block(self, index: int, state: TokenState) -> None:
         run = state.policy_state
         if isinstance(run, _PackedRun):
-            self._pack_after_block(index, run, state.batch_size)
+            with torch.no_grad():
+                self._pack_after_block(index, run, state.batch_size)
             return
         y = state.x
         h = self.halting_score(y)
@@ -320,7 +322,8 @@ class AViTPolicy(TokenPolicy, nn.Module):
             state.x, depth, ponder = run.output.to(state.x.dtype), run.depth.long(), run.ponder
             halting_score_layer = torch.stack(run.halting_score_layer)
         else:
-            depth, ponder, halting_score_layer = self._pack_end(run, state, batch, tokens)
+            with torch.no_grad():
+                depth, ponder, halting_score_layer = self._pack_end(run, state, batch, tokens)
         grid = run.grid
         patches = depth[:, state.num_prefix :]
         depth_map = patches.reshape(batch, *grid) if grid[0] * grid[1] == patches.shape[1] else None
@@ -390,7 +393,9 @@ def avit(
     DeiT-T and 75 for DeiT-S; the defaults, gate_scale 10 and eps 0.01, are A-ViT's DeiT-T setting
     (Yin et al. 2022, the authors' code). early_exit (inference only, default True): stop computing an
     image once the tokens its head reads have halted (the logits are unchanged; its other tokens'
-    depths then stop there too).
+    depths then stop there too). Eval mode runs the packed inference form, which is not differentiable:
+    its blocks compute without autograd even where gradients are on (train mode is the differentiable
+    form).
 
     straight_through_zeroing (training only, default True): a halted token's block input is zeroed with
     an identity gradient, as the authors' training does it (`out.data = out.data * mask`, which autograd
@@ -404,7 +409,7 @@ def avit(
     over `images`, within 2% (`tokensparse.budget`). A-ViT's FLOPs depend on the image,
     so other images execute more or fewer; calibrate on images like those it will see.
     """
-    check_vit(model)
+    check_vit(model, "A-ViT")
     if target_gflops is not None and gate_center is not None:
         raise ValueError(
             f"give gate_center or target_gflops, not both (gate_center={gate_center!r}, target_gflops={target_gflops!r})"

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from ..adapters import backbone_of
 from ..checks import is_int
 from ..engine import SparseInfo, TokenPolicy, TokenState, sparsify
-from ..macs import linear_macs
 from .dynamicvit import StagePruningPolicy, meet_budget, ratio_or_budget, stage_policy_args
 from .registry import DISTILL_WEIGHT, KEEP_RATIO, LOCATIONS, TARGET_GFLOPS, Method, register_method
 
@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 def mlp_macs(model: VisionTransformer) -> tuple[int, ...]:
     """Multiply-adds (MACs, what the papers call FLOPs) per token of each block's MLP of `model`: what a
     token removed before the MLP saves."""
-    return tuple(linear_macs(block.mlp) for block in model.blocks)
+    backbone = backbone_of(model)
+    return tuple(backbone.mlp_macs(i) for i in range(len(backbone.blocks)))
 
 
 def reduced_mlp_flops(policy: TokenPolicy, info: SparseInfo) -> torch.Tensor:
@@ -212,7 +213,7 @@ def static_prune(
     keep_ratio to 0.7 (DynamicViT's headline ratio, Rao et al. 2021), or `target_gflops` (GMACs per
     image: multiply-adds, what the papers call FLOPs) solves it as `dynamicvit` does."""
     ratio, locations = stage_policy_args(model, ratio_or_budget(keep_ratio, target_gflops), locations)
-    grid = tuple(model.patch_embed.grid_size)
+    grid = backbone_of(model).grid
     sparsify(model, StaticPruningPolicy(ratio, locations, grid), "static_prune")
     return meet_budget(model, target_gflops)
 

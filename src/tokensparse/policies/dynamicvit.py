@@ -22,7 +22,16 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from ..checks import check_number, is_int
-from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, no_extra_flops, num_patches, sparsify
+from ..engine import (
+    SparseInfo,
+    TokenPolicy,
+    TokenState,
+    check_model,
+    check_vit,
+    no_extra_flops,
+    num_patches,
+    sparsify,
+)
 from ..macs import linear_macs
 from .registry import (
     DISTILL_WEIGHT,
@@ -251,9 +260,9 @@ def stage_policy_args(
     model: VisionTransformer, keep_ratio: float, locations: Sequence[int] | None
 ) -> tuple[float, tuple[int, ...]]:
     """Checked (keep_ratio, locations) of a stage-pruning method on `model` (ValueError naming the problem)."""
-    check_vit(model)
+    backbone = check_model(model)
     keep_ratio = check_keep_ratio(keep_ratio)
-    locations = check_locations(locations, len(model.blocks))
+    locations = check_locations(locations, len(backbone.blocks))
     keep_counts(num_patches(model), keep_ratio, locations)
     return keep_ratio, locations
 
@@ -317,6 +326,7 @@ def dynamicvit(
     `tokensparse.load_checkpoint` or train them with the DynamicViT loss.
     """
     ratio = ratio_or_budget(keep_ratio, target_gflops)
+    check_vit(model, "DynamicViT")
     ratio, locations = stage_policy_args(model, ratio, locations)
     sparsify(model, DynamicViTPolicy(model.embed_dim, ratio, locations), "score_predictor")
     return meet_budget(model, target_gflops)

@@ -34,15 +34,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ..attention import add_attention, attention_parts, mlp_tail
+from ..adapters import backbone_of
+from ..attention import add_attention, attention_parts, mlp_tail, position_bias
 from ..checks import check_flag
-from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, num_patches, policy_stats, sparsify
+from ..engine import SparseInfo, TokenPolicy, TokenState, check_model, check_vit, policy_stats, sparsify
 from .baselines import mlp_macs, reduced_mlp_flops
 from .dynamicvit import check_keep_ratio, check_locations, keep_counts, meet_budget, ratio_or_budget
 from .registry import DISTILL_WEIGHT, KEEP_RATIO, LOCATIONS, TARGET_GFLOPS, Method, register_method
@@ -109,7 +110,8 @@ class EViTPolicy(TokenPolicy, nn.Module):
         self.fuse = fuse
         self.counts = counts
         self.mlp_macs = mlp_macs(model)
-        self.attn_dims = tuple(int(block.attn.num_heads * block.attn.head_dim) for block in model.blocks)
+        backbone = backbone_of(model)
+        self.attn_dims = tuple(int(backbone.pair_macs(i) // 2) for i in range(len(backbone.blocks)))
 
     def map_heading(self, model: nn.Module, info: SparseInfo) -> str:
         fused = ", the rest fused into one token" if self.fuse else ""
@@ -137,9 +139,9 @@ class EViTPolicy(TokenPolicy, nn.Module):
             x = add_attention(block, x, out)
             stage = self.locations.index(index)
             if self.counts == "authors":
-                x = self.reorganize_authors(state, x, q, k, block.attn.scale)
+                x = self.reorganize_authors(state, x, q, k, block.attn)
             else:
-                x = self.reorganize(stage, state, x, q, k, block.attn.scale)
+                x = self.reorganize(stage, state, x, q, k, block.attn)
             state.record_mlp_tokens(x.shape[1])
             x = mlp_tail(block, x)
         if self.counts == "authors":
@@ -150,25 +152,29 @@ class EViTPolicy(TokenPolicy, nn.Module):
         if state.policy_state.fused_token is not None:
             state.policy_state.fused_token = x[:, main:]
 
-    def class_attention(
-        self, state: TokenState, q: torch.Tensor, k: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """(B, t): the class token's attention to every token (softmax, mean over heads); records the
-        tokens of the row computed for the FLOP count."""
+    def class_attention(self, state: TokenState, q: torch.Tensor, k: torch.Tensor, attn: Any) -> torch.Tensor:
+        """(B, t): the class token's attention to every token (softmax, mean over heads) in the block whose
+        attention is `attn` (its scale, and the position bias of a family that has one); records the tokens
+        of the row computed for the FLOP count."""
         state.policy_state.class_row_tokens.append(k.shape[2])
-        return ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)[:, 0]
+        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+        position = position_bias(attn)
+        if position is not None:
+            logits = logits + position[:, :, :1]
+        return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
     def reorganize_authors(
-        self, state: TokenState, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float
+        self, state: TokenState, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, attn: Any
     ) -> torch.Tensor:
-        """The authors' rule on `x` (B, P + T, C), all T tokens after the prefix ranked; the MLP's input."""
+        """The authors' rule on `x` (B, P + T, C), all T tokens after the prefix ranked by the class attention
+        (q, k of the block's attention `attn`); the MLP's input."""
         prefix, ranked = state.num_prefix, x.shape[1] - state.num_prefix
         count = math.ceil(self.keep_ratio * ranked)
         if count >= ranked:
             state.policy_state.class_row_tokens.append(0)
             self.record_stage(state, state.patch_index)
             return x
-        attention = self.class_attention(state, q, k, scale)[:, prefix:]
+        attention = self.class_attention(state, q, k, attn)[:, prefix:]
         kept = attention.topk(count, dim=1).indices.sort(dim=1).values  # the order tokens had
         tokens = x[:, prefix:]
         channels = x.shape[-1]
@@ -193,9 +199,10 @@ class EViTPolicy(TokenPolicy, nn.Module):
         state.keep_decisions.append(decision.scatter_(1, kept_index, 1.0)[:, : state.num_patches])
 
     def reorganize(
-        self, stage: int, state: TokenState, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float
+        self, stage: int, state: TokenState, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, attn: Any
     ) -> torch.Tensor:
-        """DynamicViT's counts: keep the top patch tokens of `x` (B, t, C); return the MLP's input."""
+        """DynamicViT's counts: keep the top patch tokens of `x` (B, t, C), ranked by the class attention (q, k
+        of the block's attention `attn`); return the MLP's input."""
         prefix, present = state.num_prefix, state.patch_tokens.shape[1]
         count = keep_counts(state.num_patches, self.keep_ratio, self.locations)[stage]
         fused = state.policy_state.fused_token
@@ -204,7 +211,7 @@ class EViTPolicy(TokenPolicy, nn.Module):
             state.x = x[:, : prefix + present]
             state.keep_top(count, lambda: None)
             return x
-        attention = self.class_attention(state, q, k, scale)
+        attention = self.class_attention(state, q, k, attn)
         patch_attention = attention[:, prefix : prefix + present]
         state.x = x[:, : prefix + present]
         kept = state.keep_top(count, lambda: patch_attention)
@@ -263,15 +270,16 @@ def evit(
     multiply-adds, what the papers call FLOPs; default None) instead of it: the largest keep ratio
     executing at most that many GMACs per image, within 2% (`tokensparse.budget`).
     """
-    check_vit(model)
+    backbone = check_model(model)
     keep_ratio = check_keep_ratio(ratio_or_budget(keep_ratio, target_gflops))
-    locations = check_locations(locations, len(model.blocks))
+    locations = check_locations(locations, len(backbone.blocks))
     if counts not in COUNTS:
         raise ValueError(f"counts must be one of {COUNTS}, got {counts!r}")
     if counts == "dynamicvit":
-        keep_counts(num_patches(model), keep_ratio, locations)
+        check_vit(model, "EViT with counts='dynamicvit' (its fused token kept outside the sequence)")
+        keep_counts(backbone.num_patches(), keep_ratio, locations)
     check_flag("fuse", fuse)
-    if getattr(model, "cls_token", None) is None:
+    if not backbone.has_class_token:
         raise ValueError("EViT ranks patches by the class token's attention; this model has no class token")
     sparsify(model, EViTPolicy(model, keep_ratio, locations, fuse, counts), "evit")
     return meet_budget(model, target_gflops)

@@ -27,9 +27,10 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from ..adapters import backbone_of
 from ..attention import add_attention, attention_parts, mlp_tail
 from ..checks import check_flag, is_int
-from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, policy_stats, sparsify
+from ..engine import SparseInfo, TokenPolicy, TokenState, check_model, policy_stats, sparsify
 from .baselines import mlp_macs, reduced_mlp_flops
 from .registry import DISTILL_WEIGHT, TARGET_GFLOPS, Method, Setting, register_method
 
@@ -187,7 +188,8 @@ class ToMePolicy(TokenPolicy, nn.Module):
         self.prop_attn = prop_attn
         self.trace_source = trace_source
         self.mlp_macs = mlp_macs(model)
-        self.head_dims = tuple(int(block.attn.head_dim) for block in model.blocks)
+        backbone = backbone_of(model)
+        self.head_dims = tuple(backbone.head_dim(i) for i in range(len(backbone.blocks)))
 
     def extra_repr(self) -> str:
         return f"prop_attn={self.prop_attn}, trace_source={self.trace_source}"
@@ -197,7 +199,7 @@ class ToMePolicy(TokenPolicy, nn.Module):
         state.policy_state = ToMeStats(
             token_size=None,
             token_group=torch.arange(tokens, device=state.x.device).expand(state.batch_size, -1),
-            merge_schedule=merge_schedule(model.r, len(model.blocks)),
+            merge_schedule=merge_schedule(model.r, len(self.head_dims)),
         )
 
     def before_block(self, index: int, state: TokenState) -> None:
@@ -226,6 +228,14 @@ class ToMePolicy(TokenPolicy, nn.Module):
             state.patch_index = patch_of_row.gather(1, matching.anchors(tokens))[:, prefix:]
         state.record_mlp_tokens(x.shape[1])
         state.x = mlp_tail(block, x)
+
+    def token_of_patch(self, info: SparseInfo) -> torch.Tensor:
+        """(B, N) the final patch token each patch was merged into (ToMe's source map, prefix left out)."""
+        return info.extra["token_group"][:, info.num_prefix :] - info.num_prefix
+
+    def token_size(self, info: SparseInfo) -> torch.Tensor:
+        """(B, M) patches each final patch token holds (ToMe's sizes, the prefix tokens left out)."""
+        return info.extra["token_size"][:, info.num_prefix :]
 
     def end(self, state: TokenState) -> None:
         run: ToMeStats = state.policy_state
@@ -276,10 +286,10 @@ def tome(
     else a per-block list) executing at most that many GMACs per image at the model's input size, within 2%
     (`tokensparse.budget`).
     """
-    check_vit(model)
+    backbone = check_model(model)
     if target_gflops is not None and r != 0:
         raise ValueError(f"give r or target_gflops, not both (r={r!r}, target_gflops={target_gflops!r})")
-    merge_schedule(r, len(model.blocks))
+    merge_schedule(r, len(backbone.blocks))
     check_flag("prop_attn", prop_attn)
     check_flag("trace_source", trace_source)
     policy = ToMePolicy(model, prop_attn, trace_source)
