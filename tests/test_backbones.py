@@ -45,7 +45,7 @@ SUPPORT.update(
         ("siglip", "evit"): NO_CLASS_TOKEN,
         ("siglip", "diffrate"): "it needs one class token and no registers",
         ("dinov2", "diffrate"): "it needs one class token and no registers",
-        **{(f, m): NEEDS_TIMM_BLOCKS for f in ("eva", "beit") for m in ("dynamicvit", "avit", "diffrate")},
+        **{(f, m): NEEDS_TIMM_BLOCKS for f in ("eva", "beit") for m in ("avit", "diffrate")},
     }
 )
 
@@ -131,7 +131,7 @@ def test_executed_flops_are_torchs_count_at_reduction(family: str, method: str) 
         assert ours < 0.85 * model_flops(dense, image).item()
 
 
-POSITIONAL = [(f, m) for f in ("eva", "beit", "siglip") for m in ("static_prune", "random_prune")]
+POSITIONAL = [(f, m) for f in ("eva", "beit", "siglip", "dinov2") for m in ("static_prune", "random_prune")]
 
 
 @pytest.mark.parametrize("family, method", POSITIONAL, ids=[f"{f}-{m}" for f, m in POSITIONAL])
@@ -151,11 +151,10 @@ def test_kept_tokens_carry_their_positions(family: str, method: str) -> None:
     rows = masked[:, prefix:].gather(1, kept.unsqueeze(-1).expand(-1, -1, masked.shape[-1]))
     torch.testing.assert_close(rows, gathered[:, prefix:], atol=1e-5, rtol=0)
     torch.testing.assert_close(masked[:, :prefix], gathered[:, :prefix], atol=1e-5, rtol=0)
-    if family == "siglip":  # the attention-pool head over the kept tokens only, in both forms
-        with torch.no_grad():
-            pooled_gathered = model.forward_head(run(model, x, regime="gather"))
-            pooled_masked = model.forward_head(run(model, x, regime="mask"))
-        torch.testing.assert_close(pooled_masked, pooled_gathered, atol=1e-5, rtol=0)
+    with torch.no_grad():  # the head (average or attention pool) reads the kept tokens only, in both forms
+        pooled_gathered = model.forward_head(run(model, x, regime="gather"))
+        pooled_masked = model.forward_head(run(model, x, regime="mask"))
+    torch.testing.assert_close(pooled_masked, pooled_gathered, atol=1e-5, rtol=0)
 
 
 def test_a_merged_token_counts_by_its_size_in_an_attention_pool() -> None:
@@ -226,3 +225,17 @@ def test_a_pruned_patch_keeps_the_features_it_had_when_dropped() -> None:
     expected = dense.norm(after_block0)[:, dense.num_prefix_tokens :]
     assert dropped.any()
     torch.testing.assert_close(full[dropped], expected[dropped], atol=1e-5, rtol=0)
+
+
+def test_readme_model_table_is_generated_from_these_tests() -> None:
+    pytest.importorskip("transformers")  # the table's Hugging Face rows come from test_hf_backbones
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("model_table", root / "scripts" / "model_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (root / "README.md").read_text()
+    start, end = readme.index(module.BEGIN) + len(module.BEGIN), readme.index(module.END)
+    assert readme[start:end].strip() == module.table(), "run: python scripts/model_table.py --write"

@@ -225,8 +225,8 @@ def test_non_vit_and_unsupported_models_are_refused():
     model.blocks[2].attn = torch.nn.Identity()
     with pytest.raises(ValueError, match="block 2 uses attention class Identity"):
         tokensparse.dynamicvit(model)
-    with pytest.raises(ValueError, match="global_pool='map' is not supported"):
-        tokensparse.dynamicvit(tiny("vit_small_patch16_224", global_pool="map"))
+    with pytest.raises(ValueError, match="global_pool='max' is not supported"):
+        tokensparse.dynamicvit(tiny("vit_small_patch16_224", global_pool="max"))
     sparse = tokensparse.dynamicvit(tiny())
     with pytest.raises(ValueError, match="already sparsified with dynamicvit"):
         tokensparse.dynamicvit(sparse)

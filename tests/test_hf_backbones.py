@@ -28,7 +28,7 @@ FAMILIES = {
 }
 METHODS = ("tome", "evit", "random_prune", "static_prune", "dynamicvit", "avit", "diffrate")
 SUPPORT: dict[tuple[str, str], str | None] = {(f, m): None for f in FAMILIES for m in METHODS}
-SUPPORT.update({(f, m): NEEDS_TIMM_BLOCKS for f in FAMILIES for m in ("dynamicvit", "avit", "diffrate")})
+SUPPORT.update({(f, m): NEEDS_TIMM_BLOCKS for f in FAMILIES for m in ("avit", "diffrate")})
 SUPPORT[("hf-siglip", "evit")] = NO_CLASS_TOKEN
 EXTRA = ["Dinov2WithRegistersModel", "SiglipForImageClassification", "CLIPVisionModel", "ViTModel"]
 
@@ -46,7 +46,7 @@ def build(name: str, impl: str = "sdpa") -> torch.nn.Module:
 def sparsify(method: str, model: torch.nn.Module, reduce: bool) -> torch.nn.Module:
     if method == "tome":
         return tokensparse.tome(model, r=3 if reduce else 0)
-    if method in ("dynamicvit", "diffrate", "avit"):
+    if method in ("diffrate", "avit"):
         return getattr(tokensparse, method)(model)
     return getattr(tokensparse, method)(model, keep_ratio=0.6 if reduce else 1.0, locations=(0, 1))
 
@@ -132,3 +132,20 @@ def test_merged_tokens_weigh_by_size_in_siglips_pool_head() -> None:
         unweighted = head(out.last_hidden_state)
     assert size.max() > 1
     assert not torch.allclose(out.pooler_output, unweighted, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["Dinov2Model", "SiglipVisionModel"])
+def test_dense_features_are_the_last_hidden_state_on_the_full_grid(name: str) -> None:
+    dense = build(name)
+    x = images()
+    prefix = ADAPTER_MODELS[name][2]
+    with torch.no_grad():
+        expected = dense(pixel_values=x).last_hidden_state[:, prefix:]
+        at_identity = tokensparse.dense_features(tokensparse.tome(copy.deepcopy(dense), r=0), x)
+        merged = tokensparse.tome(copy.deepcopy(dense), r=3)
+        full = tokensparse.dense_features(merged, x)
+        reduced = merged(x).last_hidden_state[:, prefix:]
+    torch.testing.assert_close(at_identity, expected, atol=1e-5, rtol=0)
+    assert full.shape == expected.shape
+    group = tokensparse.tome_stats(merged).token_group[:, prefix:] - prefix
+    torch.testing.assert_close(full, reduced.gather(1, group.unsqueeze(-1).expand(-1, -1, full.shape[-1])))

@@ -401,6 +401,8 @@ class _SparseViT:
             if getattr(self, "pool_include_prefix", False):
                 total, count = total + x[:, :prefix].sum(1), count + prefix
             return total / count
+        if not hasattr(super(), "pool"):  # BEiT pools in its forward_head: the same two forms
+            return x[:, self.num_prefix_tokens :].mean(dim=1) if pool_type == "avg" else x[:, 0]
         return super().pool(x, pool_type)
 
     def _attention_pool(self, x: torch.Tensor, info: SparseInfo) -> torch.Tensor:
@@ -430,6 +432,17 @@ class _SparseViT:
         # The class made by `sparsify` has no importable name: pickle (torch.save(model)) rebuilds it
         # from the model's own timm class instead.
         return _rebuild_sparse, (type(self).__bases__[1], type(self).__bases__[0]), self.__getstate__()
+
+
+class _SparseBeit(_SparseViT):
+    """Mixin for timm's `Beit`, which pools inside its `forward_head`: pooled here as a ViT's `pool` is (a
+    masked token, in training, left out of the average)."""
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool:
+            x = self.pool(x, self.global_pool)
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
 
 
 class _SparseHF(_SparseViT):
@@ -474,7 +487,10 @@ def sparsify(model: VisionTransformer, policy: TokenPolicy, attr: str) -> Vision
     """Attach `policy` to `model` under `attr` and route the forward through the engine (in place)."""
     backbone = check_model(model)
     base = type(model)
-    model.__class__ = _sparse_class(base, _SparseHF if backbone.family.startswith("hf") else _SparseViT)
+    mixin = {"timm-beit": _SparseBeit}.get(
+        backbone.family, _SparseHF if backbone.family.startswith("hf") else _SparseViT
+    )
+    model.__class__ = _sparse_class(base, mixin)
     model.add_module(attr, policy)
     policy.train(model.training)  # a new module starts in training mode; it follows the model's
     setattr(model, _POLICY_ATTR, attr)
@@ -575,13 +591,19 @@ def dense_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     A merged patch (ToMe) takes the features of the token it was merged into (un-merged through ToMe's
     source map). A pruned patch keeps the features it had when it was dropped, as DynamicViT's
     dense-prediction variant (its ConvNeXt / Swin form) carries pruned tokens past the blocks; with no
-    fast path on a ViT, they pass unchanged. A-ViT's halted tokens already hold their outputs there.
+    fast path on a ViT, they pass unchanged. A-ViT's halted tokens already hold their outputs there. A
+    Hugging Face model's are its `last_hidden_state` on the full grid (the prefix tokens left out).
     """
     model = getattr(model, "module", model)
     if get_policy(model) is None:
         raise ValueError("model is not sparsified; a dense model's forward_features already has every patch")
     run(model, images, dense=True)
-    return sparsity_info(model).dense_patch_tokens
+    tokens = sparsity_info(model).dense_patch_tokens
+    if backbone_of(model).family.startswith("hf"):  # as its last_hidden_state: after the model's final norm
+        from .adapters.hf import last_hidden_state
+
+        tokens = last_hidden_state(model, tokens)
+    return tokens
 
 
 def _fields(stats: Any) -> dict[str, Any]:

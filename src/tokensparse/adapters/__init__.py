@@ -117,6 +117,11 @@ class Backbone:
         """Whether token 0 is a class token (EViT ranks by its attention)."""
         raise NotImplementedError
 
+    @property
+    def width(self) -> int:
+        """The tokens' channels (the embedding width)."""
+        return int(self.model.embed_dim)
+
     def num_patches(self) -> int:
         """Patch tokens at the configured image size (196 for 224/16)."""
         rows, columns = self.grid

@@ -534,6 +534,10 @@ class HFBackbone:
     def has_class_token(self) -> bool:
         return self.parts.family != "hf-siglip"
 
+    @property
+    def width(self) -> int:
+        return int(self.parts.base.config.hidden_size)
+
     def num_patches(self) -> int:
         return self.parts.grid[0] * self.parts.grid[1]
 

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from ..adapters import backbone_of
 from ..checks import check_number, is_int
 from ..engine import (
     SparseInfo,
@@ -323,12 +324,13 @@ def dynamicvit(
     of keep_ratio: the largest keep ratio whose executed GMACs per image at the model's input size (predictors
     included) are at most the target and within 2% of it (`tokensparse.budget`); ValueError naming the
     reachable range otherwise. The predictors start from random weights; load trained ones with
-    `tokensparse.load_checkpoint` or train them with the DynamicViT loss.
+    `tokensparse.load_checkpoint` or train them with the DynamicViT loss. Runs on every backbone family
+    (`tokensparse.adapters`): its training form masks attention through the family's own positions.
     """
     ratio = ratio_or_budget(keep_ratio, target_gflops)
-    check_vit(model, "DynamicViT")
     ratio, locations = stage_policy_args(model, ratio, locations)
-    sparsify(model, DynamicViTPolicy(model.embed_dim, ratio, locations), "score_predictor")
+    width = backbone_of(model).width
+    sparsify(model, DynamicViTPolicy(width, ratio, locations), "score_predictor")
     return meet_budget(model, target_gflops)
 
 
