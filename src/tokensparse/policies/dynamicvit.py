@@ -28,7 +28,6 @@ from ..engine import (
     TokenPolicy,
     TokenState,
     check_model,
-    check_vit,
     no_extra_flops,
     num_patches,
     sparsify,
