@@ -232,8 +232,8 @@ class DiffRatePolicy(TokenPolicy, nn.Module):
                 state.patch_index = state.patch_index.gather(1, top)
             if merge < prune:
                 node_max, node_idx = _matching(x, merge)
-                x = _merge_mean(x, merge, node_idx)
                 size = _merge_sum(size, merge, node_idx, size[:, merge:] * node_max[..., None])
+                x = _merge_mean_(x, merge, node_idx)
                 self._merge(state, merge, node_idx)
         ps.size = size
         state.record_mlp_tokens(x.shape[1])
@@ -363,6 +363,19 @@ def _merge_mean(x: torch.Tensor, kept: int, node_idx: torch.Tensor) -> torch.Ten
         1, node_idx[..., None], torch.ones_like(x[:, kept:, :1])
     )
     return total / count
+
+
+def _merge_mean_(x: torch.Tensor, kept: int, node_idx: torch.Tensor) -> torch.Tensor:
+    """`_merge_mean` written into `x` (a tensor of the forward's own, which it changes): the authors'
+    scatter_reduce 'mean' on its first `kept` rows, one pass over the rows that joined instead of a copy
+    and a division of every kept row; returns those rows. Where a graph is traced (ONNX, torch.export,
+    torch.compile), `_merge_mean`."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return _merge_mean(x, kept, node_idx)
+    index = node_idx[..., None].expand(-1, -1, x.shape[-1])
+    head = x[:, :kept]
+    head.scatter_reduce_(1, index, x[:, kept:], reduce="mean", include_self=True)
+    return head
 
 
 def _merge_sum(size: torch.Tensor, kept: int, node_idx: torch.Tensor, joining: torch.Tensor) -> torch.Tensor:
