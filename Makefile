@@ -88,7 +88,7 @@ DOC_MODULES = tokensparse tokensparse.budget tokensparse.runs tokensparse.engine
 	tokensparse.policies.avit tokensparse.policies.tome tokensparse.policies.evit tokensparse.policies.baselines \
 	tokensparse.policies.dynconvnext tokensparse.policies.dynswin tokensparse.policies.registry \
 	tokensparse.policies.diffrate tokensparse.policies.diffrate_search tokensparse.policies.diffrate_published \
-	tokensparse.policies.dynspatial tokensparse.adapters tokensparse.adapters.timm_families tokensparse.adapters.hf
+	tokensparse.policies.dynspatial tokensparse.adapters
 docs: setup
 	rm -rf build/docs
 	$(PY) -W error -m pdoc $(DOC_MODULES) -o build/docs

@@ -25,7 +25,8 @@ METHOD_NAMES = {
 }
 REASONS = {  # the start of a refusal's message -> what the table says
     "no class token": "no: no class token",
-    "needs a timm VisionTransformer": "no: needs timm's Attention",
+    "its search and merge run on timm's Attention": "no: needs timm's Attention",
+    "its head and halting read timm's pooling": "no: needs timm's pooling",
     "it needs one class token and no registers": "no: needs one class token, no registers",
 }
 

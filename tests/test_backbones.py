@@ -35,7 +35,8 @@ FAMILIES = {
     "beit": ("BEiT (timm `Beit`, relative position)", "beit_base_patch16_224", dict(SMALL, init_values=0.1)),
 }
 METHODS = ("tome", "evit", "random_prune", "static_prune", "dynamicvit", "avit", "diffrate")
-NEEDS_TIMM_BLOCKS = "needs a timm VisionTransformer"
+NEEDS_TIMM_BLOCKS = "its search and merge run on timm's Attention"
+NEEDS_TIMM_POOLING = "its head and halting read timm's pooling"
 NO_CLASS_TOKEN = "no class token"
 
 # (family, method): None where it runs, else the start of the refusal's message
@@ -45,7 +46,7 @@ SUPPORT.update(
         ("siglip", "evit"): NO_CLASS_TOKEN,
         ("siglip", "diffrate"): "it needs one class token and no registers",
         ("dinov2", "diffrate"): "it needs one class token and no registers",
-        **{(f, m): NEEDS_TIMM_BLOCKS for f in ("eva", "beit") for m in ("avit", "diffrate")},
+        **{(f, "diffrate"): NEEDS_TIMM_BLOCKS for f in ("eva", "beit")},
     }
 )
 
@@ -239,3 +240,41 @@ def test_readme_model_table_is_generated_from_these_tests() -> None:
     readme = (root / "README.md").read_text()
     start, end = readme.index(module.BEGIN) + len(module.BEGIN), readme.index(module.END)
     assert readme[start:end].strip() == module.table(), "run: python scripts/model_table.py --write"
+
+
+@pytest.mark.parametrize("method", ["tome", "evit", "dynamicvit"])
+def test_bench_cli_times_an_eva(method: str, capsys) -> None:
+    import json
+
+    from tokensparse.cli import main as cli_main
+
+    args = ["bench", "--method", method, "--model", "eva02_tiny_patch14_224", "--img-size", "56"]
+    args += ["--batch-size", "2", "--rounds", "1", "--warmup", "0", "--json"]
+    assert cli_main(args) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[0]["method"] == "dense" and {row["method"] for row in rows[1:]} == {method}
+    assert min(row["gflops"] for row in rows[1:]) < 0.7 * rows[0]["gflops"]
+
+
+def test_bench_cli_refuses_diffrate_on_eva_by_name(capsys) -> None:
+    from tokensparse.cli import main as cli_main
+
+    args = ["bench", "--method", "diffrate", "--model", "eva02_tiny_patch14_224", "--img-size", "56"]
+    assert cli_main([*args, "--rounds", "1"]) == 2
+    assert "DiffRate needs a timm VisionTransformer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["deit", "eva", "beit", "siglip"])
+def test_a_vit_packed_inference_is_its_training_form(family: str) -> None:
+    """A-ViT's inference packs the live tokens of all images (padded per length bucket); each packed token
+    keeps its rotary rows / relative-position bias: the same logits and depths as the masked form."""
+    model = tokensparse.avit(build(family), gate_scale=10.0, gate_center=0.0, early_exit=False)
+    x = torch.cat([images(3), images(3) * 0.2, images(2) * 4])
+    with torch.no_grad():
+        masked = model.forward_head(run(model, x, regime="mask"))
+        mask_depth = tokensparse.avit_stats(model).token_depth
+        gathered = model.forward_head(run(model, x, regime="gather"))
+        depth = tokensparse.avit_stats(model).token_depth
+    assert torch.equal(depth, mask_depth)
+    assert len(set(depth.sum(1).tolist())) > 2 and depth.min() < 4  # images halt at their own depths
+    torch.testing.assert_close(gathered, masked, atol=1e-5, rtol=0)

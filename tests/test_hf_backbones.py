@@ -12,7 +12,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 import torch  # noqa: E402
-from test_backbones import NEEDS_TIMM_BLOCKS, NO_CLASS_TOKEN, SDPA_MAPPING  # noqa: E402
+from test_backbones import NEEDS_TIMM_BLOCKS, NEEDS_TIMM_POOLING, NO_CLASS_TOKEN, SDPA_MAPPING  # noqa: E402
 from test_hf_adapter import MODELS as ADAPTER_MODELS  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -28,7 +28,8 @@ FAMILIES = {
 }
 METHODS = ("tome", "evit", "random_prune", "static_prune", "dynamicvit", "avit", "diffrate")
 SUPPORT: dict[tuple[str, str], str | None] = {(f, m): None for f in FAMILIES for m in METHODS}
-SUPPORT.update({(f, m): NEEDS_TIMM_BLOCKS for f in FAMILIES for m in ("avit", "diffrate")})
+SUPPORT.update({(f, "diffrate"): NEEDS_TIMM_BLOCKS for f in FAMILIES})
+SUPPORT.update({(f, "avit"): NEEDS_TIMM_POOLING for f in FAMILIES})
 SUPPORT[("hf-siglip", "evit")] = NO_CLASS_TOKEN
 EXTRA = ["Dinov2WithRegistersModel", "SiglipForImageClassification", "CLIPVisionModel", "ViTModel"]
 

@@ -258,27 +258,48 @@ class PackedLayout:
         return cls(buckets, pad_index, key_masks, counts)
 
 
-def packed_attention(attn: nn.Module, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-    """A timm `Attention` on packed tokens (T, C): linears on the pack, fused attention per image."""
-    qkv = attn.qkv(x)
+def packed_attention(
+    attn: nn.Module, x: torch.Tensor, layout: PackedLayout, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A timm `Attention` (or a family's view) on packed tokens (T, C): linears on the pack, fused attention
+    per image. positions: (T,) each token's place in its image's sequence (prefix first), which a family's
+    view reads for rotary rows and relative-position bias; unused by timm's `Attention`."""
+    view = _is_view(attn)
+    if view:
+        q, k, v = attn.packed_heads(x, positions)  # (T, heads, head_dim) each, positions applied
+        qkv = torch.cat([q, k, v], dim=1).reshape(x.shape[0], -1)
+    else:
+        qkv = attn.qkv(x)
     if layout.pad_index is not None:
         rows = sum(images * length for images, length in layout.buckets)
         qkv = qkv.new_zeros(rows, qkv.shape[-1]).index_copy_(0, layout.pad_index, qkv)
+        if view:
+            positions = positions.new_zeros(rows).index_copy_(0, layout.pad_index, positions)
     dropout = attn.attn_drop.p if attn.training else 0.0
     outputs, offset = [], 0
     for (images, length), key_mask in zip(layout.buckets, layout.key_masks, strict=True):
         part = qkv[offset : offset + images * length]
         q, k, v = part.view(images, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout, scale=attn.scale)
+        mask = key_mask
+        if view:
+            bias = attn.pair_bias(positions[offset : offset + images * length].view(images, length))
+            if bias is not None:
+                mask = bias if key_mask is None else bias.masked_fill(~key_mask, float("-inf"))
+        else:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=attn.scale)
         outputs.append(out.transpose(1, 2).reshape(images * length, -1))
         offset += images * length
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     if layout.pad_index is not None:
         out = out.index_select(0, layout.pad_index)
-    return _output(attn, out, _gate(attn, x))
+    return _project(attn, out, x)
 
 
-def packed_block(block: nn.Module, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-    """A timm pre-norm `Block` on packed tokens (T, C) of several images (see `PackedLayout`)."""
-    return mlp_tail(block, add_attention(block, x, packed_attention(block.attn, block.norm1(x), layout)))
+def packed_block(
+    block: nn.Module, x: torch.Tensor, layout: PackedLayout, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A timm pre-norm `Block` (or a family's view) on packed tokens (T, C) of several images (see
+    `PackedLayout`); positions: (T,) each token's place in its image's sequence (see `packed_attention`)."""
+    out = packed_attention(block.attn, block.norm1(x), layout, positions)
+    return mlp_tail(block, add_attention(block, x, out))

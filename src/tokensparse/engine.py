@@ -317,16 +317,18 @@ def check_model(model: nn.Module) -> Backbone:
     return backbone
 
 
-def check_vit(model: nn.Module, method: str = "this method") -> VisionTransformer:
+def check_vit(
+    model: nn.Module, method: str = "this method", reason: str = "it runs on timm's Attention"
+) -> VisionTransformer:
     """Raise ValueError naming what is unsupported unless `model` is a timm `VisionTransformer` of timm's own
-    `Block` and `Attention`, which `method` (named in the message) needs: DynamicViT's masked training,
-    A-ViT's packed inference and DiffRate's search run on exactly those."""
+    `Block` and `Attention`, which `method` needs for `reason` (both named in the message): A-ViT's packed
+    inference and DiffRate's search and merge run on exactly those."""
     backbone = check_model(model)
     if not backbone.timm_blocks:
         raise ValueError(
-            f"{method} needs a timm VisionTransformer (e.g. timm.create_model('deit_small_patch16_224')): its "
-            f"training masks timm's Attention; got {type(model).__name__} ({backbone.family}). ToMe, EViT, "
-            "random and static pruning run on it"
+            f"{method} needs a timm VisionTransformer (e.g. timm.create_model('deit_small_patch16_224')): "
+            f"{reason}; got {type(model).__name__} ({backbone.family}). ToMe, EViT, random and static pruning "
+            "and DynamicViT run on it"
         )
     return model
 

@@ -50,6 +50,17 @@ class AttentionView:
         """(B or 1, heads, n, n) added to the scaled logits for the tokens present, or None."""
         return None
 
+    def packed_heads(
+        self, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (T, heads, head_dim) of packed normed tokens `x` (T, C) of several images, whose places in
+        their images' sequences are `positions` (T,) (prefix first): A-ViT's inference pack."""
+        raise NotImplementedError(f"{type(self).__name__} has no packed form")
+
+    def pair_bias(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """(I, heads, L, L) logit bias between the tokens at `positions` (I, L) of I images, or None."""
+        return None
+
 
 class BlockView:
     """A pre-norm block as the engine's attention helpers read it: `norm1`, `attn` (an `AttentionView`),

@@ -146,6 +146,40 @@ class EvaAttentionView(AttentionView):
         return self._rope_rows(_rows(self.state)).unsqueeze(1)
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self._project(x)
+        rope = self.rope_for_tokens()
+        if rope is not None:
+            prefix, half = self.module.num_prefix_tokens, getattr(self.module, "rotate_half", False)
+            q_rot = apply_rot_embed_cat(q[:, :, prefix:], rope, half=half)
+            k_rot = apply_rot_embed_cat(k[:, :, prefix:], rope, half=half)
+            q = torch.cat([q[:, :, :prefix], q_rot], 2).type_as(v)
+            k = torch.cat([k[:, :, :prefix], k_rot], 2).type_as(v)
+        return self._expand(q, k, v)
+
+    def packed_heads(
+        self, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self._project(x.unsqueeze(0))  # (1, heads, T, head_dim)
+        if self.rope is not None:
+            prefix, half = self.module.num_prefix_tokens, getattr(self.module, "rotate_half", False)
+            # a prefix token takes the unrotated row (index N of `_rope_rows`)
+            patch = torch.where(positions >= prefix, positions - prefix, self.rope.shape[0])
+            rope = self._rope_rows(patch).unsqueeze(0).unsqueeze(0)
+            q = apply_rot_embed_cat(q, rope, half=half).type_as(v)
+            k = apply_rot_embed_cat(k, rope, half=half).type_as(v)
+        q, k, v = self._expand(q, k, v)
+        return q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
+
+    def _expand(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        groups = getattr(self.module, "num_kv_groups", 1)
+        if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return q, k, v
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, heads, n, head_dim) of `x` (B, n, C) after q_norm / k_norm, before rotation."""
         attn = self.module
         batch, n, _ = x.shape
         if attn.qkv is not None:
@@ -159,20 +193,7 @@ class EvaAttentionView(AttentionView):
             q = attn.q_proj(x).reshape(batch, n, self.num_heads, -1).transpose(1, 2)
             k = attn.k_proj(x).reshape(batch, n, -1, self.head_dim).transpose(1, 2)
             v = attn.v_proj(x).reshape(batch, n, -1, self.head_dim).transpose(1, 2)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        rope = self.rope_for_tokens()
-        if rope is not None:
-            prefix, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
-            q = torch.cat(
-                [q[:, :, :prefix], apply_rot_embed_cat(q[:, :, prefix:], rope, half=half)], 2
-            ).type_as(v)
-            k = torch.cat(
-                [k[:, :, :prefix], apply_rot_embed_cat(k[:, :, prefix:], rope, half=half)], 2
-            ).type_as(v)
-        groups = getattr(attn, "num_kv_groups", 1)
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return q, k, v
+        return attn.q_norm(q), attn.k_norm(k), v
 
     def finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         attn = self.module
@@ -317,13 +338,30 @@ class BeitAttentionView(AttentionView):
     def finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.module.proj_drop(self.module.proj(out))
 
+    def packed_heads(
+        self, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.heads(x.unsqueeze(0))
+        return q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
+
+    def _tables(self) -> list[nn.Module]:
+        modules = (self.module, self.shared)
+        return [m for m in modules if m is not None and m.relative_position_bias_table is not None]
+
+    def _bias(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """(B, heads, n, n) bias between BEiT index rows `rows` (B, n) (class token 0, patch p at 1 + p)."""
+        bias = None
+        for module in self._tables():
+            pair = module.relative_position_index[rows.unsqueeze(2), rows.unsqueeze(1)]  # (B, n, n)
+            part = module.relative_position_bias_table[pair].permute(0, 3, 1, 2)
+            bias = part if bias is None else bias + part
+        return bias
+
+    def pair_bias(self, positions: torch.Tensor) -> torch.Tensor | None:
+        return self._bias(positions)  # a token's place in BEiT's sequence is its row of the index
+
     def position_bias(self) -> torch.Tensor | None:
-        tables = [
-            m
-            for m in (self.module, self.shared)
-            if m is not None and m.relative_position_bias_table is not None
-        ]
-        if not tables:
+        if not self._tables():
             return None
         state = self.state
         patches = state.num_patches
@@ -331,13 +369,7 @@ class BeitAttentionView(AttentionView):
         rows = torch.where(state.patch_index < patches, state.patch_index + 1, -1)
         rows = torch.cat([rows.new_zeros(rows.shape[0], state.num_prefix), rows], dim=1)
         valid = rows >= 0
-        rows = rows.clamp(min=0)
-        bias = None
-        for module in tables:
-            index = module.relative_position_index
-            pair = index[rows.unsqueeze(2), rows.unsqueeze(1)]  # (B, n, n)
-            part = module.relative_position_bias_table[pair].permute(0, 3, 1, 2)  # (B, heads, n, n)
-            bias = part if bias is None else bias + part
+        bias = self._bias(rows.clamp(min=0))
         both = (valid.unsqueeze(2) & valid.unsqueeze(1)).unsqueeze(1)
         return bias * both.to(bias.dtype)
 

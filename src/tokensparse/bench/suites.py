@@ -47,12 +47,18 @@ def _build(
         raise ValueError(
             f"--method dynamicspatial needs a ConvNeXt or Swin; --model {model} is a {type(built).__name__}"
         )
-    if not spatial and not isinstance(built, VisionTransformer):
-        hint = "; for a ConvNeXt / Swin use --method dynamicspatial" if is_spatial_model(built) else ""
-        raise ValueError(
-            f"--model {model} is a {type(built).__name__}, not a vision transformer: tokensparse needs a timm "
-            f"VisionTransformer such as deit_small_patch16_224 or vit_base_patch16_224{hint}"
-        )
+    if not spatial:
+        from ..adapters import backbone_of
+
+        try:
+            backbone_of(built)
+        except ValueError as err:
+            hint = "; for a ConvNeXt / Swin use --method dynamicspatial" if is_spatial_model(built) else ""
+            raise ValueError(
+                f"--model {model} is a {type(built).__name__}, not a vision transformer tokensparse runs "
+                f"(timm VisionTransformer, Eva or Beit, e.g. deit_small_patch16_224, eva02_small_patch14_224)"
+                f"{hint}"
+            ) from err
     return model, built
 
 

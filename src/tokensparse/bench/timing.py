@@ -15,7 +15,6 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ..checks import DTYPE_NAMES
-from ..engine import embed
 
 DTYPES = {name: getattr(torch, value) for name, value in DTYPE_NAMES.items()}
 """--dtype names (float32, fp32, bfloat16, bf16, float16, fp16) -> torch dtypes, for the benchmarks."""
@@ -133,15 +132,20 @@ def predictor_bound_forward(
     selection costs nothing. `predictors` is a DynamicViT policy (`model.score_predictor` of a
     DynamicViT), read for its `locations` and per-stage `keep_score`.
     """
-    prefix = model.num_prefix_tokens
-    x = embed(model, images)
-    for index, (block, tokens) in enumerate(zip(model.blocks, tokens_per_block)):
+    from ..adapters import backbone_of
+
+    backbone = backbone_of(model)
+    prefix = backbone.num_prefix
+    x, context = backbone.embed(images)
+    positions = _Prefix(x.shape[0], prefix, x.shape[1] - prefix, x.device)
+    for index, (block, tokens) in enumerate(zip(backbone.views(positions, context), tokens_per_block)):
         if index in predictors.locations:
             predictors[predictors.locations.index(index)].keep_score(x[:, prefix:])
         if tokens < x.shape[1]:
             x = x[:, :tokens]
+            positions.keep(tokens)
         x = block(x)
-    return model.forward_head(model.norm(x))
+    return model.forward_head(backbone.final_norm(x))
 
 
 def machine_description(device: torch.device | str = "cpu") -> str:

@@ -32,7 +32,16 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..attention import PackedLayout, halting_block, packed_block
 from ..checks import check_flag, check_number
-from ..engine import SparseInfo, TokenPolicy, TokenState, check_vit, no_extra_flops, policy_stats, sparsify
+from ..engine import (
+    SparseInfo,
+    TokenPolicy,
+    TokenState,
+    check_model,
+    check_vit,
+    no_extra_flops,
+    policy_stats,
+    sparsify,
+)
 from .avit_state import (
     CUMULATIVE,
     HEAD,
@@ -204,7 +213,7 @@ class AViTPolicy(TokenPolicy, nn.Module):
             )
         elif run.tokens.shape[0]:
             with torch.no_grad():  # the packed inference form is not differentiable (train mode is)
-                run.tokens = packed_block(block, run.tokens, run.layout)
+                run.tokens = packed_block(block, run.tokens, run.layout, run.rows[POSITION].long())
 
     def after_block(self, index: int, state: TokenState) -> None:
         run = state.policy_state
@@ -409,7 +418,8 @@ def avit(
     over `images`, within 2% (`tokensparse.budget`). A-ViT's FLOPs depend on the image,
     so other images execute more or fewer; calibrate on images like those it will see.
     """
-    check_vit(model, "A-ViT")
+    if not check_model(model).family.startswith("timm"):
+        check_vit(model, "A-ViT", "its head and halting read timm's pooling (global_pool)")
     if target_gflops is not None and gate_center is not None:
         raise ValueError(
             f"give gate_center or target_gflops, not both (gate_center={gate_center!r}, target_gflops={target_gflops!r})"

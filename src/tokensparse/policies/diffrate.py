@@ -434,7 +434,7 @@ def diffrate(
     `--granularity`, Chen et al. 2023). `trace` (default False) records which input tokens each token
     holds after every block (`diffrate_stats(model).owner`).
     """
-    check_vit(model, "DiffRate")
+    check_vit(model, "DiffRate", "its search and merge run on timm's Attention")
     if getattr(model, "cls_token", None) is None or model.num_prefix_tokens != 1:
         raise ValueError(
             "DiffRate ranks tokens by the class token's attention: it needs one class token and no registers"

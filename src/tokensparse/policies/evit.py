@@ -276,7 +276,7 @@ def evit(
     if counts not in COUNTS:
         raise ValueError(f"counts must be one of {COUNTS}, got {counts!r}")
     if counts == "dynamicvit":
-        check_vit(model, "EViT with counts='dynamicvit' (its fused token kept outside the sequence)")
+        check_vit(model, "EViT with counts='dynamicvit'", "its fused token is kept outside the sequence")
         keep_counts(backbone.num_patches(), keep_ratio, locations)
     check_flag("fuse", fuse)
     if not backbone.has_class_token:
