@@ -45,13 +45,10 @@ def _head_macs(model: nn.Module) -> float:
     return float(linear_macs(getattr(model, "head", None)) + linear_macs(getattr(model, "head_dist", None)))
 
 
-class TimmViT(Backbone):
-    """timm's `VisionTransformer` with pre-norm `Block`s of timm's `Attention`: the blocks run as they are.
-    An attention-pool head (SigLIP's `global_pool='map'`) pools the tokens left after the last block.
-    model: the `VisionTransformer`."""
-
-    family = "timm-vit"
-    timm_blocks = True
+class _TimmFamily(Backbone):
+    """What timm's ViT families share: `blocks`, `patch_embed`, `num_prefix_tokens`, a final `norm`, a
+    convolution patch embedding and a linear head (an attention-pool head where the model has one).
+    model: the timm model."""
 
     @property
     def blocks(self):
@@ -70,26 +67,46 @@ class TimmViT(Backbone):
     def has_class_token(self) -> bool:
         return getattr(self.model, "cls_token", None) is not None
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        model = self.model
-        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images)))), None
-
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.norm(x)
 
     def pair_macs(self, index: int) -> float:
-        attn = self.blocks[index].attn
-        return 2.0 * attn.num_heads * attn.head_dim
+        return 2.0 * self.head_dim(index) * self.blocks[index].attn.num_heads
 
     def head_dim(self, index: int) -> int:
         return int(self.blocks[index].attn.head_dim)
 
     def fixed_macs(self, num_patches: int, final_tokens: torch.Tensor) -> torch.Tensor:
-        patch_embed = (
-            num_patches * self.model.patch_embed.proj.weight.numel()
-        )  # C_in * kh * kw * dim per patch
-        pool = _attention_pool_macs(self.model, final_tokens)
-        return pool + float(patch_embed) + _head_macs(self.model)
+        patch_embed = num_patches * self.model.patch_embed.proj.weight.numel()  # C_in * kh * kw * dim a patch
+        return _attention_pool_macs(self.model, final_tokens) + float(patch_embed) + _head_macs(self.model)
+
+
+def _view(block: nn.Module, attn: AttentionView, cls: type = BlockView) -> BlockView:
+    """A view of a block with `gamma_1` / `gamma_2` layer scales (Eva, BEiT) whose attention is `attn`."""
+    return cls(
+        block,
+        attn,
+        norm1=block.norm1,
+        ls1=_scale_by(block.gamma_1),
+        drop_path1=block.drop_path1,
+        norm2=block.norm2,
+        mlp=block.mlp,
+        ls2=_scale_by(block.gamma_2),
+        drop_path2=block.drop_path2,
+    )
+
+
+class TimmViT(_TimmFamily):
+    """timm's `VisionTransformer` with pre-norm `Block`s of timm's `Attention`: the blocks run as they are.
+    An attention-pool head (SigLIP's `global_pool='map'`) pools the tokens left after the last block.
+    model: the `VisionTransformer`."""
+
+    family = "timm-vit"
+    timm_blocks = True
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        model = self.model
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images)))), None
 
     def check(self) -> None:
         """ValueError naming a block or attention that is not timm's own pre-norm `Block` / `Attention`."""
@@ -216,29 +233,12 @@ class EvaBlockView(BlockView):
         return self.block(x, rope=self.attn.rope_for_tokens())
 
 
-class TimmEva(Backbone):
+class TimmEva(_TimmFamily):
     """timm's `Eva` (EVA02, EVA-CLIP, the `vit_*_rope_*` models): a kept or merged token keeps the rotary
     position of the patch it is (ToMe: the token merged into); EViT's fused token, like the prefix tokens,
     is not rotated. model: the `Eva`."""
 
     family = "timm-eva"
-
-    @property
-    def blocks(self):
-        return self.model.blocks
-
-    @property
-    def num_prefix(self) -> int:
-        return int(self.model.num_prefix_tokens)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        rows, columns = self.model.patch_embed.grid_size
-        return int(rows), int(columns)
-
-    @property
-    def has_class_token(self) -> bool:
-        return getattr(self.model, "cls_token", None) is not None
 
     def check(self) -> None:
         """ValueError naming the part of this Eva the engine cannot carry positions through."""
@@ -272,35 +272,7 @@ class TimmEva(Backbone):
         return model.norm_pre(x), rope
 
     def views(self, state: Any, context: Any):
-        return [
-            EvaBlockView(
-                block,
-                EvaAttentionView(block.attn, context, state),
-                norm1=block.norm1,
-                ls1=_scale_by(block.gamma_1),
-                drop_path1=block.drop_path1,
-                norm2=block.norm2,
-                mlp=block.mlp,
-                ls2=_scale_by(block.gamma_2),
-                drop_path2=block.drop_path2,
-            )
-            for block in self.model.blocks
-        ]
-
-    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.norm(x)
-
-    def pair_macs(self, index: int) -> float:
-        attn = self.blocks[index].attn
-        return 2.0 * attn.num_heads * attn.head_dim
-
-    def head_dim(self, index: int) -> int:
-        return int(self.blocks[index].attn.head_dim)
-
-    def fixed_macs(self, num_patches: int, final_tokens: torch.Tensor) -> torch.Tensor:
-        patch_embed = num_patches * self.model.patch_embed.proj.weight.numel()
-        pool = _attention_pool_macs(self.model, final_tokens)
-        return pool + float(patch_embed) + _head_macs(self.model)
+        return [_view(b, EvaAttentionView(b.attn, context, state), EvaBlockView) for b in self.model.blocks]
 
 
 # --- BEiT: relative-position bias -------------------------------------------------------------------
@@ -374,24 +346,11 @@ class BeitAttentionView(AttentionView):
         return bias * both.to(bias.dtype)
 
 
-class TimmBeit(Backbone):
+class TimmBeit(_TimmFamily):
     """timm's `Beit` (BEiT, BEiT v2, data2vec): each block's relative-position bias, gathered at the rows and
     columns of the tokens present (ToMe: the position of the token merged into). model: the `Beit`."""
 
     family = "timm-beit"
-
-    @property
-    def blocks(self):
-        return self.model.blocks
-
-    @property
-    def num_prefix(self) -> int:
-        return int(self.model.num_prefix_tokens)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        rows, columns = self.model.patch_embed.grid_size
-        return int(rows), int(columns)
 
     @property
     def has_class_token(self) -> bool:
@@ -422,34 +381,10 @@ class TimmBeit(Backbone):
 
     def views(self, state: Any, context: Any):
         shared = self.model.rel_pos_bias
-        return [
-            BlockView(
-                block,
-                BeitAttentionView(block.attn, shared, state),
-                norm1=block.norm1,
-                ls1=_scale_by(block.gamma_1),
-                drop_path1=block.drop_path1,
-                norm2=block.norm2,
-                mlp=block.mlp,
-                ls2=_scale_by(block.gamma_2),
-                drop_path2=block.drop_path2,
-            )
-            for block in self.model.blocks
-        ]
-
-    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.norm(x)
-
-    def pair_macs(self, index: int) -> float:
-        view = BeitAttentionView(self.blocks[index].attn, None, None)
-        return 2.0 * view.num_heads * view.head_dim
+        return [_view(b, BeitAttentionView(b.attn, shared, state)) for b in self.model.blocks]
 
     def head_dim(self, index: int) -> int:
         return BeitAttentionView(self.blocks[index].attn, None, None).head_dim
-
-    def fixed_macs(self, num_patches: int, final_tokens: torch.Tensor) -> torch.Tensor:
-        patch_embed = num_patches * self.model.patch_embed.proj.weight.numel()
-        return _attention_pool_macs(self.model, final_tokens) + float(patch_embed) + _head_macs(self.model)
 
 
 def _is(cls: type | None):
