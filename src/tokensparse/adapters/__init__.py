@@ -17,6 +17,7 @@ A block view (`BlockView`) duck-types the parts of a timm pre-norm `Block` that 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 
 
-class AttentionView:
+class AttentionView(ABC):
     """An attention module as the engine's attention helpers read it (see `tokensparse.attention`).
 
     Attributes a view sets: `num_heads`, `head_dim`, `scale` (the logit scale), `attn_drop` (a dropout
@@ -37,14 +38,16 @@ class AttentionView:
     attn_drop: nn.Module
     training: bool
 
+    @abstractmethod
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v (B, heads, n, head_dim) of the normed tokens `x` (B, n, C), positions applied."""
-        raise NotImplementedError(f"{type(self).__name__} must define heads")
+        ...
 
+    @abstractmethod
     def finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The output (B, n, C) from the merged heads `out` (B, n, heads * head_dim); `x` is the attention's
         input (B, n, C), for a gate that reads it."""
-        raise NotImplementedError(f"{type(self).__name__} must define finish")
+        ...
 
     def position_bias(self) -> torch.Tensor | None:
         """(B or 1, heads, n, n) added to the scaled logits for the tokens present, or None."""
@@ -55,7 +58,7 @@ class AttentionView:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v (T, heads, head_dim) of packed normed tokens `x` (T, C) of several images, whose places in
         their images' sequences are `positions` (T,) (prefix first): A-ViT's inference pack."""
-        raise NotImplementedError(f"{type(self).__name__} has no packed form")
+        raise ValueError(f"{type(self).__name__} has no packed form (A-ViT's inference pack)")
 
     def pair_bias(self, positions: torch.Tensor) -> torch.Tensor | None:
         """(I, heads, L, L) logit bias between the tokens at `positions` (I, L) of I images, or None."""
@@ -89,7 +92,7 @@ def identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class Backbone:
+class Backbone(ABC):
     """One model family as the engine sees it; `backbone_of(model)` makes it.
 
     model: the user's model (its class stays its own). Subclasses set `family` (a short name: "timm-vit",
@@ -104,29 +107,33 @@ class Backbone:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027  (optional: a family with nothing to refuse keeps it)
         """ValueError naming the part of the model the engine cannot run (nothing by default)."""
 
     # --- structure --------------------------------------------------------------------------------
     @property
+    @abstractmethod
     def blocks(self) -> Sequence[nn.Module]:
         """The model's blocks, in order."""
-        raise NotImplementedError
+        ...
 
     @property
+    @abstractmethod
     def num_prefix(self) -> int:
         """Tokens before the patches (class, distillation, registers): never pruned or merged."""
-        raise NotImplementedError
+        ...
 
     @property
+    @abstractmethod
     def grid(self) -> tuple[int, int]:
         """The patch grid (rows, columns) at the model's configured image size."""
-        raise NotImplementedError
+        ...
 
     @property
+    @abstractmethod
     def has_class_token(self) -> bool:
         """Whether token 0 is a class token (EViT ranks by its attention)."""
-        raise NotImplementedError
+        ...
 
     @property
     def width(self) -> int:
@@ -138,10 +145,11 @@ class Backbone:
         rows, columns = self.grid
         return int(rows * columns)
 
+    @abstractmethod
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """The tokens block 0 reads from `images` (B, C, H, W), and the forward's positional context (what
         `views` needs, e.g. rotary embeddings; None when there is none)."""
-        raise NotImplementedError
+        ...
 
     def views(self, state: Any, context: Any) -> Sequence[Any]:
         """Per forward: what the engine runs for each block, reading the token positions of `state` (the
@@ -149,9 +157,10 @@ class Backbone:
         positional needs carrying."""
         return self.blocks
 
+    @abstractmethod
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         """The norm after the last block, on the tokens `x` (B, n, C)."""
-        raise NotImplementedError
+        ...
 
     # --- multiply-adds ------------------------------------------------------------------------------
     def token_macs(self, index: int) -> float:
@@ -160,9 +169,10 @@ class Backbone:
 
         return float(linear_macs(self.blocks[index]))
 
+    @abstractmethod
     def pair_macs(self, index: int) -> float:
         """Multiply-adds per (query, key) pair of block `index`'s attention: logits and attention x values."""
-        raise NotImplementedError
+        ...
 
     def mlp_macs(self, index: int) -> int:
         """Multiply-adds per token of block `index`'s MLP: what a token removed before the MLP saves."""
@@ -170,14 +180,16 @@ class Backbone:
 
         return linear_macs(self.blocks[index].mlp)
 
+    @abstractmethod
     def head_dim(self, index: int) -> int:
         """Channels per attention head of block `index` (ToMe's similarity cost)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def fixed_macs(self, num_patches: int, final_tokens: torch.Tensor) -> torch.Tensor:
         """(B,) multiply-adds outside the blocks: the patch embedding on `num_patches` patches and the head
         (an attention-pool head on the `final_tokens` (B,) tokens the last block left)."""
-        raise NotImplementedError
+        ...
 
 
 _FAMILIES: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], Backbone]]] = []
