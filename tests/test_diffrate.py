@@ -23,7 +23,8 @@ GOLDEN = load_file(Path(__file__).resolve().parent / "golden" / "diffrate_offici
 GOLDEN_MAE = load_file(Path(__file__).resolve().parent / "golden" / "diffrate_mae_official.safetensors")
 
 
-def golden_model() -> torch.nn.Module:
+def golden_model(golden: dict[str, torch.Tensor] = GOLDEN, **kwargs) -> torch.nn.Module:
+    """The golden ViT with the weights of the file `golden` (DeiT's head; global_pool="avg" for MAE's)."""
     model = timm.create_model(
         "vit_small_patch16_224",
         img_size=112,
@@ -32,14 +33,15 @@ def golden_model() -> torch.nn.Module:
         depth=12,
         num_heads=3,
         num_classes=10,
+        **kwargs,
     )
-    weights = {k[len("model.") :]: v.float() for k, v in GOLDEN.items() if k.startswith("model.")}
+    weights = {k[len("model.") :]: v.float() for k, v in golden.items() if k.startswith("model.")}
     model.load_state_dict(weights)
     return model.eval()
 
 
-def images() -> torch.Tensor:
-    return (GOLDEN["pixels"].float() / 255 - 0.5) / 0.25
+def images(golden: dict[str, torch.Tensor] = GOLDEN) -> torch.Tensor:
+    return (golden["pixels"].float() / 255 - 0.5) / 0.25
 
 
 def group_ids(owner: torch.Tensor) -> torch.Tensor:
@@ -201,24 +203,11 @@ def one_thread():
 
 
 def golden_mae_model() -> torch.nn.Module:
-    model = timm.create_model(
-        "vit_small_patch16_224",
-        img_size=112,
-        patch_size=8,
-        embed_dim=48,
-        depth=12,
-        num_heads=3,
-        num_classes=10,
-        global_pool="avg",
-    )
-    model.load_state_dict(
-        {k[len("model.") :]: v.float() for k, v in GOLDEN_MAE.items() if k.startswith("model.")}
-    )
-    return model.eval()
+    return golden_model(GOLDEN_MAE, global_pool="avg")
 
 
 def test_mae_inference_pools_by_token_size_as_the_authors(one_thread):
-    mae_images = (GOLDEN_MAE["pixels"].float() / 255 - 0.5) / 0.25
+    mae_images = images(GOLDEN_MAE)
     with torch.no_grad():  # timm's avg-pool ViT (fc_norm, no final norm) is their models_mae classifier
         torch.testing.assert_close(
             golden_mae_model()(mae_images), GOLDEN_MAE["eval_logits.dense"], atol=1e-4, rtol=0
