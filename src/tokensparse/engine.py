@@ -384,28 +384,31 @@ class _SparseViT:
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         info: SparseInfo | None = self.__dict__.get(_INFO_ATTR)
         pool_type = self.global_pool if pool_type is None else pool_type
-        if pool_type == "avg" and info is not None and info.patch_tokens.shape[1] == info.keep_mask.shape[1]:
-            # Mask regime: dropped tokens are still in the tensor; average only the kept ones.
-            prefix = self.num_prefix_tokens
-            weight = info.keep_mask.to(x.dtype).unsqueeze(-1)
-            total = (x[:, prefix:] * weight).sum(1)
-            count = weight.sum(1)
-            if getattr(self, "pool_include_prefix", False):
-                total, count = total + x[:, :prefix].sum(1), count + prefix
-            return total / count.clamp_min(1.0)
+        if pool_type == "avg" and info is not None:
+            if info.patch_tokens.shape[1] == info.keep_mask.shape[1]:
+                # Mask regime: dropped tokens are still in the tensor; average only the kept ones.
+                return self._weighted_average(x, info.keep_mask, at_least_one=True)
+            weights = get_policy(self).pool_weights(info)
+            if weights is not None:
+                return self._weighted_average(x, weights)
         if getattr(self, "attn_pool", None) is not None and info is not None:
             return self._attention_pool(x, info)
-        weights = None if info is None else get_policy(self).pool_weights(info)
-        if pool_type == "avg" and weights is not None:
-            prefix = self.num_prefix_tokens
-            weight = weights.to(x.dtype).unsqueeze(-1)
-            total, count = (x[:, prefix:] * weight).sum(1), weight.sum(1)
-            if getattr(self, "pool_include_prefix", False):
-                total, count = total + x[:, :prefix].sum(1), count + prefix
-            return total / count
         if not hasattr(super(), "pool"):  # BEiT pools in its forward_head: the same two forms
             return x[:, self.num_prefix_tokens :].mean(dim=1) if pool_type == "avg" else x[:, 0]
         return super().pool(x, pool_type)
+
+    def _weighted_average(
+        self, x: torch.Tensor, weights: torch.Tensor, at_least_one: bool = False
+    ) -> torch.Tensor:
+        """The average pool of `x` with the patch tokens weighted by `weights` (B, M) (the prefix tokens once
+        each where the model pools them); at_least_one: divide by at least 1 (a batch row with every token
+        masked)."""
+        prefix = self.num_prefix_tokens
+        weight = weights.to(x.dtype).unsqueeze(-1)
+        total, count = (x[:, prefix:] * weight).sum(1), weight.sum(1)
+        if getattr(self, "pool_include_prefix", False):
+            total, count = total + x[:, :prefix].sum(1), count + prefix
+        return total / (count.clamp_min(1.0) if at_least_one else count)
 
     def _attention_pool(self, x: torch.Tensor, info: SparseInfo) -> torch.Tensor:
         """timm's attention-pool head (SigLIP's MAP) over the final tokens: a merged token weighted by its size
@@ -529,10 +532,9 @@ def run(
     policy = get_policy(model)
     if policy is None:
         raise ValueError("model is not sparsified; call tokensparse.dynamicvit(model, ...) first")
-    if hasattr(model, "patch_embed"):  # timm's families (a Hugging Face model's embedding checks its own)
-        check_images(model, images)
-    regime = regime or ("mask" if model.training else "gather")
     backbone = backbone_of(model)
+    backbone.check_images(images)
+    regime = regime or ("mask" if model.training else "gather")
     x, context = backbone.embed(images)
     batch = x.shape[0]
     prefix = backbone.num_prefix

@@ -18,7 +18,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from .adapters import Backbone, backbone_of
-from .engine import SparseInfo, check_images, get_policy, sparsity_info
+from .engine import SparseInfo, get_policy, sparsity_info
 from .macs import linear_macs  # noqa: F401  (re-exported: tokensparse.flops.linear_macs)
 
 
@@ -95,14 +95,14 @@ def model_flops(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
         return torch.full((images.shape[0],), float(macs), dtype=torch.float64)
     if get_policy(model) is None and backbone_of(model).family.startswith("hf"):
         backbone = _check_countable(model)
-        backbone.embed(images)  # checks the images' shape against the model's
+        backbone.check_images(images)
         tokens = backbone.num_patches() + backbone.num_prefix
         return backbone_flops(
             model, torch.full((images.shape[0], len(backbone.blocks)), tokens), backbone.num_patches()
         )
     if get_policy(model) is None:
         backbone = _check_countable(model)
-        check_images(model, images)
+        backbone.check_images(images)
         grid = model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
         patches = grid[0] * grid[1]
         tokens = patches + backbone.num_prefix

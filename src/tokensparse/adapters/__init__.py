@@ -145,6 +145,13 @@ class Backbone(ABC):
         rows, columns = self.grid
         return int(rows * columns)
 
+    def check_images(self, images: torch.Tensor) -> None:
+        """ValueError unless `images` is a (B, C, H, W) batch the model takes (its channels and image size),
+        before torch fails deep inside."""
+        from ..engine import check_images
+
+        check_images(self.model, images)
+
     @abstractmethod
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """The tokens block 0 reads from `images` (B, C, H, W), and the forward's positional context (what

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..macs import linear_macs
+from . import Backbone, register_family
 
 # class name -> family; a subclass of one of these classes is recognised through its MRO
 SUPPORTED_CLASSES: dict[str, str] = {
@@ -502,7 +503,7 @@ __all__ = [
 # --- the family the engine runs ------------------------------------------------------------------------
 
 
-class HFBackbone:
+class HFBackbone(Backbone):
     """A `transformers` vision model as the engine's `Backbone`: its own embeddings and layers (their
     eager or SDPA attention where a block runs whole), the parts a method reads from `HFBlockView`, and
     the final norm, pooling and head applied by the sparsified model's forward (`hf_forward`)."""
@@ -511,12 +512,9 @@ class HFBackbone:
     timm_blocks = False
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        super().__init__(model)
         self.parts = hf_parts(model)
         self.family = self.parts.family
-
-    def check(self) -> None:
-        """Nothing beyond `hf_parts`' checks."""
 
     @property
     def blocks(self):
@@ -538,10 +536,7 @@ class HFBackbone:
     def width(self) -> int:
         return int(self.parts.base.config.hidden_size)
 
-    def num_patches(self) -> int:
-        return self.parts.grid[0] * self.parts.grid[1]
-
-    def embed(self, images: torch.Tensor):
+    def check_images(self, images: torch.Tensor) -> None:
         config = self.parts.base.config
         expected = _pair(config.image_size)
         channels = self.parts.patch_conv.in_channels
@@ -553,6 +548,8 @@ class HFBackbone:
                 f"image size {images.shape[-2]}x{images.shape[-1]} does not match the model's "
                 f"{expected[0]}x{expected[1]} (config.image_size)"
             )
+
+    def embed(self, images: torch.Tensor):
         return self.parts.embeddings(images), None
 
     def views(self, state, context):
@@ -608,10 +605,4 @@ def hf_forward(
     return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=main)
 
 
-def _register() -> None:
-    from . import register_family
-
-    register_family(is_hf_model, HFBackbone)
-
-
-_register()
+register_family(is_hf_model, HFBackbone)
